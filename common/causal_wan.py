@@ -1,0 +1,406 @@
+"""A causal, chunk-by-chunk Wan transformer with a KV cache, built on diffusers' WanTransformer3DModel.
+
+Self-Forcing makes Wan2.1 causal at the granularity of chunks of latent frames: a chunk attends to
+itself (bidirectionally) and to every earlier chunk, never to later ones. This module adds that to
+the diffusers model without copying it:
+
+- `CausalWanTransformer3DModel` subclasses `WanTransformer3DModel` (same parameters, same state-dict
+  keys, so diffusers weights, LoRA loaders and peft all work unchanged) and only replaces `forward`,
+  to feed one timestep per latent frame, rotary positions offset by the chunk's start frame, and a
+  `KVCache` to the blocks.
+- Two attention processors replace diffusers' `WanAttnProcessor`: self-attention reads earlier
+  chunks' keys/values from the cache (or, in full-sequence mode, applies a block-causal mask), and
+  cross-attention reuses the prompt's keys/values from the cache.
+
+The cache never holds a chunk during its own denoising: each chunk's keys/values are appended once,
+by the "context" pass on the finished chunk (METHOD.md section 1). A forked cache shares its parent's
+chunks read-only and appends its own, which is what lets G branches share one prefix.
+
+Latents are laid out as diffusers does: [batch, channels, frames, height, width].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
+
+
+@dataclass
+class CachedChunk:
+    """Self-attention keys/values of one finished chunk, for every block."""
+
+    start_frame: int
+    num_frames: int
+    keys: list[torch.Tensor | None]  # per block: [batch, tokens, heads, head_dim]
+    values: list[torch.Tensor | None]
+
+    @property
+    def end_frame(self) -> int:
+        return self.start_frame + self.num_frames
+
+
+@dataclass
+class KVCache:
+    """What later chunks need from earlier ones: their self-attention K/V, and the prompt's K/V.
+
+    `local_attn_frames` / `sink_frames` reproduce Self-Forcing's optional local attention: a chunk
+    ending at frame e sees frames [e - local_attn_frames, e) plus frames [0, sink_frames). Chunks
+    that no later chunk can see are dropped, so memory stays bounded by the window.
+    """
+
+    num_blocks: int
+    tokens_per_frame: int
+    local_attn_frames: int | None = None
+    sink_frames: int = 0
+    chunks: list[CachedChunk] = field(default_factory=list)
+    # Cross-attention K/V of the prompt, per block; they depend only on the prompt and the weights.
+    text_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.text_kv:
+            self.text_kv = [None] * self.num_blocks
+
+    @property
+    def num_frames(self) -> int:
+        return self.chunks[-1].end_frame if self.chunks else 0
+
+    def fork(self) -> "KVCache":
+        """A cache that shares everything cached so far (read-only) and appends on its own."""
+        return KVCache(
+            num_blocks=self.num_blocks,
+            tokens_per_frame=self.tokens_per_frame,
+            local_attn_frames=self.local_attn_frames,
+            sink_frames=self.sink_frames,
+            chunks=list(self.chunks),
+            text_kv=self.text_kv,  # shared on purpose: branches of one prompt reuse it
+        )
+
+    def begin_chunk(self, start_frame: int, num_frames: int) -> CachedChunk:
+        if start_frame != self.num_frames:
+            raise ValueError(
+                f"cache holds frames [0, {self.num_frames}) but a chunk starting at frame "
+                f"{start_frame} was written: chunks must be cached in order"
+            )
+        chunk = CachedChunk(start_frame, num_frames, [None] * self.num_blocks, [None] * self.num_blocks)
+        self.chunks.append(chunk)
+        return chunk
+
+    def visible_frames(self, query_start: int, query_end: int) -> list[tuple[int, int]]:
+        """Frame ranges [a, b) before `query_start` that a chunk [query_start, query_end) attends to."""
+        if self.local_attn_frames is None:
+            return [(0, query_start)] if query_start > 0 else []
+        window_start = max(0, query_end - self.local_attn_frames)
+        sink_end = min(self.sink_frames, query_start)
+        if sink_end >= window_start:  # the sink and the window touch: one range
+            return [(0, query_start)] if query_start > 0 else []
+        ranges = [(0, sink_end)] if sink_end > 0 else []
+        if window_start < query_start:
+            ranges.append((window_start, query_start))
+        return ranges
+
+    def gather(self, block: int, query_start: int, query_end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cached K/V of one block that a chunk may attend to, concatenated along tokens."""
+        keys, values = [], []
+        tpf = self.tokens_per_frame
+        for a, b in self.visible_frames(query_start, query_end):
+            for chunk in self.chunks:
+                lo, hi = max(a, chunk.start_frame), min(b, chunk.end_frame)
+                if lo >= hi:
+                    continue
+                k, v = chunk.keys[block], chunk.values[block]
+                if k is None or v is None:
+                    raise RuntimeError(f"cached chunk at frame {chunk.start_frame} misses block {block}")
+                s, e = (lo - chunk.start_frame) * tpf, (hi - chunk.start_frame) * tpf
+                keys.append(k[:, s:e])
+                values.append(v[:, s:e])
+        if not keys:
+            return None
+        # Chunks cached before a fork have batch 1 and are broadcast to the branches' batch.
+        batch = max(k.shape[0] for k in keys)
+        keys = [k.expand(batch, *k.shape[1:]) for k in keys]
+        values = [v.expand(batch, *v.shape[1:]) for v in values]
+        return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+
+    def evict(self, next_start_frame: int, next_num_frames: int) -> None:
+        """Drop chunks that neither the next chunk nor any later one can see (local attention only)."""
+        if self.local_attn_frames is None:
+            return
+        window_start = max(0, next_start_frame + next_num_frames - self.local_attn_frames)
+        self.chunks = [
+            c for c in self.chunks if c.end_frame > window_start or c.start_frame < self.sink_frames
+        ]
+
+    def nbytes(self) -> int:
+        total = 0
+        for chunk in self.chunks:
+            for t in (*chunk.keys, *chunk.values):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+
+@dataclass
+class _SelfAttnInputs:
+    """Passed through WanTransformerBlock as its `rotary_emb` argument, which the block hands to the
+    self-attention processor untouched: how per-call state reaches processors without globals."""
+
+    freqs_cos: torch.Tensor
+    freqs_sin: torch.Tensor
+    start_frame: int
+    num_frames: int
+    cache: KVCache | None
+    write: CachedChunk | None
+    mask: torch.Tensor | None  # full-sequence mode only
+
+
+@dataclass
+class _CrossAttnInputs:
+    """Passed through the block as `encoder_hidden_states`, for the same reason."""
+
+    text: torch.Tensor  # projected prompt embeddings [batch, tokens, dim]
+    cache: KVCache | None
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Same pairing as diffusers' Wan processor: interleaved (even, odd) channels rotate together.
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def _rms_norm_fp32(norm: torch.nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    # Self-Forcing computes q/k norms in float32: in bf16 the error compounds over chunks.
+    weight = None if norm.weight is None else norm.weight.float()
+    return F.rms_norm(x.float(), norm.normalized_shape, weight, norm.eps).type_as(x)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    # [batch, tokens, heads, dim] in and out, as diffusers' processors use.
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    )
+    return out.transpose(1, 2)
+
+
+class CausalSelfAttnProcessor:
+    """Block-causal self-attention over the current chunk and the cached earlier chunks."""
+
+    def __init__(self, block_index: int):
+        self.block_index = block_index
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        ctx: _SelfAttnInputs = rotary_emb
+        q = _rms_norm_fp32(attn.norm_q, attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = _rms_norm_fp32(attn.norm_k, attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        q = _apply_rotary(q, ctx.freqs_cos, ctx.freqs_sin)
+        k = _apply_rotary(k, ctx.freqs_cos, ctx.freqs_sin)
+
+        if ctx.write is not None:
+            # Later chunks never backpropagate into this one (METHOD.md: the cache is a constant).
+            ctx.write.keys[self.block_index] = k.detach()
+            ctx.write.values[self.block_index] = v.detach()
+
+        keys, values = k, v
+        if ctx.cache is not None and ctx.mask is None:
+            cached = ctx.cache.gather(self.block_index, ctx.start_frame, ctx.start_frame + ctx.num_frames)
+            if cached is not None:
+                ck, cv = cached
+                if ck.shape[0] != k.shape[0]:
+                    ck, cv = ck.expand(k.shape[0], *ck.shape[1:]), cv.expand(k.shape[0], *cv.shape[1:])
+                keys = torch.cat([ck.to(k.dtype), k], dim=1)
+                values = torch.cat([cv.to(v.dtype), v], dim=1)
+
+        out = _sdpa(q, keys, values, ctx.mask).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class CachedCrossAttnProcessor:
+    """Cross-attention to the prompt, with the prompt's K/V computed once per cache."""
+
+    def __init__(self, block_index: int):
+        self.block_index = block_index
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        ctx: _CrossAttnInputs = encoder_hidden_states
+        cache = ctx.cache
+        # Reuse cached K/V only without autograd: a trained forward must see gradients flow into the
+        # cross-attention projections (LoRA), which a K/V computed under no_grad would cut.
+        use_cache = cache is not None and not torch.is_grad_enabled()
+        kv = cache.text_kv[self.block_index] if use_cache else None
+        if kv is None:
+            k = _rms_norm_fp32(attn.norm_k, attn.to_k(ctx.text)).unflatten(2, (attn.heads, -1))
+            v = attn.to_v(ctx.text).unflatten(2, (attn.heads, -1))
+            if use_cache:
+                cache.text_kv[self.block_index] = (k, v)
+        else:
+            k, v = kv
+        q = _rms_norm_fp32(attn.norm_q, attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        if k.shape[0] != q.shape[0]:  # one prompt, many branches
+            k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])
+        out = _sdpa(q, k, v, None).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def block_causal_mask(
+    num_frames: int,
+    frames_per_chunk: int,
+    tokens_per_frame: int,
+    local_attn_frames: int | None = None,
+    sink_frames: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean [tokens, tokens] mask (True = may attend) equal to what streaming with a cache sees."""
+    frame = torch.arange(num_frames, device=device)
+    chunk_end = (frame // frames_per_chunk + 1) * frames_per_chunk  # exclusive end of each frame's chunk
+    q_end, key = chunk_end[:, None], frame[None, :]
+    allowed = key < q_end
+    if local_attn_frames is not None:
+        allowed &= (key >= q_end - local_attn_frames) | (key < sink_frames)
+    return allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+class CausalWanTransformer3DModel(WanTransformer3DModel):
+    """WanTransformer3DModel run chunk by chunk with a KV cache (see the module docstring).
+
+    `forward(x, frame_timesteps, text, start_frame=..., cache=..., write_cache=...)` returns the
+    flow prediction for the frames in `x`, which start at absolute frame `start_frame`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_causal_processors()
+
+    def use_causal_processors(self) -> None:
+        for i, block in enumerate(self.blocks):
+            block.attn1.set_processor(CausalSelfAttnProcessor(i))
+            block.attn2.set_processor(CachedCrossAttnProcessor(i))
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        _, p_h, p_w = self.config.patch_size
+        return (height // p_h) * (width // p_w)
+
+    def new_cache(self, height: int, width: int, local_attn_frames: int | None = None, sink_frames: int = 0) -> KVCache:
+        return KVCache(
+            num_blocks=len(self.blocks),
+            tokens_per_frame=self.tokens_per_frame(height, width),
+            local_attn_frames=local_attn_frames,
+            sink_frames=sink_frames,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *,
+        start_frame: int = 0,
+        cache: KVCache | None = None,
+        write_cache: bool = False,
+        frames_per_chunk: int | None = None,
+    ) -> torch.Tensor:
+        """Flow prediction for `hidden_states` [B, C, F, H, W].
+
+        timestep: [B] (one per sample) or [B, F] (one per latent frame, as Self-Forcing feeds it).
+        Streaming mode (`frames_per_chunk` None): the frames form one chunk that attends to `cache`.
+        Full-sequence mode (`frames_per_chunk` set): the frames are a whole video from frame 0,
+        split into chunks under a block-causal mask; with `write_cache` every chunk's K/V go into
+        `cache` (the one-pass rebuild of h_{p-1}).
+        """
+        batch, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        if p_t != 1:
+            raise ValueError("causal chunking needs a temporal patch size of 1")
+        ppf, pph, ppw = num_frames, height // p_h, width // p_w
+        tokens_per_frame = pph * ppw
+
+        # Rotary angles for absolute frames [start_frame, start_frame + F): ask diffusers' rope for
+        # the longer video (it reads only the shape) and keep the tail.
+        shape_probe = hidden_states.new_empty((1, 0, start_frame + num_frames, height, width))
+        freqs_cos, freqs_sin = self.rope(shape_probe)
+        first = start_frame * tokens_per_frame
+        freqs_cos, freqs_sin = freqs_cos[:, first:], freqs_sin[:, first:]
+
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+
+        if timestep.ndim == 1:
+            # One timestep per sample (every frame of a streamed chunk shares it): embed it once per
+            # sample, exactly as WanTransformer3DModel does, and let it broadcast over tokens.
+            temb, timestep_proj, text, _ = self.condition_embedder(timestep, encoder_hidden_states, None)
+            timestep_proj = timestep_proj.unflatten(1, (6, -1))  # [B, 6, dim]
+        elif timestep.shape == (batch, num_frames):
+            # One timestep per frame (full-sequence mode): embed per frame, broadcast to its tokens.
+            temb, timestep_proj, text, _ = self.condition_embedder(
+                timestep.flatten(), encoder_hidden_states, None, timestep_seq_len=num_frames
+            )
+            temb = temb.repeat_interleave(tokens_per_frame, dim=1)  # [B, tokens, dim]
+            timestep_proj = timestep_proj.unflatten(2, (6, -1)).repeat_interleave(tokens_per_frame, dim=1)
+        else:
+            raise ValueError(
+                f"timestep must be [B] or [B, F]=({batch}, {num_frames}), got {tuple(timestep.shape)}"
+            )
+
+        mask, write = None, None
+        if frames_per_chunk is not None:
+            if start_frame != 0 or num_frames % frames_per_chunk:
+                raise ValueError("full-sequence mode needs whole chunks starting at frame 0")
+            if cache is not None and cache.num_frames:
+                raise ValueError("full-sequence mode rebuilds a cache; pass an empty one")
+            local = cache.local_attn_frames if cache is not None else None
+            sink = cache.sink_frames if cache is not None else 0
+            mask = block_causal_mask(num_frames, frames_per_chunk, tokens_per_frame, local, sink, x.device)
+            if write_cache:
+                if cache is None:
+                    raise ValueError("write_cache needs a cache")
+                write = cache.begin_chunk(0, num_frames)
+        elif write_cache:
+            if cache is None:
+                raise ValueError("write_cache needs a cache")
+            write = cache.begin_chunk(start_frame, num_frames)
+
+        self_ctx = _SelfAttnInputs(freqs_cos, freqs_sin, start_frame, num_frames, cache, write, mask)
+        cross_ctx = _CrossAttnInputs(text, cache)
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, cross_ctx, timestep_proj, self_ctx)
+            else:
+                x = block(x, cross_ctx, timestep_proj, self_ctx)
+
+        if write is not None and frames_per_chunk is not None:
+            _split_written(cache, write, frames_per_chunk)
+        if cache is not None and write is not None:
+            cache.evict(cache.num_frames, frames_per_chunk or num_frames)
+
+        if temb.ndim == 3:  # per token
+            shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:
+            shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = self.proj_out(x)
+        x = x.reshape(batch, ppf, pph, ppw, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        return out
+
+
+def _split_written(cache: KVCache, written: CachedChunk, frames_per_chunk: int) -> None:
+    """A full-sequence pass wrote the whole video as one entry; store it as per-chunk entries so a
+    rebuilt cache is laid out exactly as a streamed one (and local-window eviction works per chunk)."""
+    cache.chunks.pop()
+    tpf = cache.tokens_per_frame
+    for start in range(written.start_frame, written.end_frame, frames_per_chunk):
+        s, e = (start - written.start_frame) * tpf, (start - written.start_frame + frames_per_chunk) * tpf
+        cache.chunks.append(
+            CachedChunk(
+                start,
+                frames_per_chunk,
+                [k[:, s:e] for k in written.keys],
+                [v[:, s:e] for v in written.values],
+            )
+        )

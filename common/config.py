@@ -1,0 +1,347 @@
+"""The one typed configuration of the whole system.
+
+Every role (driver, rollout workers, reward servers, learner) reads the same `Config`. It is loaded
+from a YAML file in `configs/` and patched with dotted command-line overrides such as
+`sampler.num_chunks=4`. Unknown keys and bad values are refused with a message that names the key
+path, before anything expensive starts.
+
+Values marked DEFAULT in METHOD.md are ours where the paper is silent; they live here so that they
+stay configurable.
+
+    python -m common.config configs/tiny.yaml sampler.num_chunks=4    # print the resolved config
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key path or the file."""
+
+
+class _Section(BaseModel):
+    # extra="forbid" is what turns a typo such as `sampler.num_chunk` into an error instead of a
+    # silently ignored value.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TransformerConfig(_Section):
+    """Arguments of diffusers' WanTransformer3DModel (names kept identical so they pass through)."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = Field(12, ge=1)
+    attention_head_dim: int = Field(128, ge=2)
+    in_channels: int = Field(16, ge=1)
+    out_channels: int = Field(16, ge=1)
+    text_dim: int = Field(4096, ge=1)
+    freq_dim: int = Field(256, ge=2)
+    ffn_dim: int = Field(8960, ge=1)
+    num_layers: int = Field(30, ge=1)
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = Field(1e-6, gt=0)
+    rope_max_seq_len: int = Field(1024, ge=1)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {**self.model_dump(), "patch_size": tuple(self.patch_size)}
+
+
+class ModelConfig(_Section):
+    transformer: TransformerConfig = TransformerConfig()
+    # Where real weights come from; all local paths (nothing is downloaded). With none set the
+    # transformer starts from random weights, which is what tests and benchmarks use.
+    self_forcing_checkpoint: Path | None = None
+    checkpoint_key: Literal["generator_ema", "generator"] = "generator_ema"
+    diffusers_transformer: Path | None = None
+    vae: Path | None = None
+    text_encoder: Path | None = None
+    tokenizer: Path | None = None
+    max_text_tokens: int = Field(512, ge=1)
+    vae_spatial_stride: int = Field(8, ge=1)
+    vae_temporal_stride: int = Field(4, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_transformer_source(self) -> "ModelConfig":
+        if self.self_forcing_checkpoint is not None and self.diffusers_transformer is not None:
+            raise ValueError(
+                "set only one of model.self_forcing_checkpoint and model.diffusers_transformer"
+            )
+        return self
+
+
+class SamplerConfig(_Section):
+    """The streaming few-step sampler (METHOD.md section 1)."""
+
+    num_chunks: int = Field(7, ge=1)
+    frames_per_chunk: int = Field(3, ge=1, description="latent frames per chunk")
+    height: int = Field(480, ge=1, description="pixels; latents are height / vae stride")
+    width: int = Field(832, ge=1)
+    denoising_steps: list[int] = Field(default_factory=lambda: [1000, 750, 500, 250], min_length=1)
+    num_train_timesteps: int = Field(1000, ge=1)
+    shift: float = Field(5.0, gt=0)
+    context_noise: int = Field(0, ge=0, description="timestep of the cache-writing pass")
+    # Self-Forcing's optional local attention: a chunk sees the last `local_attn_frames` frames
+    # (itself included) plus the first `sink_frames` frames. None keeps every frame.
+    local_attn_frames: int | None = Field(None, ge=1)
+    sink_frames: int = Field(0, ge=0)
+    # Branches of a fork run in sub-batches of this size so that G caches need not fit at once.
+    fork_batch_size: int = Field(12, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SamplerConfig":
+        steps = self.denoising_steps
+        if any(b >= a for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"sampler.denoising_steps must strictly decrease, got {steps}")
+        if steps[0] > self.num_train_timesteps or steps[-1] <= 0:
+            raise ValueError(
+                f"sampler.denoising_steps must lie in (0, {self.num_train_timesteps}], got {steps}"
+            )
+        if self.context_noise >= steps[-1]:
+            raise ValueError("sampler.context_noise must be below the last denoising step")
+        if self.local_attn_frames is not None:
+            if self.local_attn_frames < self.frames_per_chunk:
+                raise ValueError(
+                    "sampler.local_attn_frames must be at least sampler.frames_per_chunk "
+                    f"({self.local_attn_frames} < {self.frames_per_chunk})"
+                )
+        return self
+
+    @property
+    def num_frames(self) -> int:
+        return self.num_chunks * self.frames_per_chunk
+
+
+class AlgorithmConfig(_Section):
+    """AR-CoPO (METHOD.md sections 2-3)."""
+
+    group_size: int = Field(12, ge=2, description="G: neighbours per fork")
+    fork_sigma: float = Field(0.5, ge=0.0, le=1.0, description="sigma of the neighbour noise")
+    num_anchors: int = Field(4, ge=1, description="B: anchors per group")
+    tau: float = Field(1.0, gt=0)
+    distance_reduction: Literal["mean", "sum"] = "mean"
+    clip_eps: float = Field(1e-4, gt=0)
+    trained_steps: list[int] | None = Field(None, description="pivot steps trained; None = all")
+    inner_steps: int = Field(2, ge=1, description="optimiser steps per batch")
+    advantage_eps: float = Field(1e-6, gt=0)
+    quasi_norm: bool = False
+    quasi_norm_q: float = Field(0.8, gt=0)
+
+
+class RolloutConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+    num_cpus_per_worker: float = Field(1.0, gt=0)
+    prompts: Path | None = None
+    prompts_per_iteration: int = Field(1, ge=1)
+
+
+class RewardTerm(_Section):
+    name: str
+    weight: float = 1.0
+
+
+class RewardsConfig(_Section):
+    terms: list[RewardTerm] = Field(
+        default_factory=lambda: [RewardTerm(name="vq"), RewardTerm(name="mq"), RewardTerm(name="ta")]
+    )
+    num_servers: int = Field(1, ge=1)
+    num_gpus_per_server: float = Field(0.0, ge=0)
+    num_cpus_per_server: float = Field(1.0, gt=0)
+    model_path: Path | None = None
+
+
+class LoraConfig(_Section):
+    rank: int = Field(64, ge=1)
+    alpha: float = Field(128.0, gt=0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    )
+
+
+class LearnerConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+    num_cpus_per_worker: float = Field(1.0, gt=0)
+    lora: LoraConfig = LoraConfig()
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    max_staleness: int = Field(0, ge=0)
+
+
+class ReplayConfig(_Section):
+    redis_url: str | None = Field(None, description="None starts an embedded redis-server")
+    capacity: int = Field(100, ge=1)
+    num_reference_groups: int = Field(100, ge=1)
+    sampling: Literal["uniform", "fifo"] = "uniform"
+    semi_reward: Literal["joint", "ta"] = "joint"
+
+
+class ClusterConfig(_Section):
+    address: str | None = Field(None, description="None starts a local Ray")
+    namespace: str = "arcopo"
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class MetricsConfig(_Section):
+    port: int = Field(8080, ge=0, le=65535)
+    host: str = "127.0.0.1"
+
+
+class RunConfig(_Section):
+    name: str = "arcopo"
+    output_dir: Path = Path("runs")
+    seed: int = 0
+    iterations: int = Field(100, ge=0)
+    merge_scale: float = Field(0.8, ge=0)
+    merge_scales: list[float] = Field(default_factory=lambda: [0.0, 0.4, 0.6, 0.8, 1.0])
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    learner: LearnerConfig = LearnerConfig()
+    replay: ReplayConfig = ReplayConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> "Config":
+        algo, sampler, tf = self.algorithm, self.sampler, self.model.transformer
+        if algo.num_anchors > algo.group_size:
+            raise ValueError(
+                f"algorithm.num_anchors ({algo.num_anchors}) must not exceed "
+                f"algorithm.group_size ({algo.group_size})"
+            )
+        if algo.trained_steps is not None:
+            bad = [s for s in algo.trained_steps if not 0 <= s < len(sampler.denoising_steps)]
+            if bad or not algo.trained_steps:
+                raise ValueError(
+                    f"algorithm.trained_steps must be indices into sampler.denoising_steps "
+                    f"(0..{len(sampler.denoising_steps) - 1}), got {algo.trained_steps}"
+                )
+        stride = self.model.vae_spatial_stride * tf.patch_size[1]
+        if sampler.height % stride or sampler.width % (self.model.vae_spatial_stride * tf.patch_size[2]):
+            raise ValueError(
+                f"sampler.height/width ({sampler.height}x{sampler.width}) must be multiples of "
+                f"vae stride x patch size ({stride})"
+            )
+        if sampler.frames_per_chunk % tf.patch_size[0]:
+            raise ValueError("sampler.frames_per_chunk must be a multiple of the temporal patch size")
+        if tf.rope_max_seq_len < sampler.num_frames:
+            raise ValueError(
+                f"model.transformer.rope_max_seq_len ({tf.rope_max_seq_len}) is shorter than the "
+                f"video ({sampler.num_frames} latent frames)"
+            )
+        if tf.in_channels != tf.out_channels:
+            raise ValueError("model.transformer.in_channels and out_channels must match (x0 prediction)")
+        return self
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one latent frame."""
+        s = self.model.vae_spatial_stride
+        return (self.model.transformer.in_channels, self.sampler.height // s, self.sampler.width // s)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value); the value is parsed as YAML (`4`, `[1, 2]`, `null`)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
+                )
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when `path` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = loaded
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + overrides"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m common.config",
+        description="Validate a config and print it fully resolved (defaults filled in).",
+    )
+    parser.add_argument("config", nargs="?", help="YAML file under configs/ (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampler.num_chunks=4")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
