@@ -1,0 +1,197 @@
+"""The streaming sampler, the noise plan and forking (METHOD.md sections 1-2)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from common.noise import BranchNoise
+from common.scheduler import FewStepFlowScheduler
+from tests.conftest import make_sampler
+
+
+def test_self_forcing_schedule():
+    sched = FewStepFlowScheduler([1000, 750, 500, 250], shift=5.0)
+    assert sched.sigmas == pytest.approx([1.0, 0.9375, 0.833333, 0.625], abs=1e-6)
+    assert sched.timesteps == pytest.approx([1000.0, 937.5, 833.3333, 625.0], abs=1e-3)
+    assert sched.context_timestep == 0.0
+
+
+def test_stream_yields_each_chunk_before_computing_the_next(tiny_model, text):
+    sampler = make_sampler(tiny_model)
+    calls = []
+    handle = tiny_model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        stream = sampler.stream(text, sampler.noise_plan(0))
+        first = next(stream)
+        # T denoising forwards plus one context pass, nothing of chunk 1 yet.
+        assert first.chunk == 0 and len(calls) == sampler.scheduler.num_steps + 1
+        rest = list(stream)
+    finally:
+        handle.remove()
+    assert [o.chunk for o in rest] == [1, 2, 3]
+    # The last chunk writes no cache: nobody would read it.
+    assert len(calls) == 4 * sampler.scheduler.num_steps + 3
+
+
+def test_recorded_trajectory_is_the_consistency_loop(tiny_model, text):
+    sampler = make_sampler(tiny_model)
+    plan = sampler.noise_plan(5)
+    out = list(sampler.stream(text, plan, record=(1,)))[1]
+    sched = sampler.scheduler
+    assert torch.equal(out.inputs[:, 0], plan.initial(1))
+    for step in range(sched.num_steps - 1):
+        expected = sched.renoise(out.predictions[:, step], plan.solver(1, step), step + 1)
+        assert torch.equal(out.inputs[:, step + 1], expected)
+    assert torch.equal(out.predictions[:, -1], out.latents)
+
+
+def test_noise_plan_is_deterministic_and_distinct():
+    sampler_shape = (4, 2, 8, 8)
+    from common.noise import NoisePlan
+
+    a, b = NoisePlan((1, 2), sampler_shape), NoisePlan((1, 2), sampler_shape)
+    assert torch.equal(a.initial(0), b.initial(0))
+    assert a.initial(0).shape == (2, *sampler_shape)
+    assert not torch.equal(a.initial(0)[0], a.initial(0)[1])  # per-sample seeds
+    assert not torch.equal(a.initial(0), a.initial(1))  # per chunk
+    assert not torch.equal(a.solver(0, 0), a.solver(0, 1))  # per step
+    assert not torch.equal(a.initial(0), a.solver(0, 0))  # per kind
+
+
+def test_branch_noise_shares_everything_but_the_pivot_start():
+    from common.noise import NoisePlan
+
+    plan = NoisePlan((9,), (4, 2, 8, 8))
+    noise = BranchNoise(plan, pivot=1, sigma=0.5, fork_seed=3, branches=(0, 1, 2))
+    e = noise.initial(1)
+    expected = math.sqrt(1 - 0.25) * plan.initial(1) + 0.5 * noise.directions()
+    assert torch.equal(e, expected)
+    assert not torch.equal(e[0], e[1])
+    assert torch.equal(noise.initial(0), plan.initial(0))
+    assert torch.equal(noise.initial(2), plan.initial(2))
+    assert torch.equal(noise.solver(1, 0), plan.solver(1, 0))
+    # Sub-batching keeps each branch's direction.
+    later = BranchNoise(plan, pivot=1, sigma=0.5, fork_seed=3, branches=(2,))
+    assert torch.equal(later.initial(1)[0], e[2])
+    # A neighbour's noise stays roughly unit-variance.
+    assert abs(e.std().item() - 1.0) < 0.1
+    with pytest.raises(ValueError, match="sigma"):
+        BranchNoise(plan, pivot=1, sigma=1.5, fork_seed=3, branches=(0,))
+
+
+@pytest.mark.parametrize("pivot", [0, 2, 3])
+def test_fork_reproduces_prefix_bit_for_bit(tiny_model, text, pivot):
+    sampler = make_sampler(tiny_model)
+    plan = sampler.noise_plan(21)
+    unforked = sampler.generate(text, plan)
+    group = sampler.fork(text, plan, pivot=pivot, group_size=5, sigma=0.5, fork_seed=4)
+    f = sampler.frames_per_chunk
+    assert group.videos.shape == (5, *unforked.shape[1:])
+    for branch in group.videos:
+        assert torch.equal(branch[:, : pivot * f], unforked[0, :, : pivot * f])
+    assert torch.equal(group.prefix_latents, unforked[:, :, : pivot * f])
+    # Exploration happens: branches differ from the pivot on.
+    assert (group.videos[0, :, pivot * f :] - group.videos[1, :, pivot * f :]).abs().max() > 1e-3
+
+
+def test_sigma_zero_branches_equal_the_unforked_rollout(tiny_model, text):
+    plan_seed, pivot = 8, 1
+    one_at_a_time = make_sampler(tiny_model, "sampler.fork_batch_size=1")
+    plan = one_at_a_time.noise_plan(plan_seed)
+    unforked = one_at_a_time.generate(text, plan)
+    group = one_at_a_time.fork(text, plan, pivot=pivot, group_size=3, sigma=0.0, fork_seed=1)
+    for branch in group.videos:
+        assert torch.equal(branch, unforked[0])
+    # Batched branches run the same arithmetic on bigger matrices: equal to float rounding.
+    batched = make_sampler(tiny_model).fork(text, plan, pivot=pivot, group_size=3, sigma=0.0, fork_seed=1)
+    assert (batched.videos - unforked).abs().max() < 1e-5
+
+
+def test_same_noise_same_video(tiny_model, text):
+    sampler = make_sampler(tiny_model)
+    plan = sampler.noise_plan(3)
+    a = sampler.fork(text, plan, pivot=1, group_size=4, sigma=0.5, fork_seed=6)
+    b = sampler.fork(text, plan, pivot=1, group_size=4, sigma=0.5, fork_seed=6)
+    assert torch.equal(a.videos, b.videos)
+    assert torch.equal(a.pivot_predictions, b.pivot_predictions)
+    # Two branches given the same noise inside one batch agree too.
+    twin = BranchNoise(plan, pivot=1, sigma=0.5, fork_seed=6, branches=(2, 2))
+    cache = sampler.new_cache()
+    list(sampler.stream(text, plan, cache=cache, end_chunk=1))
+    outs = list(sampler.stream(text, twin, cache=cache, start_chunk=1))
+    video = torch.cat([o.latents for o in outs], dim=2)
+    assert torch.equal(video[0], video[1])
+    assert (video[0] - a.videos[2, :, 2:]).abs().max() < 1e-5
+
+
+def test_sub_batched_fork_equals_one_batch(tiny_model, text):
+    plan = make_sampler(tiny_model).noise_plan(12)
+    whole = make_sampler(tiny_model).fork(text, plan, pivot=2, group_size=6, sigma=0.5, fork_seed=2)
+    parts = make_sampler(tiny_model, "sampler.fork_batch_size=4").fork(
+        text, plan, pivot=2, group_size=6, sigma=0.5, fork_seed=2
+    )
+    assert torch.equal(whole.branch_noise, parts.branch_noise)
+    assert (whole.videos - parts.videos).abs().max() < 1e-5
+    assert (whole.pivot_predictions - parts.pivot_predictions).abs().max() < 1e-5
+
+
+def test_fork_records_the_pivot_chunk(tiny_model, text):
+    sampler = make_sampler(tiny_model)
+    plan = sampler.noise_plan(30)
+    g = sampler.fork(text, plan, pivot=2, group_size=4, sigma=0.5, fork_seed=9)
+    T, f = sampler.scheduler.num_steps, sampler.frames_per_chunk
+    assert g.pivot_inputs.shape == g.pivot_predictions.shape == (4, T, *sampler.chunk_shape)
+    assert torch.equal(g.pivot_inputs[:, 0], g.branch_noise)
+    assert torch.equal(g.base_noise, plan.initial(2))
+    assert torch.equal(g.pivot_predictions[:, -1], g.videos[:, :, 2 * f : 3 * f])
+    # Solver noise is shared: a branch's later inputs are its own predictions re-noised with it.
+    sched = sampler.scheduler
+    assert torch.equal(g.pivot_inputs[:, 1], sched.renoise(g.pivot_predictions[:, 0], plan.solver(2, 0), 1))
+
+
+def test_fork_rejects_bad_arguments(tiny_model, text):
+    sampler = make_sampler(tiny_model)
+    with pytest.raises(ValueError, match="pivot"):
+        sampler.fork(text, sampler.noise_plan(0), pivot=4, group_size=2, sigma=0.5, fork_seed=0)
+    with pytest.raises(ValueError, match="one seed"):
+        sampler.fork(text, sampler.noise_plan(0, 1), pivot=1, group_size=2, sigma=0.5, fork_seed=0)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_rebuilt_cache_matches_the_streamed_one(tiny_model, text, window):
+    overrides = [] if window is None else [f"sampler.local_attn_frames={window}", "sampler.sink_frames=1"]
+    sampler = make_sampler(tiny_model, "sampler.num_chunks=4", *overrides)
+    plan = sampler.noise_plan(4)
+    pivot = 3
+    streamed = sampler.new_cache()
+    prefix = torch.cat([o.latents for o in sampler.stream(text, plan, cache=streamed, end_chunk=pivot)], dim=2)
+    rebuilt = sampler.rebuild_cache(text, prefix)
+    assert [c.start_frame for c in rebuilt.chunks] == [c.start_frame for c in streamed.chunks]
+    for a, b in zip(streamed.chunks, rebuilt.chunks):
+        for block in range(len(tiny_model.blocks)):
+            assert (a.keys[block] - b.keys[block]).abs().max() < 1e-4
+            assert (a.values[block] - b.values[block]).abs().max() < 1e-4
+    # What the learner needs: the behaviour policy's pivot predictions, recomputed on the rebuilt cache.
+    group = sampler.fork(text, plan, pivot=pivot, group_size=3, sigma=0.5, fork_seed=1)
+    with torch.no_grad():
+        for step in range(sampler.scheduler.num_steps):
+            x0 = sampler.predict_x0(group.pivot_inputs[:, step], step, pivot, text, rebuilt)
+            assert (x0 - group.pivot_predictions[:, step]).abs().max() < 1e-4
+
+
+def test_context_noise_is_applied_and_rebuilt(tiny_model, text):
+    sampler = make_sampler(tiny_model, "sampler.context_noise=100")
+    plan = sampler.noise_plan(2)
+    plain = make_sampler(tiny_model).generate(text, plan)
+    noisy_ctx = sampler.generate(text, plan)
+    assert (plain[:, :, 2:] - noisy_ctx[:, :, 2:]).abs().max() > 1e-4
+    group = sampler.fork(text, plan, pivot=2, group_size=2, sigma=0.5, fork_seed=0)
+    with pytest.raises(ValueError, match="noise"):
+        sampler.rebuild_cache(text, group.prefix_latents)
+    cache = sampler.rebuild_cache(text, group.prefix_latents, noise=plan)
+    with torch.no_grad():
+        x0 = sampler.predict_x0(group.pivot_inputs[:, 0], 0, 2, text, cache)
+    assert (x0 - group.pivot_predictions[:, 0]).abs().max() < 1e-4
