@@ -282,6 +282,16 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             block.attn1.set_processor(CausalSelfAttnProcessor(i))
             block.attn2.set_processor(CachedCrossAttnProcessor(i))
 
+    def cast(self, dtype: torch.dtype) -> "CausalWanTransformer3DModel":
+        """Cast to `dtype` but keep diffusers' `_keep_in_fp32_modules` (time embedding, modulation,
+        norms, rope) in float32, as `from_pretrained(torch_dtype=...)` does for loaded weights."""
+        keep = set(self._keep_in_fp32_modules or [])
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            target = torch.float32 if keep.intersection(name.split(".")) else dtype
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(target)
+        return self
+
     def tokens_per_frame(self, height: int, width: int) -> int:
         _, p_h, p_w = self.config.patch_size
         return (height // p_h) * (width // p_w)

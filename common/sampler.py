@@ -136,6 +136,21 @@ class StreamingSampler:
         flow = self.model(x_t.to(self.model_dtype), t, text, start_frame=chunk * self.frames_per_chunk, cache=cache)
         return self.scheduler.predict_x0(x_t, flow.float(), step)
 
+    def predict_x0_without_cache(self, x_t: torch.Tensor, step: int, chunk: int, text: torch.Tensor,
+                                 clean_prefix: torch.Tensor) -> torch.Tensor:
+        """The same prediction as `predict_x0`, recomputed from scratch: one block-causal forward
+        over the clean earlier chunks and this chunk's x_t. It is the reference the cache must
+        match, and the cost the cache saves (benchmarks compare the two)."""
+        if self.scheduler.context_sigma > 0:
+            raise ValueError("the no-cache reference is defined for context_noise = 0")
+        start, batch = chunk * self.frames_per_chunk, x_t.shape[0]
+        x = torch.cat([clean_prefix[:, :, :start].expand(batch, -1, -1, -1, -1), x_t], dim=2)
+        t = torch.full((batch, start + self.frames_per_chunk), self.scheduler.context_timestep, device=x.device)
+        t[:, start:] = self.scheduler.timesteps[step]
+        window = self.new_cache()  # stays empty: it only carries the local-attention window
+        flow = self.model(x.to(self.model_dtype), t, text, cache=window, frames_per_chunk=self.frames_per_chunk)
+        return self.scheduler.predict_x0(x_t, flow[:, :, start:].float(), step)
+
     def _write_context(self, x0: torch.Tensor, chunk: int, noise: NoiseSource, text: torch.Tensor, cache: KVCache) -> None:
         x = x0
         if self.scheduler.context_sigma > 0:
@@ -156,11 +171,13 @@ class StreamingSampler:
         start_chunk: int = 0,
         end_chunk: int | None = None,
         record: tuple[int, ...] = (),
+        use_cache: bool = True,
     ) -> Iterator[ChunkOutput]:
         """Generate chunks [start_chunk, end_chunk) and yield each as it finishes.
 
         text: prompt embeddings [1 or B, tokens, text_dim]. `cache` must hold chunks before
         `start_chunk` (a fresh one is made when starting at 0) and is extended in place.
+        `use_cache=False` recomputes the whole context at every step instead (a reference/baseline).
         """
         end_chunk = self.num_chunks if end_chunk is None else end_chunk
         if not 0 <= start_chunk <= end_chunk <= self.num_chunks:
@@ -174,20 +191,30 @@ class StreamingSampler:
         batch = noise.batch_size
         steps = self.scheduler.num_steps
 
+        if not use_cache and start_chunk != 0:
+            raise ValueError("use_cache=False generates from chunk 0")
+        finished: list[torch.Tensor] = []  # clean chunks, kept only for use_cache=False
+
         chunks = range(start_chunk, end_chunk)
         for chunk in tqdm(chunks, desc="chunks", disable=not self.progress, leave=False):
             x = noise.initial(chunk, device).expand(batch, *self.chunk_shape)
             inputs, predictions = [], []
             for step in range(steps):
-                x0 = self.predict_x0(x, step, chunk, text, cache)
+                if use_cache:
+                    x0 = self.predict_x0(x, step, chunk, text, cache)
+                else:
+                    prefix = torch.cat(finished, dim=2) if finished else x[:, :, :0]
+                    x0 = self.predict_x0_without_cache(x, step, chunk, text, prefix)
                 if chunk in record:
                     inputs.append(x)
                     predictions.append(x0)
                 if step + 1 < steps:
                     x = self.scheduler.renoise(x0, noise.solver(chunk, step, device), step + 1)
             # The last chunk's context pass would feed no one: skip it (same video, one pass less).
-            if chunk + 1 < self.num_chunks:
+            if use_cache and chunk + 1 < self.num_chunks:
                 self._write_context(x0, chunk, noise, text, cache)
+            if not use_cache:
+                finished.append(x0)
             yield ChunkOutput(
                 chunk,
                 x0,
@@ -195,9 +222,9 @@ class StreamingSampler:
                 torch.stack(predictions, 1) if predictions else None,
             )
 
-    def generate(self, text: torch.Tensor, noise: NoiseSource) -> torch.Tensor:
+    def generate(self, text: torch.Tensor, noise: NoiseSource, use_cache: bool = True) -> torch.Tensor:
         """Whole latent videos [B, C, F, H, W]."""
-        return torch.cat([out.latents for out in self.stream(text, noise)], dim=2)
+        return torch.cat([out.latents for out in self.stream(text, noise, use_cache=use_cache)], dim=2)
 
     # -- forking --------------------------------------------------------------------------------
 
