@@ -1,0 +1,103 @@
+"""One AR-CoPO update on a batch of forked groups (METHOD.md section 3), for any adapter.
+
+The learner never receives a KV cache: it rebuilds h_{p-1} from each group's prefix latents in one
+no-grad pass, then backpropagates only through the anchors' predictions on the pivot chunk. The
+behaviour policy's predictions recorded by the rollout are the candidates and pi_old, for every
+inner optimiser step (the data is not re-collected between them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from common.sampler import StreamingSampler
+from learner.loss import arcopo_step_loss, group_advantages, symmetric_anchors
+
+
+class PivotData(Protocol):
+    """What an update needs of a group (a ForkedGroup or a decoded replay record provides it)."""
+
+    pivot: int
+    prefix_latents: torch.Tensor  # [1, C, pivot * f, H, W]
+    pivot_inputs: torch.Tensor  # [G, T, C, f, H, W]
+    pivot_predictions: torch.Tensor  # [G, T, C, f, H, W]
+
+
+@dataclass
+class UpdateStats:
+    loss: float
+    clip_fraction: float
+    ratio_max_dev: float
+    grad_norm: float
+    inner_steps: int
+
+
+@dataclass
+class UpdateSettings:
+    num_anchors: int = 4
+    tau: float = 1.0
+    clip_eps: float = 1e-4
+    distance_reduction: str = "mean"
+    trained_steps: Sequence[int] | None = None
+    inner_steps: int = 2
+    grad_clip: float = 1.0
+    advantage_eps: float = 1e-6
+    quasi_norm: bool = False
+    quasi_norm_q: float = 0.8
+
+    @classmethod
+    def from_config(cls, config) -> "UpdateSettings":
+        a = config.algorithm
+        return cls(
+            num_anchors=a.num_anchors, tau=a.tau, clip_eps=a.clip_eps, distance_reduction=a.distance_reduction,
+            trained_steps=a.trained_steps, inner_steps=a.inner_steps, grad_clip=config.learner.grad_clip,
+            advantage_eps=a.advantage_eps, quasi_norm=a.quasi_norm, quasi_norm_q=a.quasi_norm_q,
+        )
+
+
+def arcopo_update(
+    sampler: StreamingSampler,
+    groups: Sequence[PivotData],
+    rewards: Sequence[torch.Tensor],
+    texts: Sequence[torch.Tensor],
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    settings: UpdateSettings,
+    generator: torch.Generator | None = None,
+) -> UpdateStats:
+    """`settings.inner_steps` optimiser steps on the loss averaged over groups, anchors and steps."""
+    device = sampler.device
+    advantages = [
+        group_advantages(r, settings.advantage_eps, settings.quasi_norm, settings.quasi_norm_q).to(device)
+        for r in rewards
+    ]
+    caches = [sampler.rebuild_cache(text, g.prefix_latents) for g, text in zip(groups, texts)]
+    num_steps = sampler.scheduler.num_steps
+    steps = list(settings.trained_steps) if settings.trained_steps is not None else list(range(num_steps))
+    anchors = [symmetric_anchors(g.pivot_inputs.shape[0], settings.num_anchors, generator) for g in groups]
+
+    total = clip = dev = norm = 0.0
+    for _ in range(settings.inner_steps):
+        optimizer.zero_grad(set_to_none=True)
+        losses, clips, devs = [], [], []
+        for group, text, adv, cache, k in zip(groups, texts, advantages, caches, anchors):
+            for step in steps:
+                inputs = group.pivot_inputs[k, step].to(device)
+                a_theta = sampler.predict_x0(inputs, step, group.pivot, text.to(device), cache)
+                loss, stats = arcopo_step_loss(
+                    a_theta, group.pivot_predictions[:, step].to(device), k.to(device), adv,
+                    tau=settings.tau, clip_eps=settings.clip_eps, reduction=settings.distance_reduction,
+                )
+                # Backward per (group, step) keeps one chunk's activations alive at a time.
+                (loss / (len(groups) * len(steps))).backward()
+                losses.append(stats.loss)
+                clips.append(stats.clip_fraction)
+                devs.append(stats.ratio_max_dev)
+        norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip).item()
+        optimizer.step()
+        total, clip, dev = sum(losses) / len(losses), sum(clips) / len(clips), max(devs)
+    return UpdateStats(loss=total, clip_fraction=clip, ratio_max_dev=dev, grad_norm=norm,
+                       inner_steps=settings.inner_steps)
