@@ -61,6 +61,10 @@ class ModelConfig(_Section):
     checkpoint_key: Literal["generator_ema", "generator"] = "generator_ema"
     diffusers_transformer: Path | None = None
     vae: Path | None = None
+    # "pixels": the generator works on RGB frames in [-1, 1] directly (the toy world), no VAE.
+    latent_space: Literal["wan_vae", "pixels"] = "wan_vae"
+    # "toy": the toy world's seeded word embeddings (common/toy_world.py) instead of UMT5.
+    text_encoder_kind: Literal["umt5", "toy"] = "umt5"
     text_encoder: Path | None = None
     tokenizer: Path | None = None
     max_text_tokens: int = Field(512, ge=1)
@@ -72,6 +76,8 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _one_transformer_source(self) -> "ModelConfig":
+        if self.latent_space == "pixels" and (self.vae_spatial_stride, self.vae_temporal_stride) != (1, 1):
+            raise ValueError("model.latent_space=pixels needs vae_spatial_stride and vae_temporal_stride of 1")
         if self.self_forcing_checkpoint is not None and self.diffusers_transformer is not None:
             raise ValueError(
                 "set only one of model.self_forcing_checkpoint and model.diffusers_transformer"

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class RewardError(ValueError):
-    """A reward that must not enter a GRPO group (non-finite, wrong shape)."""
+from common.errors import RewardError
 
 
 def group_advantages(
