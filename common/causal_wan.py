@@ -273,14 +273,15 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     flow prediction for the frames in `x`, which start at absolute frame `start_frame`.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.use_causal_processors()
+    # No __init__ override: diffusers reads the config keys from WanTransformer3DModel's __init__
+    # signature, and from_pretrained must keep working. The processors are installed on first use.
 
     def use_causal_processors(self) -> None:
         for i, block in enumerate(self.blocks):
-            block.attn1.set_processor(CausalSelfAttnProcessor(i))
-            block.attn2.set_processor(CachedCrossAttnProcessor(i))
+            if not isinstance(block.attn1.processor, CausalSelfAttnProcessor):
+                block.attn1.set_processor(CausalSelfAttnProcessor(i))
+            if not isinstance(block.attn2.processor, CachedCrossAttnProcessor):
+                block.attn2.set_processor(CachedCrossAttnProcessor(i))
 
     def cast(self, dtype: torch.dtype) -> "CausalWanTransformer3DModel":
         """Cast to `dtype` but keep diffusers' `_keep_in_fp32_modules` (time embedding, modulation,
@@ -323,6 +324,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         split into chunks under a block-causal mask; with `write_cache` every chunk's K/V go into
         `cache` (the one-pass rebuild of h_{p-1}).
         """
+        self.use_causal_processors()
         batch, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
         if p_t != 1:
