@@ -3,7 +3,7 @@
     python -m bench.streaming --json                                    # tiny config, CPU, seconds
     python -m bench.streaming --config configs/self_forcing_wan1.3b.yaml --json   # real size, a GPU
 
-Weights are random (speed and memory do not depend on them). Figures:
+Weights are random unless the config names a checkpoint (speed and memory do not depend on them). Figures:
 - stream_vs_full_max_abs_err: streamed video with the KV cache vs the same rollout recomputing the
   whole context with a block-causal mask at every step (no cache), max |difference|.
 - kv_cache_speedup: time(no-cache rollout) / time(cached rollout), same config and noise.
@@ -30,8 +30,8 @@ import time
 
 import torch
 
-from common.causal_wan import CausalWanTransformer3DModel
 from common.config import ConfigError, load_config
+from common.loading import load_policy
 from common.sampler import StreamingSampler
 
 
@@ -100,11 +100,7 @@ def peak_memory_mb(fn, device: torch.device) -> float:
 def run(config_path: str, overrides: list[str], repeats: int, skip_no_cache: bool) -> dict:
     cfg = load_config(config_path, overrides)
     device = torch.device(cfg.model.device)
-    dtype = getattr(torch, cfg.model.dtype)
-    torch.manual_seed(cfg.model.seed)
-    with torch.device(device):
-        model = CausalWanTransformer3DModel(**cfg.model.transformer.kwargs())
-    model = model.cast(dtype).eval().requires_grad_(False)
+    model = load_policy(cfg)  # random weights unless the config names a checkpoint
     sampler = StreamingSampler.from_config(model, cfg)
     group_size = cfg.algorithm.group_size
     text = torch.randn(1, cfg.model.max_text_tokens, cfg.model.transformer.text_dim, device=device)
