@@ -1,0 +1,53 @@
+"""What a rollout worker does for one prompt: fork, decode, score, package (METHOD.md section 2).
+
+Plain functions, no Ray: the Ray actor wraps them, the single-process toy loop calls them directly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from common.records import RolloutGroup
+from common.sampler import StreamingSampler
+from rewards.combine import weighted_total
+
+# videos [B, 3, F, H, W] in [-1, 1] and their prompts -> reward components, one score per video
+RewardFn = Callable[[torch.Tensor, list[str]], dict[str, torch.Tensor]]
+# latent videos [B, C, F, h, w] -> pixel videos [B, 3, F', H, W] in [-1, 1]
+DecodeFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def pixels_as_video(latents: torch.Tensor) -> torch.Tensor:
+    """Decoder of the pixel-space toy world: the latents are the frames."""
+    return latents.clamp(-1.0, 1.0)
+
+
+def collect_group(
+    sampler: StreamingSampler,
+    text: torch.Tensor,
+    prompt: str,
+    *,
+    pivot: int,
+    group_size: int,
+    sigma: float,
+    plan_seed: int,
+    fork_seed: int,
+    decode: DecodeFn,
+    reward_fn: RewardFn,
+    weights: dict[str, float],
+    policy_version: int,
+    adapter: str,
+) -> RolloutGroup:
+    """Fork one rollout of `prompt` into G neighbours, score the whole videos, return the record.
+
+    Non-finite or missing rewards raise RewardError: the group is dropped loudly, never averaged.
+    """
+    group = sampler.fork(text, sampler.noise_plan(plan_seed), pivot=pivot, group_size=group_size,
+                         sigma=sigma, fork_seed=fork_seed)
+    videos = decode(group.videos)
+    components = {k: v.float().cpu() for k, v in reward_fn(videos, [prompt] * group_size).items()}
+    total = weighted_total(components, weights)
+    return RolloutGroup.from_fork(group, prompt=prompt, rewards=total, reward_components=components,
+                                  policy_version=policy_version, adapter=adapter)

@@ -1,0 +1,208 @@
+"""AR-CoPO on the toy world, in one process: does alignment happen?
+
+    python -m bench.toy_alignment --json                 # all four variants, seed 0
+    python -m bench.toy_alignment --json --seeds 0 1 2   # on-policy on three seeds too
+
+Starting from the committed pre-trained toy generator (configs/toy.yaml), it runs, with fixed seeds:
+- on_policy: fork / score / update the `on_policy` adapter on fresh groups (METHOD.md sections 2-3);
+- semi: collect a fixed buffer of reference groups with pi_ref, train the `semi` adapter on batches
+  drawn uniformly with replacement, pi_old = pi_ref, ratio clipping on (section 4);
+- semi_no_clip: the same with clipping off (the paper's "off-policy" ablation);
+- merged: W_base + dW_semi + s * dW_on (section 5), s swept over run.merge_scales and chosen by the
+  dual-improvement rule (training reward up, out-of-domain score not down).
+Each reports the training reward (the weighted sum of the trained terms) and the held-out
+out-of-domain score before and after, on a fixed evaluation set of prompts and noise seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from actors.rollout import collect_group, pixels_as_video
+from common import adapters
+from common.config import ConfigError, load_config
+from common.loading import load_policy
+from common.sampler import StreamingSampler
+from common.toy_world import ToyTextEncoder, split_prompts
+from learner.merge import Scores, pick_merge_scale
+from learner.update import UpdateSettings, arcopo_update
+from rewards.toy import score
+
+NO_CLIP = 1e9  # a ratio clip so wide it never binds
+
+
+class ToyRun:
+    """The toy world's policy, text encoder, rewards and evaluation set, shared by every variant."""
+
+    def __init__(self, cfg, eval_prompts: int, eval_seeds: int):
+        self.cfg = cfg
+        model = load_policy(cfg)
+        lora = cfg.learner.lora
+        adapters.add_adapters(model, lora.rank, lora.alpha, lora.target_modules)
+        self.model = model
+        self.base_state = {n: adapters.adapter_state_dict(model, n) for n in adapters.ADAPTERS}
+        self.sampler = StreamingSampler.from_config(model, cfg)
+        self.encoder = ToyTextEncoder(dim=cfg.model.transformer.text_dim)
+        self.train_prompts, self.heldout_prompts = (
+            [p.text for p in ps] for ps in split_prompts(seed=0)
+        )
+        self.weights = {t.name: t.weight for t in cfg.rewards.terms}
+        self.eval_set = [(p, 10_000 + s) for p in self.train_prompts[:eval_prompts] for s in range(eval_seeds)]
+
+    def reset(self) -> None:
+        for name, state in self.base_state.items():
+            adapters.load_adapter_state_dict(self.model, name, {k: v.clone() for k, v in state.items()})
+
+    def text(self, prompt: str) -> torch.Tensor:
+        return self.encoder.encode([prompt])
+
+    def reward_fn(self, videos, prompts):
+        return score(videos, prompts, list(self.weights) + ["ood"])
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """(mean training reward, mean out-of-domain score) of the active policy on the eval set."""
+        prompts = [p for p, _ in self.eval_set]
+        text = self.encoder.encode(prompts)
+        plan = self.sampler.noise_plan(*[s for _, s in self.eval_set])
+        videos = pixels_as_video(self.sampler.generate(text, plan))
+        scores = self.reward_fn(videos, prompts)
+        total = sum(w * scores[n] for n, w in self.weights.items())
+        return total.mean().item(), scores["ood"].mean().item()
+
+    def collect(self, prompt: str, rng: random.Random, version: int, adapter: str):
+        a = self.cfg.algorithm
+        return collect_group(
+            self.sampler, self.text(prompt), prompt,
+            pivot=rng.randrange(self.cfg.sampler.num_chunks), group_size=a.group_size, sigma=a.fork_sigma,
+            plan_seed=rng.randrange(2**31), fork_seed=rng.randrange(2**31),
+            decode=pixels_as_video, reward_fn=self.reward_fn, weights=self.weights,
+            policy_version=version, adapter=adapter,
+        )
+
+    def train(self, adapter: str, groups_for_iteration, iterations: int, clip_eps: float, seed: int,
+              reward_of=lambda g: g.rewards) -> None:
+        settings = UpdateSettings.from_config(self.cfg)
+        settings.clip_eps = clip_eps
+        params = adapters.train_adapter(self.model, adapter)
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.learner.lr, weight_decay=self.cfg.learner.weight_decay)
+        generator = torch.Generator().manual_seed(seed)
+        for it in tqdm(range(iterations), desc=adapter, leave=False):
+            groups = groups_for_iteration(it)
+            arcopo_update(self.sampler, groups, [reward_of(g) for g in groups], [self.text(g.prompt) for g in groups],
+                          params, optimizer, settings, generator)
+        self.model.requires_grad_(False)
+
+
+def run(cfg, seed: int, iterations: int, buffer_size: int, eval_prompts: int, eval_seeds: int,
+        variants: list[str]) -> dict:
+    torch.manual_seed(seed)
+    toy = ToyRun(cfg, eval_prompts, eval_seeds)
+    per_iter = cfg.rollout.prompts_per_iteration
+    with adapters.reference_policy(toy.model):
+        before = toy.evaluate()
+    results: dict[str, dict] = {}
+
+    def report(name, start, iters):
+        after = toy.evaluate()
+        results[name] = dict(reward_before=before[0], reward_after=after[0], ood_before=before[1],
+                             ood_after=after[1], iterations=iters, seconds=time.perf_counter() - start)
+
+    if "on_policy" in variants or "merged" in variants:
+        start, rng = time.perf_counter(), random.Random(seed)
+
+        def fresh(it):
+            # The behaviour policy is the current adapter: strictly on-policy (max_staleness 0).
+            adapters.use_adapter(toy.model, adapters.ON_POLICY)
+            return [toy.collect(rng.choice(toy.train_prompts), rng, it, adapters.ON_POLICY) for _ in range(per_iter)]
+
+        toy.train(adapters.ON_POLICY, fresh, iterations, cfg.algorithm.clip_eps, seed)
+        adapters.use_adapter(toy.model, adapters.ON_POLICY)
+        report("on_policy", start, iterations)
+
+    buffer = []
+    if any(v in variants for v in ("semi", "semi_no_clip", "merged")):
+        rng = random.Random(seed + 1)
+        with adapters.reference_policy(toy.model):
+            buffer = [toy.collect(rng.choice(toy.train_prompts), rng, 0, adapters.SEMI)
+                      for _ in tqdm(range(buffer_size), desc="reference buffer", leave=False)]
+
+    on_policy_state = adapters.adapter_state_dict(toy.model, adapters.ON_POLICY)
+    for name, clip in (("semi_no_clip", NO_CLIP), ("semi", cfg.algorithm.clip_eps)):
+        if name not in variants and not (name == "semi" and "merged" in variants):
+            continue
+        adapters.load_adapter_state_dict(toy.model, adapters.SEMI, toy.base_state[adapters.SEMI])
+        start, rng = time.perf_counter(), random.Random(seed + 2)
+        # Which reward the semi adapter optimises is open in the paper: replay.semi_reward picks.
+        reward_of = (lambda g: g.rewards) if cfg.replay.semi_reward == "joint" else (lambda g: g.reward_components["ta"])
+        toy.train(adapters.SEMI, lambda it: [rng.choice(buffer) for _ in range(per_iter)], iterations, clip, seed,
+                  reward_of)
+        adapters.use_adapter(toy.model, adapters.SEMI)
+        report(name, start, iterations)
+
+    if "merged" in variants:
+        # Sweep the merge scale and keep the largest that passes the dual-improvement rule; if none
+        # passes, report the configured run.merge_scale and say so.
+        adapters.load_adapter_state_dict(toy.model, adapters.ON_POLICY, on_policy_state)
+        start = time.perf_counter()
+        sweep = {}
+        for scale in cfg.run.merge_scales:
+            adapters.merge_adapters(toy.model, scale)
+            sweep[scale] = Scores(*toy.evaluate())
+        chosen = pick_merge_scale(Scores(*before), sweep)
+        scale = chosen if chosen is not None else cfg.run.merge_scale
+        adapters.merge_adapters(toy.model, scale)
+        report("merged", start, 0)
+        results["merged"].update(merge_scale=scale, dual_improvement_passed=chosen is not None,
+                                 sweep={str(s): [v.in_domain, v.out_of_domain] for s, v in sweep.items()})
+    return {k: results[k] for k in variants if k in results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.toy_alignment", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/toy.yaml")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="seeds; the first runs every variant, the others on-policy only")
+    parser.add_argument("--iterations", type=int, default=None, help="default: run.iterations")
+    parser.add_argument("--buffer-size", type=int, default=None, help="default: replay.num_reference_groups")
+    parser.add_argument("--eval-prompts", type=int, default=16)
+    parser.add_argument("--eval-seeds", type=int, default=2)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    iterations = args.iterations if args.iterations is not None else cfg.run.iterations
+    buffer_size = args.buffer_size if args.buffer_size is not None else cfg.replay.num_reference_groups
+    common = dict(iterations=iterations, buffer_size=buffer_size, eval_prompts=args.eval_prompts,
+                  eval_seeds=args.eval_seeds)
+    result = run(cfg, args.seeds[0], variants=["on_policy", "semi", "semi_no_clip", "merged"], **common)
+    if len(args.seeds) > 1:
+        gains = [result["on_policy"]["reward_after"] - result["on_policy"]["reward_before"]]
+        for seed in args.seeds[1:]:
+            r = run(cfg, seed, variants=["on_policy"], **common)["on_policy"]
+            gains.append(r["reward_after"] - r["reward_before"])
+        result["on_policy_seeds"] = dict(seeds=args.seeds, reward_gain=gains, mean_gain=statistics.mean(gains),
+                                         min_gain=min(gains))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for name, r in result.items():
+            print(name, json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
