@@ -111,9 +111,10 @@ def _adapters_enabled(model) -> bool:
 
 
 def adapter_state_dict(model, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors, keyed without the adapter name (what weight sync and saving ship)."""
+    """A snapshot of the adapter's tensors, keyed without the adapter name (what weight sync and
+    saving ship). Cloned: peft returns the live parameters, which later training would change."""
     _check(model, name)
-    return get_peft_model_state_dict(model, adapter_name=name)
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
 
 
 def load_adapter_state_dict(model, name: str, state: dict[str, torch.Tensor]) -> None:

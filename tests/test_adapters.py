@@ -86,6 +86,13 @@ def test_training_one_adapter_leaves_the_other_alone():
     opt.step()
     for k, v in adapters.adapter_state_dict(model, adapters.SEMI).items():
         assert torch.equal(v, semi_before[k])
+    # A snapshot taken before a step is not changed by the step (no aliasing of live parameters).
+    snapshot = adapters.adapter_state_dict(model, adapters.ON_POLICY)
+    opt.zero_grad()
+    model(x, t, text).square().mean().backward()
+    opt.step()
+    live = adapters.adapter_state_dict(model, adapters.ON_POLICY)
+    assert any(not torch.equal(snapshot[k], live[k]) for k in snapshot)
 
 
 def test_merge_is_base_plus_semi_plus_scaled_on_policy():
