@@ -89,17 +89,22 @@ class ToyRun:
         )
 
     def train(self, adapter: str, groups_for_iteration, iterations: int, clip_eps: float, seed: int,
-              reward_of=lambda g: g.rewards) -> None:
+              reward_of=lambda g: g.rewards) -> list[float]:
+        """Train `adapter`; returns the mean group reward of each iteration's batch (the learning curve
+        of on-policy training; for the fixed buffer it only shows what was sampled)."""
         settings = UpdateSettings.from_config(self.cfg)
         settings.clip_eps = clip_eps
         params = adapters.train_adapter(self.model, adapter)
         optimizer = torch.optim.AdamW(params, lr=self.cfg.learner.lr, weight_decay=self.cfg.learner.weight_decay)
         generator = torch.Generator().manual_seed(seed)
+        curve = []
         for it in tqdm(range(iterations), desc=adapter, leave=False):
             groups = groups_for_iteration(it)
+            curve.append(sum(reward_of(g).mean().item() for g in groups) / len(groups))
             arcopo_update(self.sampler, groups, [reward_of(g) for g in groups], [self.text(g.prompt) for g in groups],
                           params, optimizer, settings, generator)
         self.model.requires_grad_(False)
+        return curve
 
 
 def run(cfg, seed: int, iterations: int, buffer_size: int, eval_prompts: int, eval_seeds: int,
@@ -124,9 +129,12 @@ def run(cfg, seed: int, iterations: int, buffer_size: int, eval_prompts: int, ev
             adapters.use_adapter(toy.model, adapters.ON_POLICY)
             return [toy.collect(rng.choice(toy.train_prompts), rng, it, adapters.ON_POLICY) for _ in range(per_iter)]
 
-        toy.train(adapters.ON_POLICY, fresh, iterations, cfg.algorithm.clip_eps, seed)
+        curve = toy.train(adapters.ON_POLICY, fresh, iterations, cfg.algorithm.clip_eps, seed)
         adapters.use_adapter(toy.model, adapters.ON_POLICY)
         report("on_policy", start, iterations)
+        tenth = max(1, len(curve) // 10)
+        results["on_policy"].update(group_reward_first=sum(curve[:tenth]) / tenth,
+                                    group_reward_last=sum(curve[-tenth:]) / tenth)
 
     buffer = []
     if any(v in variants for v in ("semi", "semi_no_clip", "merged")):
@@ -173,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="seeds; the first runs every variant, the others on-policy only")
+    parser.add_argument("--variants", nargs="+", default=["on_policy", "semi", "semi_no_clip", "merged"],
+                        choices=["on_policy", "semi", "semi_no_clip", "merged"], help="variants of the first seed")
     parser.add_argument("--iterations", type=int, default=None, help="default: run.iterations")
     parser.add_argument("--buffer-size", type=int, default=None, help="default: replay.num_reference_groups")
     parser.add_argument("--eval-prompts", type=int, default=16)
@@ -188,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     buffer_size = args.buffer_size if args.buffer_size is not None else cfg.replay.num_reference_groups
     common = dict(iterations=iterations, buffer_size=buffer_size, eval_prompts=args.eval_prompts,
                   eval_seeds=args.eval_seeds)
-    result = run(cfg, args.seeds[0], variants=["on_policy", "semi", "semi_no_clip", "merged"], **common)
-    if len(args.seeds) > 1:
+    result = run(cfg, args.seeds[0], variants=args.variants, **common)
+    if len(args.seeds) > 1 and "on_policy" in result:
         gains = [result["on_policy"]["reward_after"] - result["on_policy"]["reward_before"]]
         for seed in args.seeds[1:]:
             r = run(cfg, seed, variants=["on_policy"], **common)["on_policy"]

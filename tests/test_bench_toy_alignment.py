@@ -1,0 +1,23 @@
+"""The toy alignment bench runs end to end (tiny budget) and prints the object the issue names.
+Whether alignment happens is the bench's own job at full budget; no timing or gain is asserted here."""
+
+from __future__ import annotations
+
+import json
+
+from bench.toy_alignment import main
+
+
+def test_toy_alignment_bench_smoke(capsys):
+    args = ["--json", "--iterations", "1", "--buffer-size", "2", "--eval-prompts", "2", "--eval-seeds", "1",
+            "algorithm.group_size=4", "algorithm.num_anchors=2", "run.merge_scales=[0.0, 1.0]"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result) == ["on_policy", "semi", "semi_no_clip", "merged"]
+    for variant in result.values():
+        for key in ("reward_before", "reward_after", "ood_before", "ood_after", "iterations", "seconds"):
+            assert key in variant
+    assert result["on_policy"]["iterations"] == 1
+    assert set(result["merged"]["sweep"]) == {"0.0", "1.0"}
+    # Everything starts from the same base policy and evaluation set.
+    assert len({v["reward_before"] for v in result.values()}) == 1
