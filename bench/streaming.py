@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from common.config import ConfigError, load_config
+from common.config import load_config_for_cli
 from common.loading import load_policy
 from common.sampler import StreamingSampler
 
@@ -97,8 +97,7 @@ def peak_memory_mb(fn, device: torch.device) -> float:
     return probe.growth_mb
 
 
-def run(config_path: str, overrides: list[str], repeats: int, skip_no_cache: bool) -> dict:
-    cfg = load_config(config_path, overrides)
+def run(cfg, config_path: str, repeats: int, skip_no_cache: bool) -> dict:
     device = torch.device(cfg.model.device)
     model = load_policy(cfg)  # random weights unless the config names a checkpoint
     sampler = StreamingSampler.from_config(model, cfg)
@@ -172,11 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the no-cache baseline (slow at real size: it is quadratic in chunks)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sampler.num_chunks=8")
     args = parser.parse_args(argv)
-    try:
-        result = run(args.config, args.overrides, args.repeats, args.skip_no_cache)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    cfg = load_config_for_cli(args.config, args.overrides)
+    if cfg is None:
         return 2
+    result = run(cfg, args.config, args.repeats, args.skip_no_cache)
     if args.json:
         print(json.dumps(result))
     else:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from actors.rollout import collect_group, pixels_as_video
 from common import adapters
-from common.config import ConfigError, load_config
+from common.config import load_config_for_cli
 from common.loading import load_policy
 from common.sampler import StreamingSampler
 from common.toy_world import ToyTextEncoder, split_prompts
@@ -189,10 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-seeds", type=int, default=2)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    cfg = load_config_for_cli(args.config, args.overrides)
+    if cfg is None:
         return 2
     iterations = args.iterations if args.iterations is not None else cfg.run.iterations
     buffer_size = args.buffer_size if args.buffer_size is not None else cfg.replay.num_reference_groups

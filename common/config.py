@@ -332,6 +332,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_errors(err, source)) from None
 
 
+def load_config_for_cli(path: str | Path | None, overrides: list[str]) -> Config | None:
+    """For command-line entry points: the config, or None after printing the error (exit code 2)."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m common.config",
@@ -340,10 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", help="YAML file under configs/ (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampler.num_chunks=4")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    cfg = load_config_for_cli(args.config, args.overrides)
+    if cfg is None:
         return 2
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     return 0

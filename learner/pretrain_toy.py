@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from common.causal_wan import CausalWanTransformer3DModel
-from common.config import ConfigError, load_config
+from common.config import load_config_for_cli
 from common.sampler import StreamingSampler
 from common.toy_world import ToyTextEncoder, all_prompts, render_batch, split_prompts, to_uint8
 
@@ -73,10 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("assets/toy_generator"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    cfg = load_config_for_cli(args.config, args.overrides)
+    if cfg is None:
         return 2
 
     torch.manual_seed(args.seed)
