@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from common.policy import pixels_as_video  # noqa: F401  (re-exported for callers)
 from common.records import RolloutGroup
 from common.sampler import StreamingSampler
 from rewards.combine import weighted_total
@@ -17,11 +18,6 @@ from rewards.combine import weighted_total
 RewardFn = Callable[[torch.Tensor, list[str]], dict[str, torch.Tensor]]
 # latent videos [B, C, F, h, w] -> pixel videos [B, 3, F', H, W] in [-1, 1]
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def pixels_as_video(latents: torch.Tensor) -> torch.Tensor:
-    """Decoder of the pixel-space toy world: the latents are the frames."""
-    return latents.clamp(-1.0, 1.0)
 
 
 def collect_group(

@@ -148,7 +148,9 @@ class RolloutConfig(_Section):
     num_gpus_per_worker: float = Field(0.0, ge=0)
     num_cpus_per_worker: float = Field(1.0, gt=0)
     prompts: Path | None = None
-    prompts_per_iteration: int = Field(1, ge=1)
+    prompts_per_iteration: int = Field(1, ge=1, description="groups per update (the global batch)")
+    prefetch_iterations: int | None = Field(
+        None, ge=0, description="iterations of jobs sent out ahead of the learner; None = learner.max_staleness")
 
 
 class RewardTerm(_Section):

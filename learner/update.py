@@ -9,7 +9,7 @@ inner optimiser step (the data is not re-collected between them).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -67,8 +67,18 @@ def arcopo_update(
     optimizer: torch.optim.Optimizer,
     settings: UpdateSettings,
     generator: torch.Generator | None = None,
+    *,
+    anchor_generators: Sequence[torch.Generator] | None = None,
+    total_groups: int | None = None,
+    reduce_grads: Callable[[list[torch.nn.Parameter]], None] | None = None,
 ) -> UpdateStats:
-    """`settings.inner_steps` optimiser steps on the loss averaged over groups, anchors and steps."""
+    """`settings.inner_steps` optimiser steps on the loss averaged over groups, anchors and steps.
+
+    Data parallelism: each learner passes its shard of the global batch, `total_groups` (the global
+    batch size, so shards of different sizes weigh each group equally), `reduce_grads` (a SUM
+    all-reduce, run before clipping so every rank clips the same global gradient) and one anchor
+    generator per group seeded by the group's global index, so the anchors do not depend on the sharding.
+    """
     device = sampler.device
     advantages = [
         group_advantages(r, settings.advantage_eps, settings.quasi_norm, settings.quasi_norm_q).to(device)
@@ -77,7 +87,11 @@ def arcopo_update(
     caches = [sampler.rebuild_cache(text, g.prefix_latents) for g, text in zip(groups, texts)]
     num_steps = sampler.scheduler.num_steps
     steps = list(settings.trained_steps) if settings.trained_steps is not None else list(range(num_steps))
-    anchors = [symmetric_anchors(g.pivot_inputs.shape[0], settings.num_anchors, generator) for g in groups]
+    if anchor_generators is None:
+        anchor_generators = [generator] * len(groups)
+    anchors = [symmetric_anchors(g.pivot_inputs.shape[0], settings.num_anchors, gen)
+               for g, gen in zip(groups, anchor_generators, strict=True)]
+    denominator = (total_groups if total_groups is not None else len(groups)) * len(steps)
 
     total = clip = dev = norm = 0.0
     for _ in range(settings.inner_steps):
@@ -92,12 +106,15 @@ def arcopo_update(
                     tau=settings.tau, clip_eps=settings.clip_eps, reduction=settings.distance_reduction,
                 )
                 # Backward per (group, step) keeps one chunk's activations alive at a time.
-                (loss / (len(groups) * len(steps))).backward()
+                (loss / denominator).backward()
                 losses.append(stats.loss)
                 clips.append(stats.clip_fraction)
                 devs.append(stats.ratio_max_dev)
+        if reduce_grads is not None:
+            reduce_grads(params)
         norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip).item()
         optimizer.step()
-        total, clip, dev = sum(losses) / len(losses), sum(clips) / len(clips), max(devs)
+        if losses:  # a data-parallel rank may hold no group this step; it still joins the all-reduce
+            total, clip, dev = sum(losses) / len(losses), sum(clips) / len(clips), max(devs)
     return UpdateStats(loss=total, clip_fraction=clip, ratio_max_dev=dev, grad_norm=norm,
                        inner_steps=settings.inner_steps)

@@ -1,0 +1,138 @@
+"""The rollout worker: a Ray actor that holds the policy, forks groups, and ships them onward.
+
+For each `GroupJob` it forks one rollout into G neighbours (actors/rollout.py), decodes the videos,
+asks a reward server for scores (actor to actor), and then either inserts the record into the Redis
+replay buffer (reference groups) or returns it as an ObjectRef that the driver forwards to the
+learner without ever fetching it. The driver gets only a `GroupSummary`.
+
+Weights arrive through `sync_weights` (learner/weights.py) and every group records the version it
+was made with, so the learner can enforce `learner.max_staleness`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from actors.rollout import collect_group
+from common.jobs import GroupJob, GroupSummary
+from common.toy_world import to_uint8
+
+
+class RolloutWorker:
+    """Ray actor body; the driver wraps it with ray.remote and names it `rollout-<i>`."""
+
+    def __init__(self, config_dict: dict, name: str, replay: dict | None = None, record_key: bytes | None = None):
+        from common.config import Config
+        from common.policy import Policy
+
+        self.config = Config.model_validate(config_dict)
+        torch.set_num_threads(max(1, int(self.config.rollout.num_cpus_per_worker)))
+        self.name = name
+        self.policy = Policy.from_config(self.config)
+        self.version = -1  # no weights received yet; the driver syncs before the first job
+        self.record_key = record_key
+        self.replay = None
+        if replay is not None:
+            from common.replay import ReplayBuffer
+
+            self.replay = ReplayBuffer.from_config(self.config.replay, replay["url"], replay["name"], key=record_key)
+        self.weights = {t.name: t.weight for t in self.config.rewards.terms}
+        self.busy_seconds = 0.0
+        self.started = time.time()
+        self.groups = 0
+
+    # -- weights -----------------------------------------------------------------------------
+
+    def sync_weights(self, handle, payload) -> int:
+        from learner.weights import ObjectStoreTransport
+
+        tensors = ObjectStoreTransport().receive(handle, payload)
+        self.policy.load_synced_tensors(tensors, handle.what)
+        self.version = handle.version
+        return self.version
+
+    def weight_version(self) -> int:
+        return self.version
+
+    def ping(self) -> dict:
+        return {"name": self.name, "pid": os.getpid(), "version": self.version, "groups": self.groups,
+                "busy_seconds": self.busy_seconds, "uptime": time.time() - self.started}
+
+    # -- work --------------------------------------------------------------------------------
+
+    def _scores(self, reward_server, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        import ray
+
+        ref = reward_server.score.remote(to_uint8(videos), prompts)
+        return ray.get(ref, timeout=self.config.cluster.call_timeout_s)
+
+    def collect(self, job: GroupJob, reward_server):
+        """Returns (GroupSummary, record bytes); the bytes are empty when the group went to Redis."""
+        if self.version < 0:
+            raise RuntimeError(f"{self.name}: no weights yet; sync_weights must come before the first job")
+        start = time.perf_counter()
+        a = self.config.algorithm
+        self.policy.set_mode(job.mode)
+        reward_seconds = 0.0
+
+        def reward_fn(videos, prompts):
+            nonlocal reward_seconds
+            t0 = time.perf_counter()
+            out = self._scores(reward_server, videos, prompts)
+            reward_seconds += time.perf_counter() - t0
+            return out
+
+        group = collect_group(
+            self.policy.sampler, self.policy.text([job.prompt]), job.prompt, pivot=job.pivot,
+            group_size=a.group_size, sigma=a.fork_sigma, plan_seed=job.plan_seed, fork_seed=job.fork_seed,
+            decode=self.policy.decode, reward_fn=reward_fn, weights=self.weights,
+            policy_version=self.version, adapter=job.mode,
+        )
+        group.extra.update(job_id=job.job_id, phase=job.phase, worker=self.name)
+        seconds = time.perf_counter() - start
+        summary = GroupSummary(
+            job_id=job.job_id, phase=job.phase, group_id=group.group_id, policy_version=self.version,
+            worker=self.name, reward_mean=group.rewards.mean().item(), reward_std=group.rewards.std().item(),
+            components={k: v.mean().item() for k, v in group.reward_components.items()},
+            rollout_seconds=seconds - reward_seconds, reward_seconds=reward_seconds,
+        )
+        data = b""
+        if job.phase == "reference":
+            if self.replay is None:
+                raise RuntimeError(f"{self.name}: a reference job needs the replay buffer")
+            summary.replay_id = self.replay.insert(group)
+        else:
+            data = group.to_bytes(key=self.record_key)
+        self.groups += 1
+        self.busy_seconds += time.perf_counter() - start
+        return summary, data
+
+    @torch.no_grad()
+    def evaluate(self, prompts: list[str], seeds: list[int], mode: str, merge_scale: float, reward_server,
+                 batch: int = 16) -> dict[str, list[float]]:
+        """Per-video scores of every reward component for fixed prompts and noise seeds."""
+        start = time.perf_counter()
+        self.policy.set_mode(mode, merge_scale)
+        out: dict[str, list[float]] = {}
+        for i in range(0, len(prompts), batch):
+            p, s = prompts[i:i + batch], seeds[i:i + batch]
+            latents = self.policy.sampler.generate(self.policy.text(p), self.policy.sampler.noise_plan(*s))
+            for k, v in self._scores(reward_server, self.policy.decode(latents), p).items():
+                out.setdefault(k, []).extend(v.tolist())
+        self.busy_seconds += time.perf_counter() - start
+        return out
+
+    @torch.no_grad()
+    def sample_videos(self, prompts: list[str], seeds: list[int], mode: str, merge_scale: float = 1.0,
+                      fps: float = 8.0) -> list[bytes]:
+        """mp4 bytes of each prompt's video (small: what a person watches, not training data)."""
+        from common.video import encode_mp4
+
+        self.policy.set_mode(mode, merge_scale)
+        latents = self.policy.sampler.generate(self.policy.text(prompts), self.policy.sampler.noise_plan(*seeds))
+        frames = to_uint8(self.policy.decode(latents))
+        upscale = max(1, 128 // frames.shape[2])
+        return [encode_mp4(f, fps=fps, upscale=upscale) for f in frames]

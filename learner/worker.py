@@ -1,0 +1,175 @@
+"""A learner: one rank of the learner group that trains the LoRA adapters with data parallelism.
+
+K learners form one torch.distributed group (gloo on CPU, NCCL on GPUs). Each takes its shard of
+the global batch (group i goes to rank i mod K), computes the AR-CoPO loss on the pivot chunk after
+rebuilding h_{p-1} from the prefix latents (learner/update.py), and the gradients are summed across
+ranks before clipping, so K learners make the same update as one learner given the same global
+batch. Rank 0 publishes weights and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from common import adapters
+from common.records import RolloutGroup
+from learner.update import UpdateSettings, arcopo_update
+from learner.weights import ObjectStoreTransport, pack
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def anchor_generator(seed: int, iteration: int, index: int) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}/{iteration}/{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+class Learner:
+    """Ray actor body; the driver names it `learner-<rank>`."""
+
+    def __init__(self, config_dict: dict, rank: int, world_size: int, replay: dict | None = None,
+                 record_key: bytes | None = None):
+        from common.config import Config
+        from common.policy import Policy
+
+        self.config = Config.model_validate(config_dict)
+        torch.set_num_threads(max(1, int(self.config.learner.num_cpus_per_worker)))
+        self.rank, self.world_size = rank, world_size
+        self.policy = Policy.from_config(self.config)
+        self.record_key = record_key
+        self.settings = UpdateSettings.from_config(self.config)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.params: dict[str, list[torch.nn.Parameter]] = {}
+        self.version = 0
+        self.replay = None
+        if replay is not None:
+            from common.replay import ReplayBuffer
+
+            self.replay = ReplayBuffer.from_config(self.config.replay, replay["url"], replay["name"], key=record_key)
+        self.busy_seconds = 0.0
+        self.started = time.time()
+
+    # -- the process group ---------------------------------------------------------------------
+
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host if host != "127.0.0.1" else "127.0.0.1")
+
+    def join(self, host: str, port: int) -> bool:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            backend = "nccl" if torch.cuda.is_available() and self.config.model.device.startswith("cuda") else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
+                                    world_size=self.world_size)
+        return True
+
+    def _reduce(self, params: list[torch.nn.Parameter]) -> None:
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        at = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[at:at + n].view_as(p).clone()
+            at += n
+
+    # -- training --------------------------------------------------------------------------------
+
+    def _optimizer(self, adapter: str) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+        params = adapters.train_adapter(self.policy.model, adapter)
+        if adapter not in self.optimizers:
+            lr = self.config.learner
+            self.optimizers[adapter] = torch.optim.AdamW(params, lr=lr.lr, weight_decay=lr.weight_decay)
+        return params, self.optimizers[adapter]
+
+    def _train(self, adapter: str, iteration: int, indexed: list[tuple[int, RolloutGroup]], total: int,
+               clip_eps: float | None, reward_of) -> dict:
+        start = time.perf_counter()
+        params, optimizer = self._optimizer(adapter)
+        settings = UpdateSettings(**vars(self.settings))
+        if clip_eps is not None:
+            settings.clip_eps = clip_eps
+        groups = [g for _, g in indexed]
+        stats = arcopo_update(
+            self.policy.sampler, groups, [reward_of(g) for g in groups], [self.policy.text([g.prompt]) for g in groups],
+            params, optimizer, settings,
+            anchor_generators=[anchor_generator(self.config.run.seed, iteration, i) for i, _ in indexed],
+            total_groups=total, reduce_grads=self._reduce,
+        )
+        self.policy.model.requires_grad_(False)
+        self.version += 1
+        seconds = time.perf_counter() - start
+        self.busy_seconds += seconds
+        return dict(vars(stats), version=self.version, seconds=seconds, groups=len(groups), rank=self.rank)
+
+    def train_groups(self, iteration: int, adapter: str, indices: list[int], total: int, *records: bytes) -> dict:
+        """One update on this rank's shard of fresh groups (the records arrive as resolved ObjectRefs)."""
+        groups = [RolloutGroup.from_bytes(r, key=self.record_key) for r in records]
+        return self._train(adapter, iteration, list(zip(indices, groups)), total, None, lambda g: g.rewards)
+
+    def train_from_replay(self, iteration: int, adapter: str, batch_size: int, seed: int, clip: bool = True) -> dict:
+        """One update of `adapter` on a batch drawn from the replay buffer with pi_old = pi_ref.
+
+        Rank 0 draws the ids (so each draw is counted once); every rank reads its own shard's items.
+        """
+        if self.replay is None:
+            raise RuntimeError("learner has no replay buffer")
+        ids = torch.zeros(batch_size, dtype=torch.int64)
+        if self.rank == 0:
+            ids = torch.tensor(self.replay.sample_ids(batch_size, seed), dtype=torch.int64)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.broadcast(ids, 0)
+        mine = [(i, int(ids[i])) for i in range(batch_size) if i % self.world_size == self.rank]
+        indexed = [(i, self.replay.get(item)) for i, item in mine]
+        semi_reward = self.config.replay.semi_reward
+        reward_of = (lambda g: g.rewards) if semi_reward == "joint" else (lambda g: g.reward_components["ta"])
+        no_clip = 1e9  # the paper's "off-policy" ablation: a ratio clip so wide it never binds
+        return self._train(adapter, iteration, indexed, batch_size, None if clip else no_clip, reward_of)
+
+    # -- publishing and checkpoints ---------------------------------------------------------------
+
+    def publish(self) -> list:
+        """Rank 0: pack the synced tensors into buckets and put them in the object store once.
+        Returned inside a list so the caller receives the ObjectRef, not the bytes."""
+        c = self.config.cluster
+        packet = pack(self.policy.synced_tensors(c.weight_sync), self.version, c.weight_sync, c.bucket_mb << 20)
+        handle, ref = ObjectStoreTransport().publish(packet)
+        return [handle, ref]
+
+    def adapter_checksum(self, adapter: str) -> float:
+        return float(sum(v.double().abs().sum() for v in adapters.adapter_state_dict(self.policy.model, adapter).values()))
+
+    def adapter_tensors(self, adapter: str) -> dict[str, torch.Tensor]:
+        return adapters.adapter_state_dict(self.policy.model, adapter)
+
+    def save(self, directory: str) -> list[str]:
+        """Rank 0: each adapter as a diffusers Wan LoRA file under directory/<adapter>/."""
+        if self.rank != 0:
+            return []
+        out = []
+        for name in adapters.ADAPTERS:
+            out.append(str(adapters.save_adapter(self.policy.model, name, Path(directory) / name)))
+        return out
+
+    def stats(self) -> dict:
+        return {"rank": self.rank, "version": self.version, "busy_seconds": self.busy_seconds,
+                "uptime": time.time() - self.started, "pid": os.getpid()}

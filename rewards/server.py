@@ -1,0 +1,144 @@
+"""The reward server: a Ray actor that owns reward models and batches requests across groups.
+
+Rollout workers call `score(videos, prompts)` concurrently (the actor is async); the server gathers
+requests for up to `rewards.batch_timeout_s` or `rewards.max_batch_videos` videos, runs each model
+once on the concatenation, and answers every caller with its own slice. A model that raises, or
+returns a score that is not finite, fails only the requests in that batch, with a RewardError that
+names the component and the video; failures are counted, never averaged in.
+
+Videos arrive as uint8 frames [B, F, H, W, 3] (what a decoder or an mp4 gives) plus prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+
+from common.errors import RewardError
+
+
+class ToyRewardModel:
+    """The toy world's VQ/MQ/TA stand-ins and its held-out OOD score (rewards/toy.py)."""
+
+    def __init__(self, names: list[str]):
+        from rewards.toy import TOY_REWARDS
+
+        unknown = [n for n in names if n not in TOY_REWARDS]
+        if unknown:
+            raise RewardError(f"rewards.terms: unknown toy reward(s) {unknown}; known: {sorted(TOY_REWARDS)}")
+        self.components = list(names)
+
+    def __call__(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        from rewards.toy import score
+
+        videos = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # -> [B, 3, F, H, W] in [-1, 1]
+        return score(videos, prompts, self.components)
+
+
+def build_reward_models(config) -> list:
+    """The models behind the configured terms, plus the out-of-domain score (never trained on)."""
+    names = [t.name for t in config.rewards.terms]
+    return [ToyRewardModel(names + (["ood"] if "ood" not in names else []))]
+
+
+def check_videos(frames, prompts) -> None:
+    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
+        raise RewardError(f"videos must be uint8 [B, F, H, W, 3], got "
+                          f"{getattr(frames, 'dtype', type(frames).__name__)} {tuple(getattr(frames, 'shape', ()))}")
+    if frames.shape[0] == 0 or frames.shape[1] == 0:
+        raise RewardError(f"empty video batch {tuple(frames.shape)}")
+    if len(prompts) != frames.shape[0]:
+        raise RewardError(f"{frames.shape[0]} videos but {len(prompts)} prompts")
+
+
+def score_batch(models, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Every model on one batch; each component checked for shape and finiteness."""
+    out: dict[str, torch.Tensor] = {}
+    for model in models:
+        for name, value in model(frames, prompts).items():
+            value = torch.as_tensor(value).detach().float().cpu().reshape(-1)
+            if value.shape[0] != frames.shape[0]:
+                raise RewardError(f"reward {name!r} returned {value.shape[0]} scores for {frames.shape[0]} videos")
+            bad = (~torch.isfinite(value)).nonzero().flatten().tolist()
+            if bad:
+                raise RewardError(f"reward {name!r} is not finite for video(s) {bad}")
+            out[name] = value
+    return out
+
+
+class RewardServer:
+    """Ray actor body (wrapped with ray.remote by the driver, so this module imports without Ray)."""
+
+    def __init__(self, config_dict: dict, index: int = 0):
+        from common.config import Config
+
+        config = Config.model_validate(config_dict)
+        torch.set_num_threads(max(1, int(config.rewards.num_cpus_per_server)))
+        self.index = index
+        self.models = build_reward_models(config)
+        self.max_batch = config.rewards.max_batch_videos
+        self.timeout = config.rewards.batch_timeout_s
+        self.queue: asyncio.Queue | None = None
+        self.stats = {"requests": 0, "videos": 0, "batches": 0, "failures": 0, "busy_seconds": 0.0,
+                      "started": time.time()}
+
+    async def score(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        check_videos(frames, prompts)
+        if self.queue is None:
+            self.queue = asyncio.Queue()
+            asyncio.get_running_loop().create_task(self._batcher())
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((frames, list(prompts), future))
+        return await future
+
+    async def _batcher(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            deadline = time.monotonic() + self.timeout
+            size = batch[0][0].shape[0]
+            while size < self.max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+                batch.append(item)
+                size += item[0].shape[0]
+            self._run(batch)
+
+    def _run(self, batch) -> None:
+        start = time.perf_counter()
+        self.stats["requests"] += len(batch)
+        self.stats["batches"] += 1
+        try:
+            same_size = len({tuple(f.shape[1:]) for f, _, _ in batch}) == 1
+            if not same_size:
+                raise RewardError("batched videos differ in shape")  # handled below, one by one
+            frames = torch.cat([f for f, _, _ in batch])
+            prompts = [p for _, ps, _ in batch for p in ps]
+            scores = score_batch(self.models, frames, prompts)
+            at = 0
+            for f, _, future in batch:
+                n = f.shape[0]
+                future.set_result({k: v[at:at + n].clone() for k, v in scores.items()})
+                at += n
+            self.stats["videos"] += frames.shape[0]
+        except Exception:
+            # Score the requests one by one, so a bad one fails alone and good ones still answer.
+            for f, ps, future in batch:
+                if future.done():
+                    continue
+                try:
+                    future.set_result(score_batch(self.models, f, ps))
+                    self.stats["videos"] += f.shape[0]
+                except Exception as exc:
+                    self.stats["failures"] += 1
+                    future.set_exception(exc if isinstance(exc, RewardError) else RewardError(f"reward model failed: {exc}"))
+        self.stats["busy_seconds"] += time.perf_counter() - start
+
+    def get_stats(self) -> dict:
+        return dict(self.stats, index=self.index, components=[c for m in self.models for c in m.components])
