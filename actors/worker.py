@@ -32,6 +32,7 @@ class RolloutWorker:
         torch.set_num_threads(max(1, int(self.config.rollout.num_cpus_per_worker)))
         self.name = name
         self.policy = Policy.from_config(self.config)
+        self.fingerprint = self.policy.base_fingerprint()
         self.version = -1  # no weights received yet; the driver syncs before the first job
         self.record_key = record_key
         self.replay = None
@@ -47,6 +48,9 @@ class RolloutWorker:
     # -- weights -----------------------------------------------------------------------------
 
     def sync_weights(self, handle, payload) -> int:
+        if handle.base_fingerprint and handle.base_fingerprint != self.fingerprint:
+            raise RuntimeError(f"{self.name}: base weights {self.fingerprint} differ from the learner's "
+                               f"{handle.base_fingerprint}; was the checkpoint replaced while the job started?")
         from learner.weights import ObjectStoreTransport
 
         tensors = ObjectStoreTransport().receive(handle, payload)

@@ -78,6 +78,10 @@ class Actors:
             .remote(cfg, rank, l.num_workers, replay, record_key)
             for rank in range(l.num_workers)
         ]
+        prints = ray.get([x.base_fingerprint.remote() for x in self.learners])
+        if len(set(prints)) > 1:
+            raise PlacementError(f"learner ranks loaded different base weights ({prints}); is the checkpoint "
+                                 "path the same file on every node?")
         host, port = ray.get(self.learners[0].address.remote())
         ray.get([x.join.remote(host, port) for x in self.learners])
 

@@ -40,6 +40,19 @@ class Policy:
             decode = lambda latents: decode_latents(vae, latents).float() / 127.5 - 1.0  # noqa: E731
         return cls(model, sampler, load_text_encoder(config), decode)
 
+    def base_fingerprint(self) -> str:
+        """A digest of the base weights: every role must start from the same checkpoint, and a file
+        replaced while a job starts would otherwise make rollouts and learner silently disagree."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=12)
+        for name, value in sorted(self.model.state_dict().items()):
+            if "lora_" in name:
+                continue
+            h.update(name.encode())
+            h.update(value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def text(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder.encode(list(prompts)).to(self.sampler.device)
 

@@ -31,6 +31,7 @@ class WeightPacket:
     table: list[tuple[str, str, tuple[int, ...], int, int]]  # name, dtype, shape, bucket, byte offset
     bucket_sizes: list[int]
     buckets: list[torch.Tensor] | None = field(default=None, repr=False)  # uint8, absent in a handle
+    base_fingerprint: str = ""  # the base weights the adapters belong to (common/policy.py)
 
     @property
     def nbytes(self) -> int:
@@ -38,10 +39,11 @@ class WeightPacket:
 
     def handle(self) -> "WeightPacket":
         """The packet without its buckets: what travels through the driver."""
-        return WeightPacket(self.version, self.what, self.table, self.bucket_sizes, None)
+        return WeightPacket(self.version, self.what, self.table, self.bucket_sizes, None, self.base_fingerprint)
 
 
-def pack(tensors: dict[str, torch.Tensor], version: int, what: str, bucket_bytes: int) -> WeightPacket:
+def pack(tensors: dict[str, torch.Tensor], version: int, what: str, bucket_bytes: int,
+         base_fingerprint: str = "") -> WeightPacket:
     """Flatten `tensors` (sorted by name, so every side agrees) into byte buckets."""
     table, sizes, current, parts = [], [], 0, [[]]
     for name in sorted(tensors):
@@ -56,7 +58,7 @@ def pack(tensors: dict[str, torch.Tensor], version: int, what: str, bucket_bytes
         current += n
     sizes.append(current)
     buckets = [torch.cat(p) if p else torch.empty(0, dtype=torch.uint8) for p in parts]
-    return WeightPacket(version, what, table, sizes, buckets)
+    return WeightPacket(version, what, table, sizes, buckets, base_fingerprint)
 
 
 def unpack(packet: WeightPacket, buckets: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

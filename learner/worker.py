@@ -46,6 +46,7 @@ class Learner:
         torch.set_num_threads(max(1, int(self.config.learner.num_cpus_per_worker)))
         self.rank, self.world_size = rank, world_size
         self.policy = Policy.from_config(self.config)
+        self.fingerprint = self.policy.base_fingerprint()
         self.record_key = record_key
         self.settings = UpdateSettings.from_config(self.config)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -151,9 +152,13 @@ class Learner:
         """Rank 0: pack the synced tensors into buckets and put them in the object store once.
         Returned inside a list so the caller receives the ObjectRef, not the bytes."""
         c = self.config.cluster
-        packet = pack(self.policy.synced_tensors(c.weight_sync), self.version, c.weight_sync, c.bucket_mb << 20)
+        packet = pack(self.policy.synced_tensors(c.weight_sync), self.version, c.weight_sync, c.bucket_mb << 20,
+                      self.fingerprint if c.weight_sync == "adapters" else "")
         handle, ref = ObjectStoreTransport().publish(packet)
         return [handle, ref]
+
+    def base_fingerprint(self) -> str:
+        return self.fingerprint
 
     def adapter_checksum(self, adapter: str) -> float:
         return float(sum(v.double().abs().sum() for v in adapters.adapter_state_dict(self.policy.model, adapter).values()))

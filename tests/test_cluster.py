@@ -1,0 +1,200 @@
+"""End to end on a real local Ray with a real embedded redis-server: the toy job, weight versions,
+staleness, worker-count invariance, the data-parallel learner, scaling while running."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cluster.local import ray_env_defaults
+from common.config import load_config
+
+ray = pytest.importorskip("ray")
+
+TOY = "configs/toy.yaml"
+# Small but real: every phase runs, on 2 cores. Each run gets its own namespace so named actors of
+# a finished run (killed asynchronously) never clash with the next one's.
+SMALL = ["run.iterations=3", "run.semi_iterations=2", "replay.num_reference_groups=3", "run.eval_prompts=2",
+         "run.eval_seeds=1", "run.sample_prompts=1", "rollout.prompts_per_iteration=2", "algorithm.group_size=4",
+         "algorithm.num_anchors=2", "sampler.fork_batch_size=4", "rollout.num_cpus_per_worker=0.5",
+         "rewards.num_cpus_per_server=0.5", "learner.num_cpus_per_worker=0.5", "run.merge_scales=[0.0,1.0]"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray_env_defaults()
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def toy_job(tmp_path: Path, *overrides: str):
+    from cluster.train import RunFolder, run
+
+    name = f"t{uuid.uuid4().hex[:8]}"
+    cfg = load_config(TOY, [*SMALL, f"run.name={name}", f"run.output_dir={tmp_path}",
+                            f"cluster.namespace={name}", *overrides])
+    folder = RunFolder(tmp_path / name)
+    return run(cfg, folder), folder.root
+
+
+def metrics(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter(root: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(root / "adapters" / name / "pytorch_lora_weights.safetensors")
+
+
+def test_toy_job_runs_every_phase_and_writes_the_run_folder(local_ray, tmp_path):
+    summary, root = toy_job(tmp_path)
+    for key in ("reward_initial", "reward_final", "ood_initial", "ood_final", "iterations", "groups", "wall_seconds"):
+        assert key in summary
+    assert summary["iterations"] == 3
+    assert summary["groups"] == 3 + 3 * 2  # reference groups + on-policy groups
+    # semi: 2 updates, on-policy: 3 updates; every worker ends on the last version.
+    assert summary["weight_version"] == 5
+    assert summary["worker_weight_versions"] == [5]
+    assert summary["reward_failures"] == 0 and summary["dropped_stale"] == 0
+    for rel in ("config.yaml", "reward_curve.png", "summary.json", "samples/start_0.mp4", "samples/end_0.mp4",
+                "adapters/on_policy/pytorch_lora_weights.safetensors",
+                "adapters/semi/pytorch_lora_weights.safetensors"):
+        assert (root / rel).is_file(), rel
+    assert (root / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = metrics(root)
+    assert [r["iteration"] for r in rows if r["phase"] == "on_policy"] == [0, 1, 2]
+    assert [r["version"] for r in rows if r["phase"] == "semi"] == [1, 2]
+    # Both adapters really trained (LoRA B starts at zero).
+    for name in ("on_policy", "semi"):
+        assert any(v.abs().sum() > 0 for k, v in adapter(root, name).items() if "lora_B" in k), name
+    assert set(summary["sweep"]) == {"0.0", "1.0"}
+
+
+def test_one_and_two_rollout_workers_make_the_same_run(local_ray, tmp_path):
+    phases = "run.phases=[on_policy]"
+    one, root1 = toy_job(tmp_path, phases, "rollout.num_workers=1")
+    two, root2 = toy_job(tmp_path, phases, "rollout.num_workers=2")
+    assert two["worker_weight_versions"] == [3, 3]
+    r1 = [r["reward_mean"] for r in metrics(root1) if r["phase"] == "on_policy"]
+    r2 = [r["reward_mean"] for r in metrics(root2) if r["phase"] == "on_policy"]
+    assert r1 == r2
+    a1, a2 = adapter(root1, "on_policy"), adapter(root2, "on_policy")
+    assert a1.keys() == a2.keys()
+    for k in a1:
+        torch.testing.assert_close(a1[k], a2[k], rtol=0, atol=1e-6)
+
+
+def test_staleness_is_enforced(local_ray, tmp_path):
+    # Jobs one iteration ahead of the learner make groups one version old: dropped at max_staleness 0 ...
+    strict, _ = toy_job(tmp_path, "run.phases=[on_policy]", "learner.max_staleness=0", "rollout.prefetch_iterations=1")
+    assert strict["dropped_stale"] > 0
+    assert strict["max_staleness_trained"] == 0
+    # ... and trained at max_staleness 1, never older.
+    loose, root = toy_job(tmp_path, "run.phases=[on_policy]", "learner.max_staleness=1", "rollout.prefetch_iterations=1")
+    assert loose["dropped_stale"] == 0
+    assert loose["max_staleness_trained"] == 1
+    assert all(r.get("staleness_max", 0) <= 1 for r in metrics(root))
+
+
+def test_scaling_rollout_workers_mid_run_loses_nothing(local_ray, tmp_path):
+    from cluster.scale import set_rollout_workers
+
+    name_box = {}
+
+    def operator():
+        # Grow to 2 once the first on-policy iteration is logged, shrink back to 1 after the next.
+        while "root" not in name_box:
+            time.sleep(0.05)
+        root, ns = name_box["root"], name_box["ns"]
+
+        def on_policy_rows():
+            path = root / "metrics.jsonl"
+            return [r for r in metrics(root) if r["phase"] == "on_policy"] if path.exists() else []
+
+        deadline = time.time() + 300
+        while len(on_policy_rows()) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        set_rollout_workers(2, namespace=ns)
+        while len(on_policy_rows()) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        set_rollout_workers(1, namespace=ns)
+
+    from cluster.train import RunFolder, run
+
+    name = f"t{uuid.uuid4().hex[:8]}"
+    overrides = [*SMALL, f"run.name={name}", f"run.output_dir={tmp_path}", f"cluster.namespace={name}",
+                 "run.phases=[on_policy]", "run.iterations=6"]
+    cfg = load_config(TOY, overrides)
+    root = tmp_path / name
+    name_box.update(root=root, ns=name)
+    thread = threading.Thread(target=operator, daemon=True)
+    thread.start()
+    summary = run(cfg, RunFolder(root))
+    thread.join(timeout=5)
+    assert "+rollout-1" in summary["scaling_events"]
+    assert any(e.startswith("-rollout-") for e in summary["scaling_events"])
+    assert summary["groups"] == 6 * 2 and summary["worker_failures"] == 0
+    assert [r["groups"] for r in metrics(root) if r["phase"] == "on_policy"] == [2] * 6
+    # Same seeds, same weights: the scaled run made exactly the unscaled run's groups.
+    baseline, base_root = toy_job(tmp_path, "run.phases=[on_policy]", "run.iterations=6")
+    assert [r["reward_mean"] for r in metrics(root) if r["phase"] == "on_policy"] == \
+        [r["reward_mean"] for r in metrics(base_root) if r["phase"] == "on_policy"]
+
+
+def _train_with(learners, iteration: int, refs: list) -> list[dict]:
+    k = len(learners)
+    return ray.get([l.train_groups.remote(iteration, "on_policy", list(range(r, len(refs), k)), len(refs),
+                                          *[refs[i] for i in range(r, len(refs), k)])
+                    for r, l in enumerate(learners)])
+
+
+def test_two_learners_make_the_same_update_as_one(local_ray):
+    from actors.rollout import collect_group
+    from common.policy import Policy
+    from learner.worker import Learner
+    from rewards.toy import score
+
+    # Random base weights (seeded), so the test does not depend on the committed toy generator.
+    cfg = load_config(TOY, [*SMALL, "model.diffusers_transformer=null"])
+    policy = Policy.from_config(cfg)
+    policy.set_mode("on_policy")
+    weights = {"vq": 1.0, "mq": 1.0, "ta": 1.0}
+    prompts = ["a red circle moving left on a black background", "a green square moving up on a gray background",
+               "a blue cross moving down on a brown background"]
+    key = b"k" * 32
+    refs = []
+    for i, prompt in enumerate(prompts):  # three groups: the two ranks get uneven shards (2 and 1)
+        group = collect_group(policy.sampler, policy.text([prompt]), prompt, pivot=i % 4, group_size=4, sigma=0.5,
+                              plan_seed=i, fork_seed=100 + i, decode=policy.decode,
+                              reward_fn=lambda v, ps: score(v, ps, list(weights)), weights=weights,
+                              policy_version=0, adapter="on_policy")
+        assert group.rewards.std() > 0
+        refs.append(ray.put(group.to_bytes(key=key)))
+
+    config = cfg.model_dump(mode="json")
+    actor = ray.remote(Learner).options(num_cpus=0.5)
+    single = [actor.remote(config, 0, 1, None, key)]
+    pair = [actor.remote(config, r, 2, None, key) for r in range(2)]
+    host, port = ray.get(pair[0].address.remote())
+    ray.get([x.join.remote(host, port) for x in pair] + [single[0].join.remote("127.0.0.1", 0)])
+    for it in range(2):  # two updates, so the optimiser state must agree too
+        one, two = _train_with(single, it, refs), _train_with(pair, it, refs)
+        assert [s["groups"] for s in two] == [2, 1]
+        assert abs(one[0]["grad_norm"] - two[0]["grad_norm"]) < 1e-6 * max(1.0, one[0]["grad_norm"])
+    a = ray.get(single[0].adapter_tensors.remote("on_policy"))
+    b0, b1 = ray.get([x.adapter_tensors.remote("on_policy") for x in pair])
+    moved = sum((v - torch.zeros_like(v)).abs().sum().item() for k, v in a.items() if "lora_B" in k)
+    assert moved > 0
+    for k in a:
+        torch.testing.assert_close(b0[k], a[k], rtol=0, atol=1e-6)
+        assert torch.equal(b0[k], b1[k])  # the ranks stay identical
+    for x in single + pair:
+        ray.kill(x)
