@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench clean
+.PHONY: install test demo bench bench-pipeline clean
 
 install: $(STAMP)
 
@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The main job on the embedded default: local Ray, embedded Redis, the toy model. Results: runs/demo/.
+demo: install
+	$(BIN)/python -m cluster.train --config configs/toy.yaml --overwrite run.name=demo $(ARGS)
+
+bench-pipeline: install
+	$(BIN)/python -m bench.pipeline --json
 
 bench: install
 	$(BIN)/python -m bench.streaming --json

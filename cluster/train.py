@@ -114,6 +114,7 @@ def run(config, folder: RunFolder) -> dict:
         record_key = secrets.token_bytes(32)
         replay = {"url": redis.url, "name": config.run.name}
         actors = Actors(config, replay, record_key)
+        actors_started = time.perf_counter()
         try:
             driver = Driver(config, actors, prompts, heldout, folder.log)
             phases = config.run.phases
@@ -151,6 +152,7 @@ def run(config, folder: RunFolder) -> dict:
                                            final_mode, scale, fps)
             saved = ray.get(actors.learners[0].save.remote(str(folder.root / "adapters")))
             counters = actors.counters
+            busy = role_busy_ratios(actors, time.perf_counter() - actors_started)
             worker_versions = ray.get([w.weight_version.remote() for w in actors.pool.workers.values()])
             summary = {
                 "reward_initial": before.in_domain, "reward_final": after.in_domain,
@@ -163,7 +165,8 @@ def run(config, folder: RunFolder) -> dict:
                 "dropped_stale": counters.dropped_stale, "max_staleness_trained": counters.stale_trained_max,
                 "reward_failures": counters.reward_failures, "worker_failures": counters.worker_failures,
                 "jobs_redone": counters.jobs_redone, "rollout_workers_final": len(actors.pool.workers),
-                "scaling_events": actors.pool.events,
+                "scaling_events": actors.pool.events, "role_busy_ratio": busy,
+                "weight_sync_seconds": counters.weight_sync_seconds,
                 "components_initial": before_parts, "components_final": after_parts,
                 "adapters": [str(Path(p).relative_to(folder.root)) for p in saved], "samples": samples,
             }
@@ -172,6 +175,17 @@ def run(config, folder: RunFolder) -> dict:
     plot_rewards(folder.metrics_path, folder.root / "reward_curve.png", summary["reward_initial"], summary["reward_final"])
     folder.write_json("summary.json", summary)
     return summary
+
+
+def role_busy_ratios(actors, wall: float) -> dict[str, float]:
+    """Share of wall time each role spent working, averaged over its actors."""
+    import ray
+
+    rollout = ray.get([w.ping.remote() for w in actors.pool.workers.values()])
+    reward = ray.get([s.get_stats.remote() for s in actors.reward_servers])
+    learner = ray.get([x.stats.remote() for x in actors.learners])
+    share = lambda items: sum(i["busy_seconds"] for i in items) / max(len(items), 1) / max(wall, 1e-9)  # noqa: E731
+    return {"rollout": share(rollout), "reward": share(reward), "learner": share(learner)}
 
 
 def _final_policy(phases: list[str]) -> tuple[str, float]:
