@@ -48,15 +48,34 @@ class RolloutWorker:
     # -- weights -----------------------------------------------------------------------------
 
     def sync_weights(self, handle, payload) -> int:
-        if handle.base_fingerprint and handle.base_fingerprint != self.fingerprint:
-            raise RuntimeError(f"{self.name}: base weights {self.fingerprint} differ from the learner's "
-                               f"{handle.base_fingerprint}; was the checkpoint replaced while the job started?")
+        """The object-store transport: `payload` is the bucket list (Ray resolved the ObjectRef)."""
+        self._check_base(handle)
         from learner.weights import ObjectStoreTransport
 
         tensors = ObjectStoreTransport().receive(handle, payload)
         self.policy.load_synced_tensors(tensors, handle.what)
         self.version = handle.version
         return self.version
+
+    def join_weights_group(self, host: str, port: int, generation: int, rank: int, world_size: int) -> int:
+        from learner.weights import CollectiveGroup
+
+        backend = "nccl" if self.config.model.device.startswith("cuda") else "gloo"
+        self._weights_group = CollectiveGroup(host, port, rank, world_size, generation, backend)
+        return generation
+
+    def receive_weights(self, handle) -> int:
+        """The collective transport: the buckets come by broadcast from learner rank 0."""
+        self._check_base(handle)
+        tensors = self._weights_group.receive(handle)
+        self.policy.load_synced_tensors(tensors, handle.what)
+        self.version = handle.version
+        return self.version
+
+    def _check_base(self, handle) -> None:
+        if handle.base_fingerprint and handle.base_fingerprint != self.fingerprint:
+            raise RuntimeError(f"{self.name}: base weights {self.fingerprint} differ from the learner's "
+                               f"{handle.base_fingerprint}; was the checkpoint replaced while the job started?")
 
     def weight_version(self) -> int:
         return self.version

@@ -114,19 +114,48 @@ class Actors:
         """Learner rank 0 packs the weights into the object store once; returns (handle, ref)."""
         import ray
 
+        if self.config.cluster.weight_transport == "collective":
+            return None  # packed and broadcast by sync_to
+
         handle, ref = ray.get(self.learners[0].publish.remote())
         self.last_packet = (handle, ref)
         return handle, ref
 
     def sync_to(self, workers) -> int:
-        """Deliver the last published packet: one call per worker, the same ObjectRef to all."""
+        """Deliver the last published packet: one call per worker, the same ObjectRef to all (or,
+        with the collective transport, one broadcast to every live worker)."""
         import ray
+
+        if self.config.cluster.weight_transport == "collective":
+            return self._broadcast_collective()
 
         handle, ref = self.last_packet
         versions = ray.get([w.sync_weights.remote(handle, ref) for w in workers],
                            timeout=self.config.cluster.call_timeout_s)
         if any(v != handle.version for v in versions):
             raise RuntimeError(f"weight sync: workers report versions {versions}, expected {handle.version}")
+        return handle.nbytes
+
+    def _broadcast_collective(self) -> int:
+        """Re-form the broadcast group when the set of workers changed, then one broadcast."""
+        import ray
+
+        timeout = self.config.cluster.call_timeout_s
+        workers = self.pool.workers
+        members = tuple(sorted(workers))
+        if members != getattr(self, "_members", None):
+            self._generation = getattr(self, "_generation", -1) + 1
+            host, port = ray.get(self.learners[0].weights_store.remote())
+            world = len(members) + 1
+            ray.get([self.learners[0].form_weights_group.remote(self._generation, world)]
+                    + [workers[n].join_weights_group.remote(host, port, self._generation, i + 1, world)
+                       for i, n in enumerate(members)], timeout=timeout)
+            self._members = members
+        handle = ray.get(self.learners[0].pack_weights.remote())
+        versions = ray.get([self.learners[0].broadcast_weights.remote()]
+                           + [workers[n].receive_weights.remote(handle) for n in members], timeout=timeout)
+        if any(v != handle.version for v in versions):
+            raise RuntimeError(f"weight broadcast: versions {versions}, expected {handle.version}")
         return handle.nbytes
 
     def publish_and_sync(self, workers) -> None:

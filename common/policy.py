@@ -31,7 +31,11 @@ class Policy:
     def from_config(cls, config) -> "Policy":
         model = load_policy(config)
         lora = config.learner.lora
-        adapters.add_adapters(model, lora.rank, lora.alpha, lora.target_modules)
+        # LoRA's A matrices start random: seed them, so every learner rank and every run starts from
+        # the same adapter (B starts at zero, so the policy equals the base either way).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.model.seed)
+            adapters.add_adapters(model, lora.rank, lora.alpha, lora.target_modules)
         sampler = StreamingSampler.from_config(model, config)
         if config.model.latent_space == "pixels":
             decode = pixels_as_video

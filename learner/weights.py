@@ -92,26 +92,46 @@ class ObjectStoreTransport:
 
 
 class CollectiveGroup:
-    """A process group of its own (learner rank 0 = rank 0, rollout workers 1..N), built from a
-    TCPStore the learner hosts, so it can be re-formed when workers come and go without touching
-    the default group the learners use for gradients."""
+    """One member of a weight-broadcast process group: learner rank 0 is rank 0, rollout workers
+    1..N. Built directly on a TCPStore the learner hosts (not on the default process group, which
+    belongs to the learners' gradients), one group per membership generation, so scaling the rollout
+    workers forms a new group instead of tearing anything down."""
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, generation: int, backend: str):
+    def __init__(self, host: str, port: int, rank: int, world_size: int, generation: int, backend: str,
+                 store=None, timeout_s: float = 300.0):
+        import datetime
+
         import torch.distributed as dist
 
-        self.rank, self.world_size = rank, world_size
-        store = dist.TCPStore(host, port, world_size, is_master=False, wait_for_workers=False,
-                              timeout=__import__("datetime").timedelta(seconds=120))
-        prefixed = dist.PrefixStore(f"weights/{generation}", store)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.rank, self.world_size, self.generation = rank, world_size, generation
+        self.store = store if store is not None else dist.TCPStore(host, port, is_master=False, timeout=timeout)
+        prefixed = dist.PrefixStore(f"weights/{generation}", self.store)
         if backend == "nccl":
             self.group = dist.ProcessGroupNCCL(prefixed, rank, world_size)
         else:
-            self.group = dist.ProcessGroupGloo(prefixed, rank, world_size)
+            self.group = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+        self.device = torch.device("cuda") if backend == "nccl" else torch.device("cpu")
 
-    def broadcast(self, buckets: list[torch.Tensor]) -> None:
-        for b in buckets:
-            self.group.broadcast([b], 0).wait()
+    @staticmethod
+    def host_store(host: str, port: int, timeout_s: float = 300.0):
+        import datetime
+
+        import torch.distributed as dist
+
+        return dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
+                             timeout=datetime.timedelta(seconds=timeout_s))
+
+    def send(self, packet: WeightPacket) -> None:
+        for bucket in packet.buckets:
+            self.group.broadcast(bucket.to(self.device), 0).wait()
+
+    def receive(self, handle: WeightPacket) -> dict[str, torch.Tensor]:
+        buckets = []
+        for size in handle.bucket_sizes:
+            bucket = torch.empty(size, dtype=torch.uint8, device=self.device)
+            self.group.broadcast(bucket, 0).wait()
+            buckets.append(bucket.cpu())
+        return unpack(handle, buckets)
 
 
-def sync_seconds(start: float) -> float:
-    return time.perf_counter() - start

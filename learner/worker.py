@@ -20,7 +20,7 @@ import torch
 from common import adapters
 from common.records import RolloutGroup
 from learner.update import UpdateSettings, arcopo_update
-from learner.weights import ObjectStoreTransport, pack
+from learner.weights import CollectiveGroup, ObjectStoreTransport, pack
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -72,8 +72,7 @@ class Learner:
         if self.world_size > 1:
             import torch.distributed as dist
 
-            backend = "nccl" if torch.cuda.is_available() and self.config.model.device.startswith("cuda") else "gloo"
-            dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
+            dist.init_process_group(self._backend(), init_method=f"tcp://{host}:{port}", rank=self.rank,
                                     world_size=self.world_size)
         return True
 
@@ -159,6 +158,37 @@ class Learner:
 
     def base_fingerprint(self) -> str:
         return self.fingerprint
+
+    # -- the collective transport (cluster.weight_transport=collective) ---------------------------
+
+    def weights_store(self) -> tuple[str, int]:
+        """Rank 0 hosts the rendezvous store of the weight-broadcast groups, once per run."""
+        import ray
+
+        if getattr(self, "_store", None) is None:
+            host = ray.util.get_node_ip_address()
+            port = free_port(host)
+            self._store_address = (host, port)
+            self._store = CollectiveGroup.host_store(host, port)
+        return self._store_address
+
+    def form_weights_group(self, generation: int, world_size: int) -> int:
+        host, port = self.weights_store()
+        self._weights_group = CollectiveGroup(host, port, 0, world_size, generation, self._backend(), store=self._store)
+        return generation
+
+    def pack_weights(self):
+        c = self.config.cluster
+        self._packet = pack(self.policy.synced_tensors(c.weight_sync), self.version, c.weight_sync, c.bucket_mb << 20,
+                            self.fingerprint if c.weight_sync == "adapters" else "")
+        return self._packet.handle()
+
+    def broadcast_weights(self) -> int:
+        self._weights_group.send(self._packet)
+        return self._packet.version
+
+    def _backend(self) -> str:
+        return "nccl" if torch.cuda.is_available() and self.config.model.device.startswith("cuda") else "gloo"
 
     def adapter_checksum(self, adapter: str) -> float:
         return float(sum(v.double().abs().sum() for v in adapters.adapter_state_dict(self.policy.model, adapter).values()))

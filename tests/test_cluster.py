@@ -81,15 +81,18 @@ def test_toy_job_runs_every_phase_and_writes_the_run_folder(local_ray, tmp_path)
 def test_one_and_two_rollout_workers_make_the_same_run(local_ray, tmp_path):
     phases = "run.phases=[on_policy]"
     one, root1 = toy_job(tmp_path, phases, "rollout.num_workers=1")
-    two, root2 = toy_job(tmp_path, phases, "rollout.num_workers=2")
-    assert two["worker_weight_versions"] == [3, 3]
     r1 = [r["reward_mean"] for r in metrics(root1) if r["phase"] == "on_policy"]
-    r2 = [r["reward_mean"] for r in metrics(root2) if r["phase"] == "on_policy"]
-    assert r1 == r2
-    a1, a2 = adapter(root1, "on_policy"), adapter(root2, "on_policy")
-    assert a1.keys() == a2.keys()
-    for k in a1:
-        torch.testing.assert_close(a1[k], a2[k], rtol=0, atol=1e-6)
+    a1 = adapter(root1, "on_policy")
+    # Two workers, with each weight transport: the same groups and the same adapter.
+    for transport in ("object_store", "collective"):
+        two, root2 = toy_job(tmp_path, phases, "rollout.num_workers=2", f"cluster.weight_transport={transport}")
+        assert two["worker_weight_versions"] == [3, 3], transport
+        assert two["weight_sync_bytes"] > 0
+        assert [r["reward_mean"] for r in metrics(root2) if r["phase"] == "on_policy"] == r1, transport
+        a2 = adapter(root2, "on_policy")
+        assert a1.keys() == a2.keys()
+        for k in a1:
+            torch.testing.assert_close(a1[k], a2[k], rtol=0, atol=1e-6)
 
 
 def test_staleness_is_enforced(local_ray, tmp_path):
