@@ -105,6 +105,12 @@ def run(config, folder: RunFolder) -> dict:
     from cluster.prompts import load_prompts
 
     prompts, heldout = load_prompts(config)
+    resolved = config.model_dump(mode="json")
+    if resolved["replay"].get("redis_password"):
+        resolved["replay"]["redis_password"] = "<redacted>"
+    if resolved["replay"].get("redis_url") and "@" in resolved["replay"]["redis_url"]:
+        resolved["replay"]["redis_url"] = "<redacted: has credentials>"
+    write_bytes_atomic(folder.root / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
     start = time.perf_counter()
     with ray_session(config) as local_ray, redis_session(config, folder.root) as redis:
         log.info("ray: %s; redis: %s (%s)", "local" if local_ray else "joined cluster", redis.display,
@@ -216,8 +222,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         shutil.rmtree(root)
     folder = RunFolder(root)
-    write_bytes_atomic(root / "config.yaml",
-                       yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
     from cluster.placement import PlacementError
     from cluster.prompts import PromptError
 

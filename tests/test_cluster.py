@@ -77,6 +77,18 @@ def test_toy_job_runs_every_phase_and_writes_the_run_folder(local_ray, tmp_path)
         assert any(v.abs().sum() > 0 for k, v in adapter(root, name).items() if "lora_B" in k), name
     assert set(summary["sweep"]) == {"0.0", "1.0"}
 
+    # The job stopped its embedded Redis; started again on the same data directory (AOF), the
+    # reference buffer and its counters are all there.
+    from common.redis_server import EmbeddedRedis
+    from common.replay import ReplayBuffer
+
+    with EmbeddedRedis(root / "redis") as server:
+        buffer = ReplayBuffer(server.url, root.name)
+        stats = buffer.stats()
+        assert buffer.size() == 3 and stats["inserts"] == 3
+        assert stats["samples"] == 2 * 2  # two semi updates of two groups each
+        buffer.close()
+
 
 def test_one_and_two_rollout_workers_make_the_same_run(local_ray, tmp_path):
     phases = "run.phases=[on_policy]"
