@@ -203,7 +203,7 @@ class RolloutPool:
 
 class Driver:
     def __init__(self, config, actors, prompts: list[str], heldout: list[str], log_metrics: Callable[[dict], None],
-                 progress=None):
+                 progress=None, checkpoint_dir=None):
         self.config = config
         self.actors = actors  # cluster.placement.Actors: learners, reward servers, pool, controller
         self.prompts, self.heldout = prompts, heldout
@@ -212,6 +212,14 @@ class Driver:
         self.counters = actors.counters
         self.version = 0
         self.next_job_id = 0
+        self.checkpoint_dir = checkpoint_dir
+
+    def checkpoint(self, phase: str, it: int) -> None:
+        """Adapters every run.checkpoint_every updates, written atomically by learner rank 0."""
+        import ray
+
+        if self.checkpoint_dir is not None and (it + 1) % self.config.run.checkpoint_every == 0:
+            ray.get(self.actors.learners[0].save.remote(str(self.checkpoint_dir / f"{phase}_{it + 1:06d}")))
 
     # -- weights ----------------------------------------------------------------------------
 
@@ -273,6 +281,7 @@ class Driver:
             stats = ray.get([l.train_from_replay.remote(it, "semi", batch, seed, True) for l in self.actors.learners])
             self.version = stats[0]["version"]
             self._log_update("semi", it, stats, [])
+            self.checkpoint("semi", it)
         self.broadcast()
 
     def train_on_policy(self) -> None:
@@ -308,6 +317,7 @@ class Driver:
                 stats = []
             self._log_update("on_policy", it, stats, [s for s, _, _ in fresh], [a for *_, a in fresh],
                              dropped=len(stale))
+            self.checkpoint("on_policy", it)
 
     def merge(self, base: Scores) -> dict:
         sweep = {}

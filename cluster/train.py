@@ -122,7 +122,7 @@ def run(config, folder: RunFolder) -> dict:
         actors = Actors(config, replay, record_key)
         actors_started = time.perf_counter()
         try:
-            driver = Driver(config, actors, prompts, heldout, folder.log)
+            driver = Driver(config, actors, prompts, heldout, folder.log, checkpoint_dir=folder.root / "checkpoints")
             phases = config.run.phases
             before, before_parts = driver.evaluate("reference")
             folder.log({"phase": "eval", "policy": "reference", "reward": before.in_domain,

@@ -21,7 +21,7 @@ ray = pytest.importorskip("ray")
 TOY = "configs/toy.yaml"
 # Small but real: every phase runs, on 2 cores. Each run gets its own namespace so named actors of
 # a finished run (killed asynchronously) never clash with the next one's.
-SMALL = ["run.iterations=3", "run.semi_iterations=2", "replay.num_reference_groups=3", "run.eval_prompts=2",
+SMALL = ["run.checkpoint_every=2", "run.iterations=3", "run.semi_iterations=2", "replay.num_reference_groups=3", "run.eval_prompts=2",
          "run.eval_seeds=1", "run.sample_prompts=1", "rollout.prompts_per_iteration=2", "algorithm.group_size=4",
          "algorithm.num_anchors=2", "sampler.fork_batch_size=4", "rollout.num_cpus_per_worker=0.5",
          "rewards.num_cpus_per_server=0.5", "learner.num_cpus_per_worker=0.5", "run.merge_scales=[0.0,1.0]"]
@@ -68,6 +68,7 @@ def test_toy_job_runs_every_phase_and_writes_the_run_folder(local_ray, tmp_path)
                 "adapters/on_policy/pytorch_lora_weights.safetensors",
                 "adapters/semi/pytorch_lora_weights.safetensors"):
         assert (root / rel).is_file(), rel
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["on_policy_000002", "semi_000002"]
     assert (root / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = metrics(root)
     assert [r["iteration"] for r in rows if r["phase"] == "on_policy"] == [0, 1, 2]
