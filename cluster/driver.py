@@ -42,6 +42,7 @@ class Counters:
     weight_sync_bytes: int = 0
     stale_trained_max: int = 0
     staleness: list[int] = field(default_factory=list)
+    groups_by_phase: dict[str, int] = field(default_factory=dict)
 
 
 class Controller:
@@ -88,6 +89,7 @@ class RolloutPool:
         self.pending: deque = deque()  # (job, attempt)
         self.results: dict[int, tuple[GroupSummary, object]] = {}
         self.failed: set[int] = set()
+        self.metrics = None  # common.metrics.RunMetrics, set by the job
         self.next_index = 0
         self.last_poll = 0.0
         self.events: list[str] = []
@@ -180,12 +182,24 @@ class RolloutPool:
             except RayTaskError as exc:
                 if "RewardError" in str(exc):
                     self.counters.reward_failures += 1
+                    if self.metrics:
+                        self.metrics.reward_failures.inc()
                     self.failed.add(job.job_id)
                     log.error("job %d: reward failed, group dropped: %s", job.job_id, str(exc).strip().splitlines()[-1])
                     continue
                 raise
             self.results[job.job_id] = (summary, d_ref)
             self.counters.groups += 1
+            self.counters.groups_by_phase[job.phase] = self.counters.groups_by_phase.get(job.phase, 0) + 1
+            if self.metrics:
+                m = self.metrics
+                m.rollout_groups.labels(job.phase).inc()
+                m.rollout_seconds.observe(summary.rollout_seconds)
+                m.reward_seconds.observe(summary.reward_seconds)
+        if self.metrics:
+            self.metrics.queue_depth.labels("pending_jobs").set(len(self.pending))
+            self.metrics.queue_depth.labels("in_flight_jobs").set(len(self.busy))
+            self.metrics.rollout_workers.set(len(self.live()))
         # A job running past the call timeout fails like a dead worker (and is redone once).
         now = time.monotonic()
         for name, (_, _, job, _, started) in list(self.busy.items()):
@@ -213,6 +227,9 @@ class Driver:
         self.version = 0
         self.next_job_id = 0
         self.checkpoint_dir = checkpoint_dir
+        self.metrics = None  # common.metrics.RunMetrics
+        self.replay_stats: Callable[[], dict] | None = None
+        self.started = time.perf_counter()
 
     def checkpoint(self, phase: str, it: int) -> None:
         """Adapters every run.checkpoint_every updates, written atomically by learner rank 0."""
@@ -227,6 +244,13 @@ class Driver:
         """Publish the learner's weights once, deliver them to every rollout worker in one call each."""
         self.actors.publish_and_sync(self.actors.pool.workers.values())
         self.counters.weight_syncs += 1
+        if self.metrics:
+            m = self.metrics
+            m.weight_sync_seconds.observe(self.counters.weight_sync_seconds)
+            m.weight_sync_bytes.set(self.counters.weight_sync_bytes)
+            m.weight_version.labels("learner", "learner-0").set(self.version)
+            for name in self.actors.pool.workers:
+                m.weight_version.labels("rollout", name).set(self.version)
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -349,9 +373,37 @@ class Driver:
             record["learner_seconds"] = max(s["seconds"] for s in stats)
         record["weight_sync_seconds"] = self.counters.weight_sync_seconds
         self.log_metrics(record)
+        if self.metrics:
+            self._export(phase, it, record, stats, ages or [], dropped)
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix({k: f"{record[k]:.3f}" for k in ("reward_mean", "loss") if k in record})
+
+
+    def _export(self, phase: str, it: int, record: dict, stats: list[dict], ages: list[int], dropped: int) -> None:
+        m = self.metrics
+        adapter = "semi" if phase == "semi" else "on_policy"
+        m.iteration.labels(phase).set(it + 1)
+        for key, value in record.items():
+            if key.startswith("reward/"):
+                m.reward.labels(key.split("/", 1)[1]).set(value)
+        if "reward_mean" in record:
+            m.reward.labels("total").set(record["reward_mean"])
+        if stats:
+            m.loss.labels(adapter).set(record["loss"])
+            m.clip_fraction.labels(adapter).set(record["clip_fraction"])
+            m.learner_step_seconds.labels(adapter).observe(record["learner_seconds"])
+        for age in ages:
+            m.staleness.observe(age)
+        if dropped:
+            m.dropped_stale.inc(dropped)
+        if self.replay_stats is not None:
+            replay = self.replay_stats()
+            m.replay_size.set(replay["size"])
+            m.replay_inserts.set(replay["inserts"])
+            m.replay_samples.set(replay["samples"])
+        for role, ratio in self.actors.busy_ratios(time.perf_counter() - self.started).items():
+            m.busy_ratio.labels(role).set(ratio)
 
 
 def _mean(values: list[float]) -> float:

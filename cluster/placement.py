@@ -179,6 +179,16 @@ class Actors:
                                                      *[refs[i] for i in indices]))
         return ray.get(calls, timeout=self.config.cluster.call_timeout_s)
 
+    def busy_ratios(self, wall: float) -> dict[str, float]:
+        """Share of wall time each role spent working, averaged over its actors."""
+        import ray
+
+        rollout = ray.get([w.ping.remote() for w in self.pool.workers.values()])
+        reward = ray.get([s.get_stats.remote() for s in self.reward_servers])
+        learner = ray.get([x.stats.remote() for x in self.learners])
+        share = lambda items: sum(i["busy_seconds"] for i in items) / max(len(items), 1) / max(wall, 1e-9)  # noqa: E731
+        return {"rollout": share(rollout), "reward": share(reward), "learner": share(learner)}
+
     def shutdown(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group

@@ -96,13 +96,15 @@ def write_samples(actors, folder: RunFolder, prompts: list[str], tag: str, mode:
     return paths
 
 
-def run(config, folder: RunFolder) -> dict:
+def run(config, folder: RunFolder, linger_s: float = 0.0) -> dict:
     import ray
 
     from cluster.driver import Driver
     from cluster.local import ray_session, redis_session
     from cluster.placement import Actors
     from cluster.prompts import load_prompts
+    from common.metrics import RunMetrics
+    from common.replay import ReplayBuffer
 
     prompts, heldout = load_prompts(config)
     resolved = config.model_dump(mode="json")
@@ -121,8 +123,13 @@ def run(config, folder: RunFolder) -> dict:
         replay = {"url": redis.url, "name": config.run.name}
         actors = Actors(config, replay, record_key)
         actors_started = time.perf_counter()
+        metrics = RunMetrics()
         try:
+            metrics.serve(config.metrics.host, config.metrics.port)
             driver = Driver(config, actors, prompts, heldout, folder.log, checkpoint_dir=folder.root / "checkpoints")
+            driver.metrics = actors.pool.metrics = metrics
+            monitor = ReplayBuffer(redis.url, config.run.name)  # counters only; records stay in Redis
+            driver.replay_stats = monitor.stats
             phases = config.run.phases
             before, before_parts = driver.evaluate("reference")
             folder.log({"phase": "eval", "policy": "reference", "reward": before.in_domain,
@@ -158,7 +165,7 @@ def run(config, folder: RunFolder) -> dict:
                                            final_mode, scale, fps)
             saved = ray.get(actors.learners[0].save.remote(str(folder.root / "adapters")))
             counters = actors.counters
-            busy = role_busy_ratios(actors, time.perf_counter() - actors_started)
+            busy = actors.busy_ratios(time.perf_counter() - actors_started)
             worker_versions = ray.get([w.weight_version.remote() for w in actors.pool.workers.values()])
             summary = {
                 "reward_initial": before.in_domain, "reward_final": after.in_domain,
@@ -178,20 +185,11 @@ def run(config, folder: RunFolder) -> dict:
             }
         finally:
             actors.shutdown()
+            time.sleep(linger_s)  # lets a scraper read the final values (tests, short demos)
+            metrics.close()
     plot_rewards(folder.metrics_path, folder.root / "reward_curve.png", summary["reward_initial"], summary["reward_final"])
     folder.write_json("summary.json", summary)
     return summary
-
-
-def role_busy_ratios(actors, wall: float) -> dict[str, float]:
-    """Share of wall time each role spent working, averaged over its actors."""
-    import ray
-
-    rollout = ray.get([w.ping.remote() for w in actors.pool.workers.values()])
-    reward = ray.get([s.get_stats.remote() for s in actors.reward_servers])
-    learner = ray.get([x.stats.remote() for x in actors.learners])
-    share = lambda items: sum(i["busy_seconds"] for i in items) / max(len(items), 1) / max(wall, 1e-9)  # noqa: E731
-    return {"rollout": share(rollout), "reward": share(reward), "learner": share(learner)}
 
 
 def _final_policy(phases: list[str]) -> tuple[str, float]:
