@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = ["run.phases=[on_policy]", f"run.iterations={args.iterations}", "rollout.num_workers=2",
                 "rollout.prompts_per_iteration=4", "run.eval_prompts=2", "run.eval_seeds=1", "run.sample_prompts=0",
                 "rollout.num_cpus_per_worker=0.5", "rewards.num_cpus_per_server=0.5", "learner.num_cpus_per_worker=0.5",
-                "cluster.num_cpus=4"]
+                "cluster.num_cpus=4", "metrics.port=0"]
     cfg = load_config_for_cli(args.config, defaults + args.overrides)
     if cfg is None:
         return 2

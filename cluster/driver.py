@@ -45,6 +45,51 @@ class Counters:
     groups_by_phase: dict[str, int] = field(default_factory=dict)
 
 
+def write_checkpoint(root, learner, state: dict) -> str:
+    """checkpoints/ckpt-<seq>/ {learner.pt, adapters/, driver.json, COMPLETE}, built in a temporary
+    folder and renamed into place, so a crash at any moment leaves either the whole checkpoint or
+    none (the newest folder with COMPLETE is what --resume takes)."""
+    import json
+    import os
+    import shutil
+    import uuid
+    from pathlib import Path
+
+    import ray
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    seq = 1 + max([int(p.name.split("-")[1]) for p in root.glob("ckpt-*")] or [0])
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    try:
+        ray.get([learner.save_state.remote(str(tmp / "learner.pt")), learner.save.remote(str(tmp / "adapters"))])
+        body = json.dumps({**state, "seq": seq}, indent=2).encode()
+        for name, data in (("driver.json", body), ("COMPLETE", b"ok\n")):
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        final = root / f"ckpt-{seq:06d}"
+        os.replace(tmp, final)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(final)
+
+
+def latest_checkpoint(root):
+    """The newest complete checkpoint folder, or None."""
+    from pathlib import Path
+
+    done = [p for p in Path(root).glob("ckpt-*") if (p / "COMPLETE").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
 class Controller:
     """A tiny named actor (`controller`) through which operators change the rollout worker count of a
     running job (`python -m cluster.scale --rollout N`); the driver polls it between jobs."""
@@ -225,18 +270,51 @@ class Driver:
         self.progress = progress
         self.counters = actors.counters
         self.version = 0
-        self.next_job_id = 0
         self.checkpoint_dir = checkpoint_dir
+        # Where the schedule stands: completed phases, the current phase and iteration, and what a
+        # resumed run must not recompute (the initial evaluation). Saved in every checkpoint.
+        self.progress_state: dict = {"completed": []}
         self.metrics = None  # common.metrics.RunMetrics
         self.replay_stats: Callable[[], dict] | None = None
         self.started = time.perf_counter()
 
-    def checkpoint(self, phase: str, it: int) -> None:
-        """Adapters every run.checkpoint_every updates, written atomically by learner rank 0."""
-        import ray
+    def checkpoint(self, phase: str, it: int, force: bool = False) -> None:
+        """Every run.checkpoint_every updates (and at phase ends): everything a resume needs."""
+        if self.checkpoint_dir is None or not (force or (it + 1) % self.config.run.checkpoint_every == 0):
+            return
+        self.progress_state.update(phase=phase, iteration=it + 1)
+        write_checkpoint(self.checkpoint_dir, self.actors.learners[0], self.state())
 
-        if self.checkpoint_dir is not None and (it + 1) % self.config.run.checkpoint_every == 0:
-            ray.get(self.actors.learners[0].save.remote(str(self.checkpoint_dir / f"{phase}_{it + 1:06d}")))
+    def state(self) -> dict:
+        c = self.counters
+        return {**self.progress_state, "version": self.version,
+                "counters": {"groups": c.groups, "groups_by_phase": c.groups_by_phase, "dropped_stale": c.dropped_stale,
+                             "reward_failures": c.reward_failures, "worker_failures": c.worker_failures,
+                             "jobs_redone": c.jobs_redone, "weight_syncs": c.weight_syncs,
+                             "stale_trained_max": c.stale_trained_max}}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint's driver state (the learners have loaded theirs)."""
+        self.version = state["version"]
+        self.progress_state = {k: v for k, v in state.items() if k not in ("version", "counters")}
+        for key, value in state["counters"].items():
+            setattr(self.counters, key, value)
+        if self.metrics:
+            self.metrics.restore_counters({"rollout_groups": state["counters"]["groups_by_phase"],
+                                           "reward_failures": state["counters"]["reward_failures"],
+                                           "dropped_stale": state["counters"]["dropped_stale"]})
+
+    def phase_done(self, phase: str) -> None:
+        """A phase finished: remember it, and checkpoint so a resume never redoes it."""
+        self.progress_state["completed"] = [*self.progress_state["completed"], phase]
+        self.progress_state.pop("phase", None)
+        self.progress_state.pop("iteration", None)
+        if self.checkpoint_dir is not None:
+            write_checkpoint(self.checkpoint_dir, self.actors.learners[0], self.state())
+
+    def start_iteration(self, phase: str) -> int:
+        """Where a phase (re)starts: 0, or the iteration after the checkpoint it was resumed from."""
+        return self.progress_state.get("iteration", 0) if self.progress_state.get("phase") == phase else 0
 
     # -- weights ----------------------------------------------------------------------------
 
@@ -280,16 +358,17 @@ class Driver:
 
     # -- phases ---------------------------------------------------------------------------------
 
-    def _jobs(self, phase: str, count: int, mode: str) -> list[GroupJob]:
-        jobs = [make_job(self.config.run.seed, phase, self.next_job_id + i, self.prompts,
+    def _jobs(self, phase: str, first: int, count: int, mode: str) -> list[GroupJob]:
+        """Job ids are fixed by the schedule (reference i, then on-policy iteration * batch + j), so a
+        resumed run makes the very jobs the uninterrupted one would have."""
+        offset = 0 if phase == "reference" else self.config.replay.num_reference_groups
+        return [make_job(self.config.run.seed, phase, offset + first + i, self.prompts,
                          self.config.sampler.num_chunks, mode) for i in range(count)]
-        self.next_job_id += count
-        return jobs
 
     def collect_reference(self) -> int:
         """Reference groups with pi_ref into the replay buffer; returns how many landed."""
         n = self.config.replay.num_reference_groups
-        results = self.actors.pool.run(self._jobs("reference", n, "reference"))
+        results = self.actors.pool.run(self._jobs("reference", 0, n, "reference"))
         self.log_metrics({"phase": "reference", "groups": len(results),
                           "reward_mean": _mean([s.reward_mean for s, _ in results])})
         return len(results)
@@ -300,7 +379,7 @@ class Driver:
         r = self.config.run
         iterations = r.semi_iterations if r.semi_iterations is not None else r.iterations
         batch = self.config.rollout.prompts_per_iteration
-        for it in range(iterations):
+        for it in range(self.start_iteration("semi"), iterations):
             seed = phase_seed(r.seed, "semi", it)
             stats = ray.get([l.train_from_replay.remote(it, "semi", batch, seed, True) for l in self.actors.learners])
             self.version = stats[0]["version"]
@@ -318,10 +397,10 @@ class Driver:
         prefetch = cfg.rollout.prefetch_iterations if cfg.rollout.prefetch_iterations is not None else k
         pool = self.actors.pool
         batches: dict[int, list[GroupJob]] = {}
-        for it in range(cfg.run.iterations):
+        for it in range(self.start_iteration("on_policy"), cfg.run.iterations):
             for ahead in range(it, min(cfg.run.iterations, it + 1 + prefetch)):
                 if ahead not in batches:
-                    batches[ahead] = self._jobs("on_policy", per_iter, "on_policy")
+                    batches[ahead] = self._jobs("on_policy", ahead * per_iter, per_iter, "on_policy")
             # Later iterations' jobs (the prefetch) go out now and run while this one trains.
             pool.submit([j for later in sorted(batches) if later != it for j in batches[later]
                          if not pool.is_known(j.job_id)])

@@ -96,15 +96,16 @@ def write_samples(actors, folder: RunFolder, prompts: list[str], tag: str, mode:
     return paths
 
 
-def run(config, folder: RunFolder, linger_s: float = 0.0) -> dict:
+def run(config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) -> dict:
     import ray
 
-    from cluster.driver import Driver
+    from cluster.driver import Driver, latest_checkpoint
     from cluster.local import ray_session, redis_session
     from cluster.placement import Actors
     from cluster.prompts import load_prompts
     from common.metrics import RunMetrics
     from common.replay import ReplayBuffer
+    from learner.merge import Scores
 
     prompts, heldout = load_prompts(config)
     resolved = config.model_dump(mode="json")
@@ -119,8 +120,11 @@ def run(config, folder: RunFolder, linger_s: float = 0.0) -> dict:
                  "embedded" if redis.embedded else "external")
         # Records travel between actors and through Redis with an HMAC digest under this key, so a
         # record written by anyone else (or altered) is refused.
-        record_key = secrets.token_bytes(32)
+        record_key = _record_key(folder.root)
         replay = {"url": redis.url, "name": config.run.name}
+        checkpoint = latest_checkpoint(folder.root / "checkpoints") if resume else None
+        if resume and checkpoint is None:
+            log.warning("--resume: no complete checkpoint in %s; starting from the beginning", folder.root / "checkpoints")
         actors = Actors(config, replay, record_key)
         actors_started = time.perf_counter()
         metrics = RunMetrics()
@@ -131,27 +135,50 @@ def run(config, folder: RunFolder, linger_s: float = 0.0) -> dict:
             monitor = ReplayBuffer(redis.url, config.run.name)  # counters only; records stay in Redis
             driver.replay_stats = monitor.stats
             phases = config.run.phases
-            before, before_parts = driver.evaluate("reference")
-            folder.log({"phase": "eval", "policy": "reference", "reward": before.in_domain,
-                        "ood": before.out_of_domain, **{f"reward/{k}": v for k, v in before_parts.items()}})
             fps = 8.0
-            samples = {"start": write_samples(actors, folder, prompts[: config.run.sample_prompts], "start",
-                                              "reference", 1.0, fps)}
+            if checkpoint is not None:
+                state = json.loads((checkpoint / "driver.json").read_text())
+                ray.get([x.load_state.remote(str(checkpoint / "learner.pt")) for x in actors.learners])
+                driver.restore(state)
+                driver.broadcast()  # the workers continue from the checkpoint's weights
+                log.info("resumed from %s: phase %s, iteration %s, weight version %d", checkpoint.name,
+                         state.get("phase"), state.get("iteration"), driver.version)
+                folder.log({"phase": "resume", "checkpoint": checkpoint.name, "version": driver.version})
+            done = driver.progress_state["completed"]
+            if "before" not in driver.progress_state:
+                before, before_parts = driver.evaluate("reference")
+                folder.log({"phase": "eval", "policy": "reference", "reward": before.in_domain,
+                            "ood": before.out_of_domain, **{f"reward/{k}": v for k, v in before_parts.items()}})
+                driver.progress_state["before"] = [before.in_domain, before.out_of_domain, before_parts]
+                driver.progress_state["samples_start"] = write_samples(
+                    actors, folder, prompts[: config.run.sample_prompts], "start", "reference", 1.0, fps)
+            b = driver.progress_state["before"]
+            before, before_parts = Scores(b[0], b[1]), b[2]
+            samples = {"start": driver.progress_state["samples_start"]}
             merge_info: dict = {}
-            if "reference" in phases:
+            if "reference" in phases and "reference" not in done:
+                if checkpoint is not None:
+                    # A reference phase cut short left some of its groups in Redis: start it afresh
+                    # (same jobs, same groups) rather than train on a partial or doubled buffer.
+                    cleared = monitor.clear()
+                    log.info("reference phase was interrupted: cleared %d partial items, collecting again", cleared)
                 with tqdm(total=1, desc="reference buffer", leave=False) as bar:
                     landed = driver.collect_reference()
                     bar.update(1)
                 log.info("reference buffer: %d groups", landed)
-            if "semi" in phases:
-                semi_iters = config.run.semi_iterations if config.run.semi_iterations is not None else config.run.iterations
-                with tqdm(total=semi_iters, desc="semi-on-policy") as bar:
+                driver.phase_done("reference")
+            semi_iters = config.run.semi_iterations if config.run.semi_iterations is not None else config.run.iterations
+            if "semi" in phases and "semi" not in done:
+                with tqdm(total=semi_iters, initial=driver.start_iteration("semi"), desc="semi-on-policy") as bar:
                     driver.progress = bar
                     driver.train_semi()
-            if "on_policy" in phases:
-                with tqdm(total=config.run.iterations, desc="on-policy") as bar:
+                driver.phase_done("semi")
+            if "on_policy" in phases and "on_policy" not in done:
+                with tqdm(total=config.run.iterations, initial=driver.start_iteration("on_policy"),
+                          desc="on-policy") as bar:
                     driver.progress = bar
                     driver.train_on_policy()
+                driver.phase_done("on_policy")
             driver.progress = None
             final_mode, scale = _final_policy(phases)
             if "merge" in phases:
@@ -192,6 +219,21 @@ def run(config, folder: RunFolder, linger_s: float = 0.0) -> dict:
     return summary
 
 
+def _record_key(root: Path) -> bytes:
+    """The run's HMAC key for records (in Redis and between actors): made once, kept in the run folder
+    (mode 0600) so a resumed run can read the buffer it left behind."""
+    import os
+
+    path = root / "record.key"
+    if path.is_file():
+        return bytes.fromhex(path.read_text().strip())
+    key = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex() + "\n")
+    return key
+
+
 def _final_policy(phases: list[str]) -> tuple[str, float]:
     if "on_policy" in phases:
         return "on_policy", 1.0
@@ -206,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/toy.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace runs/<run.name>/ if it exists (otherwise an existing run folder is refused)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue runs/<run.name>/ from its newest complete checkpoint (same config and overrides)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.name=try2 run.iterations=20")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -213,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         return 2
     root = Path(config.run.output_dir) / config.run.name
-    if root.exists() and any(root.iterdir()):
+    if root.exists() and any(root.iterdir()) and not args.resume:
         if not args.overwrite:
             print(f"run folder {root} already exists: pick another run.name=..., or pass --overwrite",
                   file=sys.stderr)
@@ -224,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.prompts import PromptError
 
     try:
-        summary = run(config, folder)
+        summary = run(config, folder, resume=args.resume)
     except (PromptError, PlacementError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

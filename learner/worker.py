@@ -205,6 +205,35 @@ class Learner:
             out.append(str(adapters.save_adapter(self.policy.model, name, Path(directory) / name)))
         return out
 
+    def save_state(self, path: str) -> str:
+        """Rank 0: adapters, optimiser states and the weight version, for resuming (atomic)."""
+        import tempfile
+
+        state = {"version": self.version,
+                 "adapters": {n: adapters.adapter_state_dict(self.policy.model, n) for n in adapters.ADAPTERS},
+                 "optimizers": {a: opt.state_dict() for a, opt in self.optimizers.items()}}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return str(path)
+
+    def load_state(self, path: str) -> int:
+        """Every rank: the state `save_state` wrote. weights_only: nothing but tensors and plain data
+        is unpickled, so a tampered checkpoint cannot run code."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for name, tensors in state["adapters"].items():
+            adapters.load_adapter_state_dict(self.policy.model, name, tensors)
+        for adapter, opt_state in state["optimizers"].items():
+            self._optimizer(adapter)[1].load_state_dict(opt_state)
+        self.policy.model.requires_grad_(False)
+        self.version = int(state["version"])
+        return self.version
+
     def stats(self) -> dict:
         return {"rank": self.rank, "version": self.version, "busy_seconds": self.busy_seconds,
                 "uptime": time.time() - self.started, "pid": os.getpid()}

@@ -21,7 +21,7 @@ ray = pytest.importorskip("ray")
 TOY = "configs/toy.yaml"
 # Small but real: every phase runs, on 2 cores. Each run gets its own namespace so named actors of
 # a finished run (killed asynchronously) never clash with the next one's.
-SMALL = ["run.checkpoint_every=2", "run.iterations=3", "run.semi_iterations=2", "replay.num_reference_groups=3", "run.eval_prompts=2",
+SMALL = ["metrics.port=0", "run.checkpoint_every=2", "run.iterations=3", "run.semi_iterations=2", "replay.num_reference_groups=3", "run.eval_prompts=2",
          "run.eval_seeds=1", "run.sample_prompts=1", "rollout.prompts_per_iteration=2", "algorithm.group_size=4",
          "algorithm.num_anchors=2", "sampler.fork_batch_size=4", "rollout.num_cpus_per_worker=0.5",
          "rewards.num_cpus_per_server=0.5", "learner.num_cpus_per_worker=0.5", "run.merge_scales=[0.0,1.0]"]
@@ -68,7 +68,12 @@ def test_toy_job_runs_every_phase_and_writes_the_run_folder(local_ray, tmp_path)
                 "adapters/on_policy/pytorch_lora_weights.safetensors",
                 "adapters/semi/pytorch_lora_weights.safetensors"):
         assert (root / rel).is_file(), rel
-    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["on_policy_000002", "semi_000002"]
+    # reference done, semi 2/2, semi done, on-policy 2/3, on-policy done: each complete, none half-written.
+    checkpoints = sorted((root / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == [f"ckpt-{i:06d}" for i in range(1, 6)]
+    for ckpt in checkpoints:
+        assert {p.name for p in ckpt.iterdir()} == {"learner.pt", "adapters", "driver.json", "COMPLETE"}
+    assert json.loads((checkpoints[-1] / "driver.json").read_text())["completed"] == ["reference", "semi", "on_policy"]
     assert (root / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = metrics(root)
     assert [r["iteration"] for r in rows if r["phase"] == "on_policy"] == [0, 1, 2]
@@ -214,3 +219,42 @@ def test_two_learners_make_the_same_update_as_one(local_ray):
         assert torch.equal(b0[k], b1[k])  # the ranks stay identical
     for x in single + pair:
         ray.kill(x)
+
+
+def test_a_run_whose_learner_dies_resumes_to_the_uninterrupted_result(local_ray, tmp_path):
+    from cluster.train import RunFolder, run
+
+    common = ["run.phases=[reference,semi,on_policy]", "run.iterations=4", "run.checkpoint_every=1"]
+    reference, ref_root = toy_job(tmp_path, *common)
+
+    name = f"t{uuid.uuid4().hex[:8]}"
+    cfg = load_config(TOY, [*SMALL, *common, f"run.name={name}", f"run.output_dir={tmp_path}",
+                            f"cluster.namespace={name}"])
+    root = tmp_path / name
+
+    def kill_learner_mid_run():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            path = root / "metrics.jsonl"
+            if path.exists() and sum(r["phase"] == "on_policy" for r in metrics(root)) >= 2:
+                ray.kill(ray.get_actor("learner-0", namespace=name))
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_learner_mid_run, daemon=True)
+    killer.start()
+    with pytest.raises(Exception):
+        run(cfg, RunFolder(root))
+    killer.join(timeout=5)
+    resumed = run(cfg, RunFolder(root), resume=True)
+
+    assert resumed["iterations"] == reference["iterations"] == 4
+    assert resumed["weight_version"] == reference["weight_version"]
+    rows = metrics(root)
+    assert any(r["phase"] == "resume" for r in rows)
+    a, b = adapter(ref_root, "on_policy"), adapter(root, "on_policy")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    a, b = adapter(ref_root, "semi"), adapter(root, "semi")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
