@@ -12,6 +12,11 @@ Starting from the committed pre-trained toy generator (configs/toy.yaml), it run
   dual-improvement rule (training reward up, out-of-domain score not down).
 Each reports the training reward (the weighted sum of the trained terms) and the held-out
 out-of-domain score before and after, on a fixed evaluation set of prompts and noise seeds.
+
+`fork_diversity` (first seed, base policy) says whether there is anything to learn from: per group of
+G branches forked at pivots 0..L-1 in turn, the spread across branches (std over branches, mean over
+elements) of the pivot chunk's initial noise and of the finished pivot chunk, and the std of the
+group's rewards. If the finished chunks do not differ, the z-scored advantages are amplified noise.
 """
 
 from __future__ import annotations
@@ -78,6 +83,25 @@ class ToyRun:
         total = sum(w * scores[n] for n, w in self.weights.items())
         return total.mean().item(), scores["ood"].mean().item()
 
+    @torch.no_grad()
+    def fork_diversity(self, num_groups: int, seed: int) -> dict:
+        """Branch spread and within-group reward std of the active policy (module docstring)."""
+        rng, rows = random.Random(seed), []
+        for i in range(num_groups):
+            a = self.cfg.algorithm
+            prompt = rng.choice(self.train_prompts)
+            g = collect_group(
+                self.sampler, self.text(prompt), prompt, pivot=i % self.cfg.sampler.num_chunks,
+                group_size=a.group_size, sigma=a.fork_sigma, plan_seed=rng.randrange(2**31),
+                fork_seed=rng.randrange(2**31), decode=pixels_as_video, reward_fn=self.reward_fn,
+                weights=self.weights, policy_version=0, adapter=adapters.ON_POLICY)
+            rows.append((g.pivot_inputs[:, 0].std(0).mean().item(),
+                         pixels_as_video(g.pivot_latents).std(0).mean().item(), g.rewards.std().item()))
+        init, pivot, std = zip(*rows)
+        return dict(groups=num_groups, init_noise_spread=statistics.mean(init),
+                    pivot_chunk_spread=statistics.mean(pivot), reward_std=statistics.mean(std),
+                    reward_std_median=statistics.median(std))
+
     def collect(self, prompt: str, rng: random.Random, version: int, adapter: str):
         a = self.cfg.algorithm
         return collect_group(
@@ -108,13 +132,15 @@ class ToyRun:
 
 
 def run(cfg, seed: int, iterations: int, buffer_size: int, eval_prompts: int, eval_seeds: int,
-        variants: list[str]) -> dict:
+        variants: list[str], diversity_groups: int = 0) -> dict:
     torch.manual_seed(seed)
     toy = ToyRun(cfg, eval_prompts, eval_seeds)
     per_iter = cfg.rollout.prompts_per_iteration
+    results: dict[str, dict] = {}
     with adapters.reference_policy(toy.model):
         before = toy.evaluate()
-    results: dict[str, dict] = {}
+        if diversity_groups:
+            results["fork_diversity"] = toy.fork_diversity(diversity_groups, seed + 3)
 
     def report(name, start, iters):
         after = toy.evaluate()
@@ -171,7 +197,7 @@ def run(cfg, seed: int, iterations: int, buffer_size: int, eval_prompts: int, ev
         report("merged", start, 0)
         results["merged"].update(merge_scale=scale, dual_improvement_passed=chosen is not None,
                                  sweep={str(s): [v.in_domain, v.out_of_domain] for s, v in sweep.items()})
-    return {k: results[k] for k in variants if k in results}
+    return {k: results[k] for k in ["fork_diversity", *variants] if k in results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buffer-size", type=int, default=None, help="default: replay.num_reference_groups")
     parser.add_argument("--eval-prompts", type=int, default=16)
     parser.add_argument("--eval-seeds", type=int, default=2)
+    parser.add_argument("--diversity-groups", type=int, default=12,
+                        help="forked groups of the base policy measured for fork_diversity (0: skip)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config_for_cli(args.config, args.overrides)
@@ -196,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     buffer_size = args.buffer_size if args.buffer_size is not None else cfg.replay.num_reference_groups
     common = dict(iterations=iterations, buffer_size=buffer_size, eval_prompts=args.eval_prompts,
                   eval_seeds=args.eval_seeds)
-    result = run(cfg, args.seeds[0], variants=args.variants, **common)
+    result = run(cfg, args.seeds[0], variants=args.variants, diversity_groups=args.diversity_groups, **common)
     if len(args.seeds) > 1 and "on_policy" in result:
         gains = [result["on_policy"]["reward_after"] - result["on_policy"]["reward_before"]]
         for seed in args.seeds[1:]:

@@ -1,32 +1,44 @@
 """Pre-train the toy world's causal generator, so nobody has to: its output is committed.
 
-The simple way, not a distillation: flow matching on one chunk at a time given the clean earlier
-chunks, through the same block-causal mask the streaming sampler reproduces with its cache. Each
-sample picks a target chunk j; chunks before j enter clean at timestep 0 (exactly what the context
-pass writes at sampling time), chunk j enters noised to one of the sampler's own sigmas, and chunks
-after j cannot influence chunk j through the causal mask, so they ride along unused. Training at
-the sampler's few sigmas only is what makes a 4-step sampler usable without distillation.
+Two stages, the way Self-Forcing's generator is made (a diffusion model, then a distillation that
+makes its few steps map noise to distinct samples).
 
-    python -m learner.pretrain_toy --config configs/toy.yaml --steps 3000 --out assets/toy_generator
+Stage one, flow matching (the default): one chunk at a time given the clean earlier chunks, through
+the same block-causal mask the streaming sampler reproduces with its cache. Each sample picks a
+target chunk j; chunks before j enter clean at timestep 0 (exactly what the context pass writes at
+sampling time), chunk j enters noised to sigma, and chunks after j cannot influence chunk j through
+the causal mask, so they ride along unused. `--sigma-sampling sampler` trains at the sampler's few
+sigmas only; `--sigma-sampling uniform` at sigma ~ U(0, 1], a continuous-time model whose
+probability-flow ODE is defined everywhere: the teacher of stage two.
 
-writes a diffusers-format transformer directory plus `samples.png` (prompts vs streamed samples)
-and `loss.csv`.
+Stage two, distillation (`--distill-from TEACHER`): for `--pool-size` (prompt, clean earlier chunks,
+noise e) triples it integrates the teacher's ODE (`--ode-steps` Euler steps) to x0*(e), once, then
+trains a copy of the teacher so that the sampler's FIRST step maps e at sigma = 1 to x0*(e) (a
+one-step generator), while the later steps are trained as in stage one, at their sigmas on rendered
+clips: given the sampler's 25% or more signal, the posterior mean is that sample, so they keep and
+sharpen what the first step chose.
 
-A flow-matching model's first step (sigma = 1) predicts the conditional MEAN of the chunk, whatever
-the noise, so its few-step samples barely depend on the initial noise, and AR-CoPO, which explores
-through exactly that noise, gets no signal (measured: branches of a fork differed by 1e-4 per pixel).
-Self-Forcing's generator is distilled, and its few steps map noise to distinct samples. Stage two
-does the simplest such distillation:
+Why stage two exists: a flow-matching model's first step predicts the conditional MEAN of the chunk,
+whatever the noise, and the consistency sampler re-noises it with solver noise that a fork SHARES,
+so its samples barely depend on the initial noise, and AR-CoPO, which explores through exactly that
+noise, gets no signal (measured on the stage-one generator: fork branches differed by 1e-4 per pixel,
+rewards by 1e-4 within a group). The toy sampler's DEFAULT `sampler.shift` is 1.0 (sigmas 1, 0.75,
+0.5, 0.25) rather than Self-Forcing's 5.0 (1, 0.94, 0.83, 0.63): at shift 5 the second step sees 6%
+of the first step's prediction under 94% shared noise, too little for this small model to keep it.
 
-    python -m learner.pretrain_toy --distill-from assets/toy_generator --steps 600 --out assets/toy_generator
+What produced the committed assets/toy_generator (all at --threads 1 on a 2-core CPU):
 
-integrates the flow model's probability-flow ODE (`--ode-steps` Euler steps) from noise e for one
-chunk given clean earlier chunks, and trains a copy to predict that endpoint x0*(e) from e at the
-first sigma and from (1 - s) x0* + s n at the later sigmas: noise in, a noise-dependent sample out.
+  1. stage one at the sampler's sigmas (then shift 5), 2500 steps from random weights: the generator
+     committed in 09659e3, which no longer ships (`git show 09659e3:assets/toy_generator/...`);
+  2. the teacher, assets/toy_generator/teacher: 400 steps of `--sigma-sampling uniform` from (1),
+        python -m learner.pretrain_toy --threads 1 --init-from STAGE_ONE --sigma-sampling uniform \
+            --steps 400 --lr 3e-4 --out assets/toy_generator/teacher
+  3. the generator, reproducible from the committed teacher by one command:
+        python -m learner.pretrain_toy --threads 1 --distill-from assets/toy_generator/teacher \
+            --steps 500 --lr 3e-4 --pool-size 3072 --out assets/toy_generator
 
-Status: EXPERIMENTAL, not used by the committed generator. 200 steps raised the first step's
-spread across noises 4.5x (0.015 -> 0.070 per pixel), but the later steps, fed 6% of that
-prediction under 94% shared solver noise, wash it out again (final branch spread 8e-5 per pixel).
+Each run writes a diffusers-format transformer directory plus `samples.png` (ground truth above
+streamed few-step samples) and `loss.csv`.
 """
 
 from __future__ import annotations
@@ -48,14 +60,21 @@ from common.sampler import StreamingSampler
 from common.toy_world import ToyTextEncoder, all_prompts, render_batch, split_prompts, to_uint8
 
 
-def flow_matching_batch(cfg, sampler, prompts, seeds, generator):
-    """Model input, per-frame timesteps, the flow target and a mask of the frames that count."""
+def flow_matching_batch(cfg, sampler, prompts, seeds, generator, sigma_sampling: str = "sampler"):
+    """Model input, per-frame timesteps, the flow target and a mask of the frames that count.
+
+    sigma_sampling "sampler": the sampler's few sigmas only; "uniform": sigma ~ U(0, 1], the
+    continuous-time model whose probability-flow ODE stage two integrates."""
     s, sched = cfg.sampler, sampler.scheduler
     videos = render_batch(prompts, num_frames=s.num_frames, size=s.height, seeds=seeds)  # [B, 3, F, H, W]
     batch, f = videos.shape[0], s.frames_per_chunk
     target_chunk = torch.randint(0, s.num_chunks, (batch,), generator=generator)
     step = torch.randint(0, sched.num_steps, (batch,), generator=generator)
     sigma = torch.tensor(sched.sigmas)[step]
+    if sigma_sampling == "uniform":
+        sigma = 1.0 - torch.rand(batch, generator=generator)  # (0, 1]
+    elif sigma_sampling != "sampler":
+        raise ValueError(f"unknown sigma sampling {sigma_sampling!r}")
     noise = torch.randn(videos.shape, generator=generator)
     frame_chunk = torch.arange(s.num_frames) // f  # [F]
     is_target = frame_chunk[None] == target_chunk[:, None]  # [B, F]
@@ -66,56 +85,90 @@ def flow_matching_batch(cfg, sampler, prompts, seeds, generator):
     return x_t, timesteps, noise - videos, is_target
 
 
-def ode_endpoints(teacher, sampler, text, context, noise, ode_steps: int) -> torch.Tensor:
+def ode_sigmas(ode_steps: int, shift: float) -> list[float]:
+    """Euler grid of the teacher ODE, 1 -> 0, denser at high noise for shift > 1 (where the
+    trajectories decide what the sample becomes)."""
+    u = [1 - i / ode_steps for i in range(ode_steps + 1)]
+    return [shift * x / (1 + (shift - 1) * x) for x in u]
+
+
+@torch.no_grad()
+def ode_endpoints(teacher, sampler, text, context, noise, ode_steps: int, shift: float = 3.0) -> torch.Tensor:
     """x0*(noise) for the chunk after `context` (clean frames [B, C, start, H, W]): Euler steps along
-    the teacher's probability-flow ODE, in full-sequence mode with the clean context at timestep 0."""
-    sched, f = sampler.scheduler, sampler.frames_per_chunk
-    start = context.shape[2]
-    sigmas = [sched.warp(sched.num_train_timesteps * (1 - i / ode_steps)) for i in range(ode_steps)] + [0.0]
+    the teacher's probability-flow ODE dx/dsigma = flow, the clean context written once into a KV
+    cache at timestep 0 (what the streaming sampler's context pass writes)."""
+    f, start, batch = sampler.frames_per_chunk, context.shape[2], noise.shape[0]
+    num_train = sampler.scheduler.num_train_timesteps
+    cache = sampler.new_cache()
+    if start:
+        teacher(context, torch.zeros(batch), text, cache=cache, write_cache=True, frames_per_chunk=f)
+    sigmas = ode_sigmas(ode_steps, shift)
     x = noise
-    with torch.no_grad():
-        for sig, nxt in zip(sigmas, sigmas[1:]):
-            t = torch.zeros(x.shape[0], start + f)
-            t[:, start:] = sig * sched.num_train_timesteps
-            flow = teacher(torch.cat([context, x], dim=2), t, text, frames_per_chunk=f)[:, :, start:]
-            x = x + (nxt - sig) * flow
+    for sig, nxt in zip(sigmas, sigmas[1:]):
+        flow = teacher(x, torch.full((batch,), sig * num_train), text, start_frame=start, cache=cache)
+        x = x + (nxt - sig) * flow
     return x
 
 
-def distill(cfg, args, train_prompts, encoder, generator) -> list[tuple]:
-    """Stage two (see the module docstring): returns the loss log; trains a copy of --distill-from."""
-    teacher = CausalWanTransformer3DModel.from_pretrained(str(args.distill_from)).eval().requires_grad_(False)
-    student = CausalWanTransformer3DModel.from_pretrained(str(args.distill_from)).train()
-    sampler = StreamingSampler.from_config(student, cfg)
-    sched, s = sampler.scheduler, cfg.sampler
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
-    log, start_time = [], time.time()
-    bar = tqdm(range(args.steps), desc="distilling toy generator")
-    for step in bar:
+@torch.no_grad()
+def ode_pool(teacher, sampler, cfg, args, train_prompts, encoder, generator) -> list[dict]:
+    """Stage two's training pairs, computed once: per batch one chunk index, rendered clips of
+    random training prompts (their earlier chunks are the clean context), noise e and x0*(e)."""
+    s, pool = cfg.sampler, []
+    batches = -(-args.pool_size // args.batch_size)
+    for _ in tqdm(range(batches), desc="teacher ODE pairs"):
         picks = torch.randint(0, len(train_prompts), (args.batch_size,), generator=generator).tolist()
         prompts = [train_prompts[i] for i in picks]
         seeds = torch.randint(0, 2**31 - 1, (args.batch_size,), generator=generator).tolist()
         videos = render_batch(prompts, num_frames=s.num_frames, size=s.height, seeds=seeds)
         text = encoder.encode([p.text for p in prompts])
-        chunk = int(torch.randint(0, s.num_chunks, (1,), generator=generator))  # one per batch: same length
-        context = videos[:, :, : chunk * s.frames_per_chunk]
+        chunk = int(torch.randint(0, s.num_chunks, (1,), generator=generator))
+        lo, hi = chunk * s.frames_per_chunk, (chunk + 1) * s.frames_per_chunk
         noise = torch.randn((args.batch_size, *sampler.chunk_shape), generator=generator)
-        target = ode_endpoints(teacher, sampler, text, context, noise, args.ode_steps)
-        # Step 0 sees the ODE's own noise; later steps see the endpoint re-noised with fresh noise,
-        # exactly what the consistency sampler feeds them.
-        step_idx = torch.randint(0, sched.num_steps, (args.batch_size,), generator=generator)
-        sigma = torch.tensor(sched.sigmas)[step_idx][:, None, None, None, None]
-        fresh = torch.randn(target.shape, generator=generator)
-        x_t = torch.where(step_idx[:, None, None, None, None] == 0, noise, (1 - sigma) * target + sigma * fresh)
-        t = torch.zeros(args.batch_size, context.shape[2] + s.frames_per_chunk)
+        endpoint = ode_endpoints(teacher, sampler, text, videos[:, :, :lo], noise, args.ode_steps, args.ode_shift)
+        pool.append(dict(text=text, context=videos[:, :, :lo], data=videos[:, :, lo:hi], noise=noise,
+                         endpoint=endpoint))
+    return pool
+
+
+def distill(cfg, args, train_prompts, encoder, generator):
+    """Stage two (see the module docstring): returns (student, sampler, loss log)."""
+    teacher = CausalWanTransformer3DModel.from_pretrained(str(args.distill_from)).eval().requires_grad_(False)
+    student = CausalWanTransformer3DModel.from_pretrained(str(args.distill_from)).train()
+    sampler = StreamingSampler.from_config(student, cfg)
+    sched, s = sampler.scheduler, cfg.sampler
+    start_time = time.time()
+    pool = ode_pool(teacher, StreamingSampler.from_config(teacher, cfg), cfg, args, train_prompts, encoder, generator)
+    print(f"{len(pool) * args.batch_size} teacher ODE pairs in {time.time() - start_time:.0f} s")
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    sigmas = torch.tensor(sched.sigmas)
+    log = []
+    bar = tqdm(range(args.steps), desc="distilling toy generator")
+    for step in bar:
+        entry = pool[int(torch.randint(0, len(pool), (1,), generator=generator))]
+        context, batch = entry["context"], entry["noise"].shape[0]
+        # A `first_step_fraction` of the batch trains the first step, noise e -> x0*(e); the rest
+        # trains the later steps as plain flow matching at their sigmas on rendered clips: given
+        # 25% or more signal the posterior mean is the sample itself, so they keep and sharpen
+        # what the first step chose.
+        first = torch.rand(batch, generator=generator) < args.first_step_fraction
+        step_idx = torch.where(first, 0, torch.randint(1, sched.num_steps, (batch,), generator=generator))
+        sigma = sigmas[step_idx][:, None, None, None, None]
+        fresh = torch.randn(entry["data"].shape, generator=generator)
+        mask = first[:, None, None, None, None]
+        x_t = torch.where(mask, entry["noise"], (1 - sigma) * entry["data"] + sigma * fresh)
+        target = torch.where(mask, entry["endpoint"], entry["data"])
+        t = torch.zeros(batch, context.shape[2] + s.frames_per_chunk)
         t[:, context.shape[2]:] = sigma.flatten()[:, None] * sched.num_train_timesteps
-        flow = student(torch.cat([context, x_t], dim=2), t, text, frames_per_chunk=s.frames_per_chunk)
+        flow = student(torch.cat([context, x_t], dim=2), t, entry["text"], frames_per_chunk=s.frames_per_chunk)
         x0 = x_t - sigma * flow[:, :, context.shape[2]:]
         loss = (x0 - target).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         log.append((step, loss.item(), time.time() - start_time))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -135,8 +188,11 @@ def save_samples(sampler, encoder, prompts, path: Path, seed: int = 0) -> None:
 
 
 def pretrain_flow(cfg, args, train_prompts, encoder, generator):
-    """Stage one: flow matching from random weights; returns (model, sampler, loss log)."""
-    model = CausalWanTransformer3DModel(**cfg.model.transformer.kwargs()).train()
+    """Stage one: flow matching from random weights (or --init-from); returns (model, sampler, loss log)."""
+    if args.init_from is not None:
+        model = CausalWanTransformer3DModel.from_pretrained(str(args.init_from)).train()
+    else:
+        model = CausalWanTransformer3DModel(**cfg.model.transformer.kwargs()).train()
     sampler = StreamingSampler.from_config(model, cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
@@ -147,7 +203,8 @@ def pretrain_flow(cfg, args, train_prompts, encoder, generator):
         picks = torch.randint(0, len(train_prompts), (args.batch_size,), generator=generator).tolist()
         prompts = [train_prompts[i] for i in picks]
         seeds = torch.randint(0, 2**31 - 1, (args.batch_size,), generator=generator).tolist()
-        x_t, timesteps, target, is_target = flow_matching_batch(cfg, sampler, prompts, seeds, generator)
+        x_t, timesteps, target, is_target = flow_matching_batch(cfg, sampler, prompts, seeds, generator,
+                                                                args.sigma_sampling)
         text = encoder.encode([p.text for p in prompts])
         flow = model(x_t, timesteps, text, frames_per_chunk=cfg.sampler.frames_per_chunk)
         err = (flow - target).square().mean(dim=(1, 3, 4))  # [B, F]
@@ -172,22 +229,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("assets/toy_generator"))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="stage one: start from this diffusers-format generator instead of random weights")
+    parser.add_argument("--sigma-sampling", choices=["sampler", "uniform"], default="sampler",
+                        help="stage one: train at the sampler's sigmas only, or at sigma ~ U(0, 1] (a teacher)")
     parser.add_argument("--distill-from", type=Path, default=None,
-                        help="stage two: distil this flow-matching generator into a noise-dependent few-step one")
-    parser.add_argument("--ode-steps", type=int, default=8, help="Euler steps of the teacher ODE (stage two)")
+                        help="stage two: distil this continuous-time flow model into a noise-dependent few-step one")
+    parser.add_argument("--ode-steps", type=int, default=16, help="stage two: Euler steps of the teacher ODE")
+    parser.add_argument("--ode-shift", type=float, default=3.0, help="stage two: shift of the ODE's sigma grid")
+    parser.add_argument("--pool-size", type=int, default=2048, help="stage two: teacher ODE pairs, computed once")
+    parser.add_argument("--first-step-fraction", type=float, default=0.5,
+                        help="stage two: share of each batch that trains the first step on ODE pairs")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config_for_cli(args.config, args.overrides)
     if cfg is None:
         return 2
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     encoder = ToyTextEncoder(dim=cfg.model.transformer.text_dim)
     train_prompts, _ = split_prompts(seed=0)
     if args.distill_from is not None:
         model, sampler, log = distill(cfg, args, train_prompts, encoder, generator)
-        log_name = "distill_loss.csv"
+        log_name = "loss.csv"
     else:
         model, sampler, log = pretrain_flow(cfg, args, train_prompts, encoder, generator)
         log_name = "loss.csv"

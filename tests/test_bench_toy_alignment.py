@@ -10,10 +10,15 @@ from bench.toy_alignment import main
 
 def test_toy_alignment_bench_smoke(capsys):
     args = ["--json", "--iterations", "1", "--buffer-size", "2", "--eval-prompts", "2", "--eval-seeds", "1",
+            "--diversity-groups", "1",
             "algorithm.group_size=4", "algorithm.num_anchors=2", "run.merge_scales=[0.0, 1.0]"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
-    assert list(result) == ["on_policy", "semi", "semi_no_clip", "merged"]
+    assert list(result) == ["fork_diversity", "on_policy", "semi", "semi_no_clip", "merged"]
+    diversity = result.pop("fork_diversity")
+    assert diversity["groups"] == 1 and diversity["init_noise_spread"] > 0.3  # sigma 0.5 neighbours
+    for key in ("pivot_chunk_spread", "reward_std", "reward_std_median"):
+        assert diversity[key] >= 0
     for variant in result.values():
         for key in ("reward_before", "reward_after", "ood_before", "ood_after", "iterations", "seconds"):
             assert key in variant
