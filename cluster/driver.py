@@ -369,7 +369,7 @@ class Driver:
         """Reference groups with pi_ref into the replay buffer; returns how many landed."""
         n = self.config.replay.num_reference_groups
         results = self.actors.pool.run(self._jobs("reference", 0, n, "reference"))
-        self.log_metrics({"phase": "reference", "groups": len(results),
+        self.log_metrics({"phase": "reference", "groups": len(results), "job_ids": [s.job_id for s, _ in results],
                           "reward_mean": _mean([s.reward_mean for s, _ in results])})
         return len(results)
 
@@ -434,7 +434,7 @@ class Driver:
     def _log_update(self, phase: str, it: int, stats: list[dict], summaries: list[GroupSummary],
                     ages: list[int] | None = None, dropped: int = 0):
         record = {"phase": phase, "iteration": it, "version": self.version,
-                  "groups": len(summaries), "dropped_stale": dropped,
+                  "groups": len(summaries), "job_ids": [s.job_id for s in summaries], "dropped_stale": dropped,
                   "workers": len(self.actors.pool.live())}
         if summaries:
             record["reward_mean"] = _mean([s.reward_mean for s in summaries])

@@ -87,8 +87,11 @@ class Actors:
 
         server_cls = ray.remote(RewardServer)
         self.reward_servers = [
+            # A reward server that dies is restarted by Ray and the calls it held are retried on it:
+            # scoring is a pure function of the videos, so a retry cannot put a group in twice.
             server_cls.options(name=f"reward-{i}", namespace=ns, num_cpus=w.num_cpus_per_server,
                                num_gpus=w.num_gpus_per_server, max_concurrency=256,
+                               max_restarts=-1, max_task_retries=3,
                                scheduling_strategy=PlacementGroupSchedulingStrategy(reward_pg, i))
             .remote(cfg, i)
             for i in range(w.num_servers)

@@ -258,3 +258,19 @@ def test_a_run_whose_learner_dies_resumes_to_the_uninterrupted_result(local_ray,
     a, b = adapter(ref_root, "semi"), adapter(root, "semi")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+
+
+def test_killed_workers_reward_servers_and_a_redis_restart_lose_no_group(local_ray, tmp_path):
+    from bench.faults import run_with_faults
+
+    overrides = [*SMALL, "run.phases=[reference,on_policy]", "run.iterations=5", "replay.num_reference_groups=3",
+                 "rollout.num_workers=2", "run.checkpoint_every=1000"]
+    result = run_with_faults(overrides, seed=1, kills=3, root=tmp_path, config_path=TOY)
+    assert result["finished"], result["error"]
+    assert result["faults_injected"] >= 3 and "restart redis" in result["events"]
+    assert any(e.startswith("kill rollout") for e in result["events"])
+    assert any(e.startswith("kill reward") for e in result["events"])
+    assert result["groups_lost"] == 0 and result["groups_duplicated"] == 0
+    assert result["groups_produced"] == result["groups_expected"] == 3 + 5 * 2
+    assert result["buffer_items_before_restart"] == result["buffer_items_after_restart"] == 3
+    assert result["weight_version"] == 5
