@@ -1,0 +1,828 @@
+"""The deployment files in deploy/: KubeRay manifests, the cluster-launcher YAML, the Ray runtime env,
+the Dockerfile, and the Redis sizing formula of docs/redis.md against a real redis-server.
+
+No cluster, no Docker and no Kubernetes are needed: the KubeRay manifests go through a structural
+validator written from KubeRay's v1 CRD and its admission rules (ray-operator/controllers/ray/utils/
+validation.go), the launcher YAML through Ray's own JSON schema and `validate_config`, the runtime env
+through `ray.runtime_env.RuntimeEnv`, and every entrypoint through the project's own config loader.
+Each validator is shown to reject broken input (the `test_*_rejects_*` tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import re
+import shlex
+import sys
+import time
+import tomllib
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+RAYCLUSTER = DEPLOY / "kuberay" / "raycluster.yaml"
+RAYJOB = DEPLOY / "kuberay" / "rayjob.yaml"
+LAUNCHER = DEPLOY / "cluster-launcher" / "aws.yaml"
+RUNTIME_ENV = DEPLOY / "runtime_env.yaml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+IMAGE_ROOT = "/app"  # where deploy/Dockerfile puts this repository
+TORCH_PIN = "torch==2.13.0"
+ROLE_LABEL = "arcopo.io/role"
+ROLE_RESOURCE = {"rollout": "rollout_gpu", "reward": "reward_gpu", "learner": "learner_gpu"}
+
+
+def load(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def sizing():
+    spec = importlib.util.spec_from_file_location("redis_sizing", DEPLOY / "redis_sizing.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["redis_sizing"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# == a structural validator for KubeRay v1 RayCluster / RayJob ======================================
+
+# Field names of ray.io/v1 (KubeRay 1.5+ CRDs); an unknown key is a typo that the API server would
+# drop (or refuse under strict field validation), so it is an error here.
+CLUSTER_SPEC_KEYS = {"authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
+                     "headGroupSpec", "headServiceAnnotations", "historyServerOptions", "managedBy",
+                     "networkPolicy", "rayVersion", "suspend", "tlsOptions", "upgradeStrategy", "workerGroupSpecs"}
+HEAD_KEYS = {"enableIngress", "headService", "ingressOptions", "labels", "rayStartParams", "resources",
+             "serviceType", "template"}
+WORKER_KEYS = {"groupName", "idleTimeoutSeconds", "labels", "maxReplicas", "minReplicas", "numOfHosts",
+               "priority", "rayStartParams", "replicas", "resources", "scaleStrategy", "suspend", "template"}
+JOB_SPEC_KEYS = {"activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy", "entrypoint",
+                 "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId", "managedBy", "metadata",
+                 "preRunningDeadlineSeconds", "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes",
+                 "submissionMode", "submitterConfig", "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished"}
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+MAX_CLUSTER_NAME, MAX_JOB_NAME = 53, 47  # KubeRay's MaxRayClusterNameLength, MaxRayJobNameLength
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+K8S_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+RAY_START_RESOURCE_PARAMS = ("num-cpus", "num-gpus", "memory", "resources")
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def _quantity(value, where: str) -> float:
+    """A Kubernetes quantity (int or string such as "64", "480Gi", "500m") as a number of units."""
+    text = str(value)
+    if isinstance(value, bool) or not QUANTITY.match(text):
+        raise ManifestError(f"{where}: {value!r} is not a Kubernetes quantity")
+    number, suffix = re.match(r"^([0-9.]+)(.*)$", text).groups()
+    scale = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+             "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50, "Ei": 2 ** 60}[suffix]
+    return float(number) * scale
+
+
+def _labels(labels, where: str, errors: list[str]) -> None:
+    from ray._private.label_utils import validate_label_key, validate_label_value
+
+    if not isinstance(labels, dict):
+        errors.append(f"{where}: must be a map of strings")
+        return
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            errors.append(f"{where}.{key}: keys and values must be strings")
+            continue
+        if key.startswith("ray.io/"):
+            errors.append(f"{where}.{key}: the ray.io/ prefix is reserved for Ray's own labels")
+        if (why := validate_label_key(key)) is not None:
+            errors.append(f"{where}.{key}: {why}")
+        try:
+            validate_label_value(value)
+        except ValueError as exc:
+            errors.append(f"{where}.{key}: {exc}")
+
+
+def _group(group: dict, where: str, errors: list[str], keys: set[str], *, autoscaling: bool, v2: bool) -> None:
+    if not isinstance(group, dict):
+        errors.append(f"{where}: must be a map")
+        return
+    for key in sorted(set(group) - keys):
+        errors.append(f"{where}.{key}: unknown field")
+    params = group.get("rayStartParams", {})
+    if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
+        errors.append(f"{where}.rayStartParams: must be a map of strings (quote numbers: \"1\")")
+        params = {}
+    if "labels" in params:
+        errors.append(f"{where}.rayStartParams.labels: not supported, use the group's labels field")
+    resources = group.get("resources", {})
+    if resources:
+        if not isinstance(resources, dict) or not all(isinstance(v, str) for v in resources.values()):
+            errors.append(f"{where}.resources: must be a map of strings")
+        else:
+            for name, value in resources.items():
+                try:
+                    _quantity(value, f"{where}.resources.{name}")
+                except ManifestError as exc:
+                    errors.append(str(exc))
+        if any(params.get(k) for k in RAY_START_RESOURCE_PARAMS):
+            errors.append(f"{where}: resources set both in rayStartParams and in the resources field")
+    if "labels" in group:
+        _labels(group["labels"], f"{where}.labels", errors)
+
+    template = group.get("template")
+    pod = template.get("spec") if isinstance(template, dict) else None
+    if not isinstance(pod, dict):
+        errors.append(f"{where}.template.spec: required")
+        return
+    containers = pod.get("containers")
+    if not isinstance(containers, list) or not containers:
+        errors.append(f"{where}.template.spec.containers: at least one container is required")
+        return
+    names = set()
+    for i, c in enumerate(containers):
+        cw = f"{where}.template.spec.containers[{i}]"
+        if not isinstance(c, dict):
+            errors.append(f"{cw}: must be a map")
+            continue
+        if not isinstance(c.get("name"), str) or not DNS1123.match(c["name"]):
+            errors.append(f"{cw}.name: required, a DNS-1123 label")
+        elif c["name"] in names:
+            errors.append(f"{cw}.name: duplicate container name {c['name']!r}")
+        names.add(c.get("name"))
+        if not isinstance(c.get("image"), str) or not c["image"].strip():
+            errors.append(f"{cw}.image: required")
+    ray = containers[0]  # KubeRay's RayContainerIndex
+    limits = (ray.get("resources") or {}).get("limits") or {}
+    requests = (ray.get("resources") or {}).get("requests") or {}
+    for key in ("cpu", "memory"):
+        if key not in limits:
+            errors.append(f"{where}: the Ray container needs resources.limits.{key} (Ray sizes itself from it)")
+    for key, value in {**limits, **{f"requests.{k}": v for k, v in requests.items()}}.items():
+        try:
+            _quantity(value, f"{where}: resources {key}")
+        except ManifestError as exc:
+            errors.append(str(exc))
+    for key in limits:
+        if "/" in key and key in requests and str(requests[key]) != str(limits[key]):
+            errors.append(f"{where}: extended resource {key} must have requests == limits")
+    if "nvidia.com/gpu" in limits:
+        gpus = str(limits["nvidia.com/gpu"])
+        if not gpus.isdigit():
+            errors.append(f"{where}: nvidia.com/gpu must be a whole number, got {gpus!r}")
+    if v2 and pod.get("restartPolicy") not in (None, "", "Never"):
+        errors.append(f"{where}: restartPolicy must be Never or unset with autoscaler v2")
+
+
+def validate_cluster_spec(spec, where: str = "spec") -> list[str]:
+    """Every problem KubeRay (CRD schema + admission rules) or Ray would have with this RayClusterSpec."""
+    errors: list[str] = []
+    if not isinstance(spec, dict):
+        return [f"{where}: must be a map"]
+    for key in sorted(set(spec) - CLUSTER_SPEC_KEYS):
+        errors.append(f"{where}.{key}: unknown field")
+    version = spec.get("rayVersion")
+    if not isinstance(version, str) or not re.match(r"^\d+\.\d+\.\d+$", version):
+        errors.append(f"{where}.rayVersion: required here, e.g. \"2.60.0\"")
+        version = None
+    auth = spec.get("authOptions")
+    if auth is not None:
+        mode = auth.get("mode") if isinstance(auth, dict) else None
+        if mode not in ("disabled", "token"):
+            errors.append(f"{where}.authOptions.mode: must be 'disabled' or 'token'")
+        if mode == "token" and version and tuple(map(int, version.split("."))) < (2, 52, 0):
+            errors.append(f"{where}.authOptions.mode=token needs rayVersion >= 2.52.0")
+    autoscaling = bool(spec.get("enableInTreeAutoscaling"))
+    v2 = autoscaling and (spec.get("autoscalerOptions") or {}).get("version") == "v2"
+    if not isinstance(spec.get("headGroupSpec"), dict):
+        errors.append(f"{where}.headGroupSpec: required")
+    else:
+        _group(spec["headGroupSpec"], f"{where}.headGroupSpec", errors, HEAD_KEYS, autoscaling=autoscaling, v2=v2)
+    groups = spec.get("workerGroupSpecs", [])
+    if not isinstance(groups, list):
+        return errors + [f"{where}.workerGroupSpecs: must be a list"]
+    seen = set()
+    for i, g in enumerate(groups):
+        gw = f"{where}.workerGroupSpecs[{i}]"
+        if not isinstance(g, dict):
+            errors.append(f"{gw}: must be a map")
+            continue
+        name = g.get("groupName")
+        if not isinstance(name, str) or not DNS1123.match(name):
+            errors.append(f"{gw}.groupName: required, a DNS-1123 label")
+        elif name in seen:
+            errors.append(f"{gw}.groupName: duplicate {name!r}")
+        seen.add(name)
+        counts = {}
+        for key in ("replicas", "minReplicas", "maxReplicas", "numOfHosts"):
+            value = g.get(key)
+            if value is not None and (type(value) is not int or value < 0):
+                errors.append(f"{gw}.{key}: must be a non-negative integer, got {value!r}")
+            elif value is not None:
+                counts[key] = value
+        for key in ("minReplicas", "maxReplicas"):  # required by the v1 CRD
+            if key not in g:
+                errors.append(f"{gw}.{key}: required")
+        lo, hi = counts.get("minReplicas"), counts.get("maxReplicas")
+        if lo is not None and hi is not None and lo > hi:
+            errors.append(f"{gw}: minReplicas {lo} > maxReplicas {hi}")
+        n = counts.get("replicas")
+        if n is not None and lo is not None and hi is not None and not lo <= n <= hi:
+            errors.append(f"{gw}: replicas {n} outside [minReplicas {lo}, maxReplicas {hi}]")
+        if g.get("numOfHosts", 1) == 0:
+            errors.append(f"{gw}.numOfHosts: must be >= 1")
+        if autoscaling and g.get("suspend"):
+            errors.append(f"{gw}: cannot be suspended with the autoscaler enabled")
+        _group(g, gw, errors, WORKER_KEYS, autoscaling=autoscaling, v2=v2)
+    return errors
+
+
+def _metadata(doc: dict, kind: str, max_len: int) -> list[str]:
+    name = (doc.get("metadata") or {}).get("name")
+    if not isinstance(name, str) or not name:
+        return ["metadata.name: required"]
+    errors = []
+    if len(name) > max_len:
+        errors.append(f"metadata.name: a {kind} name has at most {max_len} characters")
+    if not DNS1035.match(name):
+        errors.append(f"metadata.name: {name!r} is not a DNS-1035 label")
+    return errors
+
+
+def validate_raycluster(doc) -> list[str]:
+    if not isinstance(doc, dict):
+        return ["the document must be a map"]
+    errors = []
+    if doc.get("apiVersion") != "ray.io/v1":
+        errors.append(f"apiVersion: must be ray.io/v1, got {doc.get('apiVersion')!r}")
+    if doc.get("kind") != "RayCluster":
+        errors.append(f"kind: must be RayCluster, got {doc.get('kind')!r}")
+    return errors + _metadata(doc, "RayCluster", MAX_CLUSTER_NAME) + validate_cluster_spec(doc.get("spec"))
+
+
+def validate_rayjob(doc) -> list[str]:
+    if not isinstance(doc, dict):
+        return ["the document must be a map"]
+    errors = []
+    if doc.get("apiVersion") != "ray.io/v1":
+        errors.append(f"apiVersion: must be ray.io/v1, got {doc.get('apiVersion')!r}")
+    if doc.get("kind") != "RayJob":
+        errors.append(f"kind: must be RayJob, got {doc.get('kind')!r}")
+    errors += _metadata(doc, "RayJob", MAX_JOB_NAME)
+    spec = doc.get("spec")
+    if not isinstance(spec, dict):
+        return errors + ["spec: required"]
+    for key in sorted(set(spec) - JOB_SPEC_KEYS):
+        errors.append(f"spec.{key}: unknown field")
+    if not isinstance(spec.get("entrypoint"), str) or not spec["entrypoint"].strip():
+        errors.append("spec.entrypoint: required")
+    if spec.get("submissionMode", "K8sJobMode") not in SUBMISSION_MODES:
+        errors.append(f"spec.submissionMode: one of {sorted(SUBMISSION_MODES)}")
+    for key in ("ttlSecondsAfterFinished", "backoffLimit"):
+        if key in spec and (type(spec[key]) is not int or spec[key] < 0):
+            errors.append(f"spec.{key}: must be a non-negative integer")
+    if spec.get("suspend") and not spec.get("shutdownAfterJobFinishes"):
+        errors.append("spec.suspend needs shutdownAfterJobFinishes")
+    if "runtimeEnvYAML" in spec:
+        try:
+            env = yaml.safe_load(spec["runtimeEnvYAML"])
+            if not isinstance(env, dict):
+                errors.append("spec.runtimeEnvYAML: must be a YAML map")
+        except yaml.YAMLError as exc:
+            errors.append(f"spec.runtimeEnvYAML: not YAML ({exc})")
+    if "rayClusterSpec" in spec:
+        errors += validate_cluster_spec(spec["rayClusterSpec"], "spec.rayClusterSpec")
+    elif not spec.get("clusterSelector"):
+        errors.append("spec: one of rayClusterSpec or clusterSelector is required")
+    return errors
+
+
+# == entrypoints and capacity ========================================================================
+
+
+def parse_entrypoint(entrypoint: str, env: dict[str, str] | None = None) -> tuple[Path, list[str]]:
+    """(config path in this repository, overrides) of a `python -m cluster.train ...` entrypoint."""
+    env = {"ARCOPO_REDIS_PASSWORD": "0123456789abcdef", **(env or {})}
+    words = shlex.split(entrypoint)
+    words = [re.sub(r"\$\{?([A-Z_][A-Z0-9_]*)\}?", lambda m: env.get(m.group(1), m.group(0)), w) for w in words]
+    if words[:3] != ["python", "-m", "cluster.train"]:
+        raise ManifestError(f"the entrypoint must start with `python -m cluster.train`, got {words[:3]}")
+    rest = words[3:]
+    if "--config" not in rest or rest.index("--config") + 1 >= len(rest):
+        raise ManifestError("the entrypoint has no --config")
+    at = rest.index("--config")
+    config = rest[at + 1]
+    overrides = [w for i, w in enumerate(rest) if i not in (at, at + 1) and not w.startswith("--")]
+    path = ROOT / config.removeprefix(IMAGE_ROOT + "/")
+    if not (path.is_file() and path.parent == ROOT / "configs"):
+        raise ManifestError(f"the entrypoint's config {config!r} is not a file in configs/")
+    return path, overrides
+
+
+def load_entrypoint_config(entrypoint: str):
+    from common.config import load_config
+
+    path, overrides = parse_entrypoint(entrypoint)
+    return load_config(path, overrides)  # raises ConfigError naming the bad key
+
+
+def group_capacity(spec: dict) -> dict[str, dict[str, float]]:
+    """Per worker group (by its arcopo.io/role label): CPU, GPU and custom resources at `replicas` pods."""
+    out = {}
+    for g in spec["workerGroupSpecs"]:
+        role = (g.get("labels") or {}).get(ROLE_LABEL, g["groupName"])
+        limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        pods = g.get("replicas", g["minReplicas"]) * g.get("numOfHosts", 1)
+        res = {"CPU": _quantity(limits["cpu"], "cpu"), "GPU": float(limits.get("nvidia.com/gpu", 0))}
+        res.update({k: _quantity(v, k) for k, v in (g.get("resources") or {}).items()})
+        out[role] = {k: v * pods for k, v in res.items()}
+    return out
+
+
+def role_demand(config) -> dict[str, dict[str, float]]:
+    r, w, l = config.rollout, config.rewards, config.learner
+    return {"rollout": {"CPU": r.num_workers * r.num_cpus_per_worker, "GPU": r.num_workers * r.num_gpus_per_worker},
+            "reward": {"CPU": w.num_servers * w.num_cpus_per_server, "GPU": w.num_servers * w.num_gpus_per_server},
+            "learner": {"CPU": l.num_workers * l.num_cpus_per_worker, "GPU": l.num_workers * l.num_gpus_per_worker}}
+
+
+def check_capacity(capacity: dict, config) -> list[str]:
+    """Each role fits its own group, the custom resource counts that group's GPUs one for one, and the
+    whole cluster passes the job's own pre-flight check (cluster.placement.check_resources)."""
+    from cluster.placement import PlacementError, check_resources
+
+    errors = []
+    for role, need in role_demand(config).items():
+        have = capacity.get(role)
+        if have is None:
+            errors.append(f"no worker group labelled {ROLE_LABEL}={role}")
+            continue
+        for resource in ("CPU", "GPU"):
+            if need[resource] > have[resource] + 1e-9:
+                errors.append(f"{role}: the job asks for {need[resource]:g} {resource}, its group has {have[resource]:g}")
+        if need["GPU"] and have.get(ROLE_RESOURCE[role]) != have["GPU"]:
+            errors.append(f"{role}: custom resource {ROLE_RESOURCE[role]} ({have.get(ROLE_RESOURCE[role])}) must equal "
+                          f"the group's GPUs ({have['GPU']:g})")
+    total = {k: sum(c.get(k, 0) for c in capacity.values()) for k in ("CPU", "GPU")}
+    try:
+        check_resources(config, total)
+    except PlacementError as exc:
+        errors.append(str(exc))
+    return errors
+
+
+# == KubeRay: the real manifests ======================================================================
+
+
+def test_raycluster_is_valid():
+    assert validate_raycluster(load(RAYCLUSTER)) == []
+
+
+def test_rayjob_is_valid():
+    assert validate_rayjob(load(RAYJOB)) == []
+
+
+def test_rayjob_carries_the_raycluster_spec_verbatim():
+    assert load(RAYJOB)["spec"]["rayClusterSpec"] == load(RAYCLUSTER)["spec"]
+
+
+def test_kuberay_has_one_worker_group_per_role_with_its_own_resource_and_label():
+    import ray
+
+    spec = load(RAYCLUSTER)["spec"]
+    assert spec["rayVersion"] == ray.__version__  # the image's Ray (pyproject pins it) is the operator's
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {"rollout", "reward", "learner"}
+    images = set()
+    for name, g in groups.items():
+        assert g["labels"][ROLE_LABEL] == name
+        gpus = g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        assert g["resources"] == {ROLE_RESOURCE[name]: gpus}
+        images.add(g["template"]["spec"]["containers"][0]["image"])
+    images.add(spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"])
+    assert len(images) == 1, f"every pod should run the same image, got {images}"
+    assert spec["headGroupSpec"]["resources"] == {"CPU": "0"}  # no actor on the head
+    # Autoscaling can only add rollout pods: the other groups are fixed.
+    assert [n for n, g in groups.items() if g["minReplicas"] < g["maxReplicas"]] == ["rollout"]
+
+
+def test_rayjob_entrypoint_is_a_valid_config_that_fits_the_groups():
+    doc = load(RAYJOB)
+    config = load_entrypoint_config(doc["spec"]["entrypoint"])
+    assert config.replay.redis_url.startswith("rediss://") and config.replay.redis_tls
+    assert config.replay.redis_password == "0123456789abcdef"  # from $ARCOPO_REDIS_PASSWORD, not the file
+    assert check_capacity(group_capacity(doc["spec"]["rayClusterSpec"]), config) == []
+    # The GPUs match exactly: no group idles at its initial size.
+    cap, need = group_capacity(doc["spec"]["rayClusterSpec"]), role_demand(config)
+    assert {r: cap[r]["GPU"] for r in need} == {r: need[r]["GPU"] for r in need}
+
+
+def test_rayjob_runtime_env_is_a_valid_ray_runtime_env(monkeypatch):
+    from ray.runtime_env import RuntimeEnv
+
+    env = yaml.safe_load(load(RAYJOB)["spec"]["runtimeEnvYAML"])
+    assert env["working_dir"] == IMAGE_ROOT
+    # /app is this repository inside the image; validate the same env against the checkout.
+    monkeypatch.chdir(ROOT)
+    RuntimeEnv(**{**env, "working_dir": str(ROOT)})
+    assert env["env_vars"]["RAY_AUTH_MODE"] == load(RAYCLUSTER)["spec"]["authOptions"]["mode"]
+
+
+# == KubeRay: the validator rejects broken manifests ==================================================
+
+
+def _mutate(path: str | list, value=None, delete: bool = False):
+    """A copy-editing function: set (or delete) the value at a dotted path (a list for keys with dots)."""
+    def apply(doc):
+        node = doc
+        keys = path.split(".") if isinstance(path, str) else list(path)
+        for key in keys[:-1]:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        last = keys[-1]
+        if isinstance(node, list):
+            last = int(last)
+        if delete:
+            del node[last]
+        else:
+            node[last] = value
+        return doc
+    return apply
+
+
+_CONTAINER0 = ["spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "resources"]
+
+BROKEN_CLUSTERS = {
+    "old apiVersion": (_mutate("apiVersion", "ray.io/v1alpha1"), "apiVersion"),
+    "wrong kind": (_mutate("kind", "RayService"), "kind"),
+    "no name": (_mutate("metadata.name", delete=True), "metadata.name"),
+    "name not DNS-1035": (_mutate("metadata.name", "ARCOPO_1"), "DNS-1035"),
+    "no head": (_mutate("spec.headGroupSpec", delete=True), "headGroupSpec: required"),
+    "head without containers": (_mutate("spec.headGroupSpec.template.spec.containers", []), "at least one container"),
+    "no image": (_mutate("spec.workerGroupSpecs.0.template.spec.containers.0.image", delete=True), ".image: required"),
+    "min > max": (_mutate("spec.workerGroupSpecs.0.minReplicas", 9), "minReplicas 9 > maxReplicas"),
+    "replicas > max": (_mutate("spec.workerGroupSpecs.0.replicas", 5), "replicas 5 outside"),
+    "negative replicas": (_mutate("spec.workerGroupSpecs.1.replicas", -1), "non-negative integer"),
+    "no maxReplicas": (_mutate("spec.workerGroupSpecs.2.maxReplicas", delete=True), "maxReplicas: required"),
+    "no groupName": (_mutate("spec.workerGroupSpecs.1.groupName", delete=True), "groupName: required"),
+    "duplicate groupName": (_mutate("spec.workerGroupSpecs.1.groupName", "rollout"), "duplicate 'rollout'"),
+    "unquoted rayStartParams": (_mutate("spec.workerGroupSpecs.0.rayStartParams", {"num-gpus": 8}), "map of strings"),
+    "labels in rayStartParams": (_mutate("spec.workerGroupSpecs.0.rayStartParams", {"labels": "a=b"}),
+                                 "rayStartParams.labels"),
+    "resources twice": (_mutate("spec.workerGroupSpecs.0.rayStartParams", {"num-gpus": "8"}), "both in rayStartParams"),
+    "reserved label": (_mutate("spec.workerGroupSpecs.0.labels", {"ray.io/role": "rollout"}), "reserved"),
+    "bad label value": (_mutate("spec.workerGroupSpecs.0.labels", {ROLE_LABEL: "roll out!"}), "Invalid label"),
+    "fractional GPU limit": (_mutate(_CONTAINER0 + ["limits", "nvidia.com/gpu"], "0.5"), "whole number"),
+    "GPU requests != limits": (_mutate(_CONTAINER0 + ["requests", "nvidia.com/gpu"], "4"), "requests == limits"),
+    "no memory limit": (_mutate("spec.workerGroupSpecs.2.template.spec.containers.0.resources.limits.memory",
+                                delete=True), "limits.memory"),
+    "bad quantity": (_mutate("spec.workerGroupSpecs.2.template.spec.containers.0.resources.limits.memory",
+                             "lots"), "not a Kubernetes quantity"),
+    "typo in spec": (_mutate("spec.workerGroupSpec", []), "spec.workerGroupSpec: unknown field"),
+    "typo in group": (_mutate("spec.workerGroupSpecs.0.maxReplica", 4), "maxReplica: unknown field"),
+    "token auth on old Ray": (_mutate("spec.rayVersion", "2.40.0"), "needs rayVersion >= 2.52.0"),
+    "bad auth mode": (_mutate("spec.authOptions", {"mode": "password"}), "authOptions.mode"),
+    "restartPolicy with autoscaler v2": (_mutate("spec.workerGroupSpecs.0.template.spec.restartPolicy", "Always"),
+                                         "restartPolicy"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_CLUSTERS))
+def test_validator_rejects_broken_raycluster(name):
+    mutate, expected = BROKEN_CLUSTERS[name]
+    errors = validate_raycluster(mutate(copy.deepcopy(load(RAYCLUSTER))))
+    assert any(expected in e for e in errors), errors
+
+
+BROKEN_JOBS = {
+    "no entrypoint": (_mutate("spec.entrypoint", delete=True), "entrypoint: required"),
+    "job name too long": (_mutate("metadata.name", "a" * 48), "at most 47"),
+    "bad submission mode": (_mutate("spec.submissionMode", "Batch"), "submissionMode"),
+    "runtime env not YAML": (_mutate("spec.runtimeEnvYAML", "working_dir: [unclosed"), "not YAML"),
+    "negative ttl": (_mutate("spec.ttlSecondsAfterFinished", -1), "ttlSecondsAfterFinished"),
+    "no cluster": (_mutate("spec.rayClusterSpec", delete=True), "rayClusterSpec or clusterSelector"),
+    "broken nested cluster": (_mutate("spec.rayClusterSpec.workerGroupSpecs.0.minReplicas", 7), "minReplicas 7 >"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_JOBS))
+def test_validator_rejects_broken_rayjob(name):
+    mutate, expected = BROKEN_JOBS[name]
+    errors = validate_rayjob(mutate(copy.deepcopy(load(RAYJOB))))
+    assert any(expected in e for e in errors), errors
+
+
+@pytest.mark.parametrize("entrypoint, expected", [
+    ("python -m cluster.serve --config configs/toy.yaml", "python -m cluster.train"),
+    ("python -m cluster.train run.name=x", "no --config"),
+    ("python -m cluster.train --config configs/nope.yaml", "not a file in configs/"),
+    ("python -m cluster.train --config /app/README.md", "not a file in configs/"),
+])
+def test_entrypoint_check_rejects(entrypoint, expected):
+    with pytest.raises(ManifestError, match=re.escape(expected)):
+        parse_entrypoint(entrypoint)
+
+
+def test_entrypoint_with_an_unknown_config_key_is_rejected():
+    from common.config import ConfigError
+
+    entrypoint = load(RAYJOB)["spec"]["entrypoint"] + " sampler.num_chunk=4"
+    with pytest.raises(ConfigError, match="sampler.num_chunk: unknown key"):
+        load_entrypoint_config(entrypoint)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("rollout.num_workers=17", "rollout: the job asks for 17 GPU"),
+    ("learner.num_cpus_per_worker=9", "learner: the job asks for 72 CPU"),
+    ("rewards.num_gpus_per_server=2", "reward: the job asks for 8 GPU"),
+])
+def test_capacity_check_rejects_a_job_its_groups_cannot_hold(override, expected):
+    doc = load(RAYJOB)
+    config = load_entrypoint_config(doc["spec"]["entrypoint"] + " " + override)
+    errors = check_capacity(group_capacity(doc["spec"]["rayClusterSpec"]), config)
+    assert any(expected in e for e in errors), errors
+
+
+# == cluster launcher: Ray's own schema ================================================================
+
+
+def _ray_schema() -> dict:
+    import ray.autoscaler
+
+    path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    assert path.is_file(), f"Ray ships its cluster-launcher schema at {path}"
+    return json.loads(path.read_text())
+
+
+def test_cluster_launcher_yaml_passes_rays_schema_and_validate_config():
+    jsonschema = pytest.importorskip("jsonschema")  # a dependency of ray; see docs/deploy.md
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    config = load(LAUNCHER)
+    jsonschema.validate(config, _ray_schema())
+    validate_config(fillout_defaults(copy.deepcopy(config)))  # head type exists, min_workers fit max_workers
+
+
+def test_cluster_launcher_node_types_hold_the_rayjob_roles():
+    config = load(LAUNCHER)
+    types = config["available_node_types"]
+    assert set(types) == {"head", "rollout", "reward", "learner"} and config["head_node_type"] == "head"
+    assert types["head"]["resources"].get("CPU") == 0
+    capacity = {}
+    for name, t in types.items():
+        if name == "head":
+            continue
+        assert t["labels"][ROLE_LABEL] == name
+        capacity[name] = {k: float(v) * t["min_workers"] for k, v in t["resources"].items()}
+    entrypoint = load(RAYJOB)["spec"]["entrypoint"]
+    assert check_capacity(capacity, load_entrypoint_config(entrypoint)) == []
+    assert all("RAY_AUTH_MODE=token" in c for c in config["head_start_ray_commands"][1:]
+               + config["worker_start_ray_commands"][1:])
+
+
+@pytest.mark.parametrize("mutate", [
+    _mutate("provider", {"region": "us-east-1"}),                       # provider.type is required
+    _mutate("available_node_types.rollout.resources", {"GPU": 0.5}),    # resources are integers
+    _mutate("available_node_types.reward.node_config", delete=True),    # node_config is required
+    _mutate("max_worker", 6),                                           # unknown top-level key
+])
+def test_cluster_launcher_schema_rejects_broken_yaml(mutate):
+    jsonschema = pytest.importorskip("jsonschema")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(mutate(copy.deepcopy(load(LAUNCHER))), _ray_schema())
+
+
+def test_cluster_launcher_rejects_unknown_head_type():
+    pytest.importorskip("jsonschema")
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    config = _mutate("head_node_type", "gpu-head")(copy.deepcopy(load(LAUNCHER)))
+    with pytest.raises(ValueError, match="head_node_type"):
+        validate_config(fillout_defaults(config))
+
+
+# == runtime env ========================================================================================
+
+
+def _pyproject_deps() -> list[str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def test_runtime_env_is_a_valid_ray_runtime_env(monkeypatch):
+    from ray.runtime_env import RuntimeEnv
+
+    monkeypatch.chdir(ROOT)  # working_dir "." is the repository root, where `ray job submit` runs
+    data = load(RUNTIME_ENV)
+    env = RuntimeEnv(**data)
+    assert env.working_dir() == "."
+    assert all(isinstance(v, str) for v in env.env_vars().values())
+    assert env.env_vars()["RAY_AUTH_MODE"] in ("token", "disabled")
+    assert {".venv/", "runs/", ".git/"} <= set(data["excludes"])
+
+
+def test_runtime_env_pip_is_pyproject_without_ray_and_pins_torch():
+    packages = load(RUNTIME_ENV)["pip"]["packages"]
+    assert TORCH_PIN in packages
+    expected = [d for d in _pyproject_deps() if not re.match(r"^ray(\[|=|$)", d)]
+    assert packages == expected, "deploy/runtime_env.yaml pip must list pyproject's dependencies minus ray"
+    assert not any(p.startswith("ray") and not p.startswith("ray-") for p in packages)
+
+
+@pytest.mark.parametrize("broken", [
+    {"pip": {"packages": ["torch==2.13.0"], "pip_chek": False}},   # unknown pip field
+    {"pip": {"pip_check": False}},                                   # no packages
+    {"env_vars": {"RAY_AUTH_MODE": 1}},                              # env values are strings
+    {"working_dir": "does/not/exist"},
+])
+def test_runtime_env_validation_rejects(broken, monkeypatch):
+    from ray.runtime_env import RuntimeEnv
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises((ValueError, TypeError)):
+        RuntimeEnv(**broken)
+
+
+# == Dockerfile ==========================================================================================
+
+
+def check_dockerfile(text: str) -> list[str]:
+    """The torch pin on every install path, Python 3.11, and the build-time torch assertion."""
+    errors = []
+    lines, current = [], ""
+    for raw in text.splitlines():  # join continuation lines
+        line = raw.rstrip()
+        if line.lstrip().startswith("#") and not current:
+            continue
+        current += line[:-1] + " " if line.endswith("\\") else line
+        if not line.endswith("\\"):
+            lines.append(current.strip())
+            current = ""
+    args = {}
+    for line in lines:
+        m = re.match(r"^ARG\s+(\w+)=(\S+)$", line)
+        if m:
+            args[m.group(1)] = m.group(2)
+    pin = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    if args.get("TORCH_VERSION") != pin:
+        errors.append(f"ARG TORCH_VERSION must default to constraints.txt's torch pin {pin}")
+    base = next((l for l in lines if l.startswith("FROM ")), "")
+    base = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), base)
+    if not re.match(r"^FROM python:3\.11[-.]", base):
+        errors.append(f"the base image must be python:3.11, got {base!r}")
+    copied_constraints = False
+    installs = 0
+    for line in lines:
+        if line.startswith("COPY") and "constraints.txt" in line:
+            copied_constraints = True
+        for command in re.split(r"&&|;", line):
+            if re.search(r"\bpip3? install\b", command):
+                installs += 1
+                if "-c constraints.txt" not in command and "--constraint constraints.txt" not in command:
+                    errors.append(f"pip install without -c constraints.txt: {command.strip()!r}")
+                if not copied_constraints:
+                    errors.append("constraints.txt is installed from before it is copied in")
+    if installs == 0:
+        errors.append("no pip install at all")
+    if not any("torch.__version__" in l and "assert" in l for l in lines):
+        errors.append("no build-time check that the installed torch is the pinned one")
+    return errors
+
+
+def test_dockerfile_pins_torch_on_every_install():
+    assert check_dockerfile(DOCKERFILE.read_text()) == []
+    assert TORCH_PIN in (ROOT / "constraints.txt").read_text().split()
+    assert TORCH_PIN in _pyproject_deps()
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda t: t.replace("ARG TORCH_VERSION=2.13.0", "ARG TORCH_VERSION=2.12.0"), "TORCH_VERSION"),
+    (lambda t: t.replace("pip install -c constraints.txt -r", "pip install -r"), "without -c constraints.txt"),
+    (lambda t: t.replace("ARG PYTHON_VERSION=3.11", "ARG PYTHON_VERSION=3.12"), "python:3.11"),
+    (lambda t: t + "\nRUN pip install torchvision\n", "without -c constraints.txt"),
+    (lambda t: t.replace("assert v ==", "print(v) or"), "build-time check"),
+])
+def test_dockerfile_check_rejects(edit, expected):
+    text = DOCKERFILE.read_text()
+    edited = edit(text)
+    assert edited != text
+    assert any(expected in e for e in check_dockerfile(edited))
+
+
+# == Redis sizing: the formula against a real redis-server ==============================================
+
+
+def _rollout_group(seed: int, G: int, T: int, C: int, f: int, H: int, W: int, pivot: int, prompt: str):
+    import torch
+
+    from common.records import RolloutGroup
+
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    comps = {name: torch.rand(G, generator=gen) for name in ("vq", "mq", "ta")}
+    return RolloutGroup(prompt=prompt, pivot=pivot, sigma=0.5, plan_seed=seed, fork_seed=seed + 1, policy_version=3,
+                        prefix_latents=r(1, C, pivot * f, H, W), pivot_inputs=r(G, T, C, f, H, W),
+                        pivot_predictions=r(G, T, C, f, H, W), pivot_latents=r(G, C, f, H, W),
+                        rewards=comps["vq"] + comps["ta"], reward_components=comps)
+
+
+@pytest.mark.parametrize("dims, pivot", [((12, 4, 4, 3, 16, 24), 0), ((12, 4, 4, 3, 16, 24), 5),
+                                         ((2, 1, 1, 1, 2, 2), 1), ((4, 2, 16, 1, 6, 10), 3)])
+def test_record_bytes_formula_matches_the_codec(dims, pivot):
+    rs = sizing()
+    prompt = "a red circle moving left on a black background"
+    g = _rollout_group(0, *dims, pivot=pivot, prompt=prompt)
+    actual = len(g.to_bytes(key=b"k" * 32))
+    predicted = rs.record_bytes(rs.GroupShape(*dims, pivot=pivot, components=3, prompt_chars=len(prompt)))
+    assert abs(predicted - actual) <= 64, (predicted, actual)
+    G, T, C, f, H, W = dims
+    assert rs.tensor_bytes(rs.GroupShape(*dims, pivot=pivot)) == \
+        4 * (2 * G * T * C * f * H * W + G * C * f * H * W + C * pivot * f * H * W) + 4 * G * 4
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    from common.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis-sizing")) as server:
+        client = server.client()
+        # An AOF rewrite holds a second copy of every write made meanwhile (Redis < 7): keep it out of
+        # the measurement (docs/redis.md sizes it separately).
+        client.config_set("auto-aof-rewrite-percentage", 0)
+        yield server, client
+        client.close()
+
+
+def _measure(server, client, groups, max_value_bytes: int) -> float:
+    from common.replay import ReplayBuffer
+
+    def used() -> int:
+        while client.info("persistence")["aof_rewrite_in_progress"]:
+            time.sleep(0.05)
+        return client.info("memory")["used_memory"]
+
+    name = uuid.uuid4().hex[:8]
+    before = used()
+    buf = ReplayBuffer(server.url, name, key=b"k" * 32, capacity=10_000, max_value_bytes=max_value_bytes)
+    for g in groups:
+        buf.insert(g)
+    assert buf.size() == len(groups)
+    buf.close()  # frees the connection's query buffer, which is not the data
+    time.sleep(0.05)
+    return (used() - before) / len(groups)
+
+
+SIZING_CASES = [  # G, T, C, f, H, W, pivot, max_value_bytes, items
+    ((12, 4, 4, 3, 16, 24), 2, 256 << 10, 12),        # ~2 MB records in 256 KiB parts: +23% (size classes)
+    ((12, 4, 4, 3, 16, 24), 2, (256 << 10) - 10, 12),  # 10 bytes less per part: +0.2%
+    ((12, 4, 4, 3, 16, 24), 2, 4 << 20, 12),          # the default 4 MiB: one part each
+    ((4, 2, 2, 1, 2, 2), 2, 4 << 20, 200),            # tiny records: the per-key overhead dominates
+]
+
+
+@pytest.mark.parametrize("dims, pivot, max_value_bytes, items", SIZING_CASES)
+def test_redis_memory_formula_matches_a_real_redis(redis_server, dims, pivot, max_value_bytes, items):
+    rs = sizing()
+    server, client = redis_server
+    prompt = "a red circle moving left on a black background"
+    groups = [_rollout_group(i, *dims, pivot=pivot, prompt=prompt) for i in range(items)]
+    record = len(groups[0].to_bytes(key=b"k" * 32))
+    measured = _measure(server, client, groups, max_value_bytes)
+    shape = rs.GroupShape(*dims, pivot=pivot, components=3, prompt_chars=len(prompt))
+    predicted = rs.buffer_memory_bytes(items, shape, max_value_bytes) / items
+    print(f"\n{dims} pivot {pivot}, parts of {max_value_bytes}: record {record} B, per item measured "
+          f"{measured:.0f} B, predicted {predicted:.0f} B ({predicted / measured - 1:+.2%}), "
+          f"overhead x{measured / record:.3f}")
+    assert abs(predicted - measured) <= 0.10 * measured
+
+
+def test_part_size_one_byte_past_a_size_class_costs_a_quarter_more(redis_server):
+    """The effect docs/redis.md warns about: a part of exactly 2^k bytes takes the next jemalloc class."""
+    rs = sizing()
+    server, client = redis_server
+    if not str(client.info("memory").get("mem_allocator", "")).startswith("jemalloc"):
+        pytest.skip("redis-server is not built with jemalloc")
+    groups = [_rollout_group(i, 12, 4, 4, 3, 16, 24, pivot=2, prompt="p") for i in range(8)]
+    record = len(groups[0].to_bytes(key=b"k" * 32))
+    exact = _measure(server, client, groups, 256 << 10) / record
+    fitted = _measure(server, client, groups, rs.best_max_value_bytes(256 << 10)) / record
+    assert exact > 1.18 and fitted < 1.02, (exact, fitted)
+    assert rs.best_max_value_bytes(4 << 20) == (4 << 20) - 10
+
+
+def test_sizing_command_line_on_the_real_config():
+    rs = sizing()
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert rs.main(["--config", str(ROOT / "configs" / "self_forcing_wan1.3b.yaml"), "--json"]) == 0
+    report = json.loads(out.getvalue())
+    # 480x832, 21 latent frames: pivot_inputs + pivot_predictions are 2 x 12 x 4 x 16 x 3 x 60 x 104 x 4 bytes.
+    assert report["tensor_bytes_worst_pivot"] >= 2 * 12 * 4 * 16 * 3 * 60 * 104 * 4
+    assert report["overhead_factor"] > 1.2  # the default 4 MiB parts
+    assert report["overhead_factor_with_better_max_value_bytes"] < 1.01
