@@ -146,11 +146,42 @@ class RolloutPool:
             self.next_index += 1
             self.workers[name] = self.make_worker(name)
             new.append(name)
-        self.sync([self.workers[n] for n in new])
         self.events.extend(f"+{n}" for n in new)
+        self.sync(new)
 
     def live(self) -> list[str]:
         return [n for n in self.workers if n not in self.retiring]
+
+    def forget(self, name: str) -> None:
+        """A worker found dead outside a job (during a sync, an evaluation): drop it; the next
+        `ensure_live` (or the pool's own loop) replaces it, synced before its first job."""
+        if self.workers.pop(name, None) is not None:
+            self.counters.worker_failures += 1
+            self.retiring.discard(name)
+            self.events.append(f"lost {name}")
+            log.warning("%s is dead; it will be replaced", name)
+
+    def ensure_live(self) -> None:
+        import ray
+
+        target = ray.get(self.controller.get_target.remote())["rollout"]
+        if len(self.live()) < target:
+            self.grow(target - len(self.live()))
+
+    def call_each(self, calls: dict[str, Callable]) -> dict[str, object]:
+        """Call every named worker at once (`calls[name](actor) -> ObjectRef`); results of those that
+        answered. A dead worker is forgotten, not fatal: the caller redoes its share elsewhere."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        refs = {n: make(self.workers[n]) for n, make in calls.items() if n in self.workers}
+        out = {}
+        for name, ref in refs.items():
+            try:
+                out[name] = ray.get(ref, timeout=self.timeout_s)
+            except RayActorError:
+                self.forget(name)
+        return out
 
     def _apply_target(self) -> None:
         import ray
@@ -320,7 +351,7 @@ class Driver:
 
     def broadcast(self) -> None:
         """Publish the learner's weights once, deliver them to every rollout worker in one call each."""
-        self.actors.publish_and_sync(self.actors.pool.workers.values())
+        self.actors.publish_and_sync(list(self.actors.pool.workers))
         self.counters.weight_syncs += 1
         if self.metrics:
             m = self.metrics
@@ -342,15 +373,24 @@ class Driver:
         import ray
 
         prompts, seeds = self.eval_set()
-        workers = list(self.actors.pool.workers.values())
-        shards = [(prompts[i::len(workers)], seeds[i::len(workers)]) for i in range(len(workers))]
-        servers = self.actors.reward_servers
-        refs = [w.evaluate.remote(p, s, mode, merge_scale, servers[i % len(servers)])
-                for i, (w, (p, s)) in enumerate(zip(workers, shards)) if p]
+        pool, servers = self.actors.pool, self.actors.reward_servers
+        todo = list(range(len(prompts)))
+        results: dict[int, dict[str, float]] = {}
+        while todo:  # a worker that dies mid-evaluation has its share redone by the others
+            pool.ensure_live()
+            names = pool.live()
+            shares = {n: todo[i::len(names)] for i, n in enumerate(names) if todo[i::len(names)]}
+            calls = {n: (lambda idx, k: lambda w: w.evaluate.remote(
+                [prompts[i] for i in idx], [seeds[i] for i in idx], mode, merge_scale, servers[k % len(servers)]))(idx, k)
+                for k, (n, idx) in enumerate(shares.items())}
+            for name, out in pool.call_each(calls).items():
+                for j, i in enumerate(shares[name]):
+                    results[i] = {k: v[j] for k, v in out.items()}
+            todo = [i for i in todo if i not in results]
         per_video: dict[str, list[float]] = {}
-        for out in ray.get(refs):
-            for k, v in out.items():
-                per_video.setdefault(k, []).extend(v)
+        for i in range(len(prompts)):
+            for k, v in results[i].items():
+                per_video.setdefault(k, []).append(v)
         means = {k: sum(v) / len(v) for k, v in per_video.items()}
         weights = {t.name: t.weight for t in self.config.rewards.terms}
         reward = sum(w * means[n] for n, w in weights.items())

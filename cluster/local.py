@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def redis_session(config, run_dir: Path) -> Iterator[RedisEndpoint]:
         url = r.redis_url
         if r.redis_password and "@" not in url.split("://", 1)[1]:
             scheme, rest = url.split("://", 1)
-            url = f"{scheme}://:{r.redis_password}@{rest}"
+            url = f"{scheme}://:{quote(r.redis_password, safe='')}@{rest}"
         if r.redis_tls and url.startswith("redis://"):
             url = "rediss://" + url[len("redis://"):]
         yield RedisEndpoint(url, None)

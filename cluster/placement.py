@@ -124,17 +124,15 @@ class Actors:
         self.last_packet = (handle, ref)
         return handle, ref
 
-    def sync_to(self, workers) -> int:
+    def sync_to(self, names) -> int:
         """Deliver the last published packet: one call per worker, the same ObjectRef to all (or,
-        with the collective transport, one broadcast to every live worker)."""
-        import ray
-
+        with the collective transport, one broadcast to every live worker). A worker found dead
+        is dropped from the pool (and replaced, synced, before the next job)."""
         if self.config.cluster.weight_transport == "collective":
             return self._broadcast_collective()
 
         handle, ref = self.last_packet
-        versions = ray.get([w.sync_weights.remote(handle, ref) for w in workers],
-                           timeout=self.config.cluster.call_timeout_s)
+        versions = list(self.pool.call_each({n: lambda w: w.sync_weights.remote(handle, ref) for n in names}).values())
         if any(v != handle.version for v in versions):
             raise RuntimeError(f"weight sync: workers report versions {versions}, expected {handle.version}")
         return handle.nbytes
@@ -161,10 +159,10 @@ class Actors:
             raise RuntimeError(f"weight broadcast: versions {versions}, expected {handle.version}")
         return handle.nbytes
 
-    def publish_and_sync(self, workers) -> None:
+    def publish_and_sync(self, names) -> None:
         start = time.perf_counter()
         self.publish()
-        self.counters.weight_sync_bytes = self.sync_to(list(workers))
+        self.counters.weight_sync_bytes = self.sync_to(list(names))
         self.counters.weight_sync_seconds = time.perf_counter() - start
 
     # -- learning ---------------------------------------------------------------------------------
@@ -186,7 +184,7 @@ class Actors:
         """Share of wall time each role spent working, averaged over its actors."""
         import ray
 
-        rollout = ray.get([w.ping.remote() for w in self.pool.workers.values()])
+        rollout = list(self.pool.call_each({n: lambda w: w.ping.remote() for n in self.pool.workers}).values())
         reward = ray.get([s.get_stats.remote() for s in self.reward_servers])
         learner = ray.get([x.stats.remote() for x in self.learners])
         share = lambda items: sum(i["busy_seconds"] for i in items) / max(len(items), 1) / max(wall, 1e-9)  # noqa: E731

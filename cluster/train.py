@@ -86,8 +86,12 @@ def write_samples(actors, folder: RunFolder, prompts: list[str], tag: str, mode:
 
     if not prompts:
         return []
-    worker = next(iter(actors.pool.workers.values()))
-    videos = ray.get(worker.sample_videos.remote(prompts, [7] * len(prompts), mode, scale, fps))
+    videos = None
+    while videos is None:  # on whichever worker is alive
+        actors.pool.ensure_live()
+        name = actors.pool.live()[0]
+        videos = actors.pool.call_each({name: lambda w: w.sample_videos.remote(prompts, [7] * len(prompts), mode,
+                                                                                scale, fps)}).get(name)
     paths = []
     for i, (prompt, data) in enumerate(zip(prompts, videos)):
         path = write_bytes_atomic(folder.root / "samples" / f"{tag}_{i}.mp4", data)
@@ -193,7 +197,8 @@ def run(config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) 
             saved = ray.get(actors.learners[0].save.remote(str(folder.root / "adapters")))
             counters = actors.counters
             busy = actors.busy_ratios(time.perf_counter() - actors_started)
-            worker_versions = ray.get([w.weight_version.remote() for w in actors.pool.workers.values()])
+            worker_versions = list(actors.pool.call_each(
+                {n: lambda w: w.weight_version.remote() for n in actors.pool.workers}).values())
             summary = {
                 "reward_initial": before.in_domain, "reward_final": after.in_domain,
                 "ood_initial": before.out_of_domain, "ood_final": after.out_of_domain,
