@@ -154,6 +154,10 @@ class RolloutConfig(_Section):
 
 
 class RewardTerm(_Section):
+    """One weighted term of the training reward: `name` is a component some reward model declares
+    (toy: vq, mq, ta, ood; videoalign: vq, mq, ta, overall, vq_raw, ...; clip: clip_score;
+    pickscore: pickscore; a model's `prefix` is prepended to its names)."""
+
     name: str
     weight: float = 1.0
 
@@ -168,6 +172,21 @@ class RewardsConfig(_Section):
     model_path: Path | None = None
     max_batch_videos: int = Field(48, ge=1, description="a reward server scores up to this many videos at once")
     batch_timeout_s: float = Field(0.02, ge=0, description="how long a server waits to fill a batch")
+    # The reward models a server owns (rewards/specs.py validates each entry: kind, path, device,
+    # num_gpus, runtime_env, ...). Empty: the toy world's rewards (vq, mq, ta and the held-out ood).
+    models: list[dict[str, Any]] = Field(default_factory=list)
+    video_fps: float = Field(16.0, gt=0, description="frame rate of the videos servers receive (frame sampling)")
+    runtime_env: dict[str, Any] | None = Field(None, description="Ray runtime_env of every reward server actor")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per server actor")
+
+    @model_validator(mode="after")
+    def _check_models(self) -> "RewardsConfig":
+        from rewards.specs import check_model_entries  # pydantic only; no torch, no transformers
+
+        normalised = check_model_entries(self.models, self.num_gpus_per_server)
+        if normalised != self.models:
+            object.__setattr__(self, "models", normalised)
+        return self
 
 
 class LoraConfig(_Section):

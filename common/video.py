@@ -52,16 +52,26 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def write_mp4(path: str | Path, frames: torch.Tensor | np.ndarray, fps: float = 16.0, upscale: int = 1) -> Path:
+    """uint8 frames [F, H, W, 3] -> an H.264 mp4 file, written atomically."""
+    return write_bytes_atomic(path, encode_mp4(frames, fps=fps, upscale=upscale))
+
+
 def read_mp4(path: str | Path) -> tuple[torch.Tensor, float]:
-    """mp4 -> (uint8 frames [F, H, W, 3], fps)."""
+    """mp4 -> (uint8 frames [F, H, W, 3], fps). ValueError for an empty file, a file that is not a
+    video, or a video without frames; FileNotFoundError when there is no file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no video at {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes)")
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.base_rate or 0) or 16.0
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    except IndexError:
+        raise ValueError(f"{path}: has no video stream") from None
     except av.error.FFmpegError as exc:
         raise ValueError(f"{path}: not a readable video ({exc})") from None
     if not frames:

@@ -24,3 +24,59 @@ def weighted_total(components: dict[str, torch.Tensor], weights: dict[str, float
     if total is None:
         raise RewardError("no reward terms configured")
     return total
+
+
+def component_stats(components: dict[str, torch.Tensor], weights: dict[str, float] | None = None) -> dict[str, dict]:
+    """Per component: mean, std, min, max over the videos (finite values only, with their count),
+    and, for weighted ones, the weight and its contribution (weight * mean) to the total."""
+    weights = weights or {}
+    stats = {}
+    for name, value in components.items():
+        v = torch.as_tensor(value).detach().float().reshape(-1)
+        finite = v[torch.isfinite(v)]
+        n = finite.numel()
+        entry = {"n": n, "non_finite": int(v.numel() - n),
+                 "mean": finite.mean().item() if n else float("nan"),
+                 "std": finite.std(unbiased=False).item() if n else float("nan"),
+                 "min": finite.min().item() if n else float("nan"),
+                 "max": finite.max().item() if n else float("nan")}
+        if name in weights:
+            entry["weight"] = weights[name]
+            entry["contribution"] = weights[name] * entry["mean"]
+        stats[name] = entry
+    return stats
+
+
+class RewardCombiner:
+    """The training reward: a weighted sum of named components (config `rewards.terms`), refusing
+    missing or non-finite weighted components, with per-component statistics.
+
+        combiner = RewardCombiner.from_config(config)      # or RewardCombiner({"vq": 1.0, "ta": 0.5})
+        total, stats = combiner(components)                # total float32 [B]; stats per component
+    """
+
+    def __init__(self, weights: dict[str, float]):
+        if not weights:
+            raise RewardError("no reward terms configured")
+        bad = [n for n, w in weights.items() if not isinstance(w, (int, float)) or w != w or abs(w) == float("inf")]
+        if bad:
+            raise RewardError(f"reward weight(s) of {bad} are not finite numbers")
+        self.weights = dict(weights)
+
+    @classmethod
+    def from_config(cls, config) -> "RewardCombiner":
+        weights: dict[str, float] = {}
+        for term in config.rewards.terms:
+            if term.name in weights:
+                raise RewardError(f"rewards.terms: {term.name!r} listed twice")
+            weights[term.name] = term.weight
+        return cls(weights)
+
+    def total(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
+        return weighted_total(components, self.weights)
+
+    def __call__(self, components: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, dict]]:
+        total = self.total(components)
+        stats = component_stats(components, self.weights)
+        stats["total"] = component_stats({"total": total})["total"]
+        return total, stats

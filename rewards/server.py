@@ -17,30 +17,32 @@ import time
 import torch
 
 from common.errors import RewardError
+from rewards.base import RewardModel
+from rewards.registry import ToyReward, build_models
 
 
-class ToyRewardModel:
-    """The toy world's VQ/MQ/TA stand-ins and its held-out OOD score (rewards/toy.py)."""
-
-    def __init__(self, names: list[str]):
-        from rewards.toy import TOY_REWARDS
-
-        unknown = [n for n in names if n not in TOY_REWARDS]
-        if unknown:
-            raise RewardError(f"rewards.terms: unknown toy reward(s) {unknown}; known: {sorted(TOY_REWARDS)}")
-        self.components = list(names)
-
-    def __call__(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        from rewards.toy import score
-
-        videos = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # -> [B, 3, F, H, W] in [-1, 1]
-        return score(videos, prompts, self.components)
+class ToyRewardModel(ToyReward):
+    """The toy world's VQ/MQ/TA stand-ins and its held-out OOD score (rewards/toy.py), behind the
+    one reward-model interface (rewards/base.py)."""
 
 
 def build_reward_models(config) -> list:
-    """The models behind the configured terms, plus the out-of-domain score (never trained on)."""
-    names = [t.name for t in config.rewards.terms]
-    return [ToyRewardModel(names + (["ood"] if "ood" not in names else []))]
+    """The models of `rewards.models` (rewards/specs.py); none configured: the toy rewards of the
+    configured terms plus the out-of-domain score (never trained on)."""
+    return build_models(config)
+
+
+def server_options(config) -> dict:
+    """Extra Ray actor options of a reward server, beyond num_cpus/num_gpus/placement: the server's
+    `rewards.runtime_env` and custom `rewards.resources`. The driver adds them with
+    `server_cls.options(..., **server_options(config))`."""
+    w = config.rewards
+    options: dict = {}
+    if w.runtime_env:
+        options["runtime_env"] = dict(w.runtime_env)
+    if w.resources:
+        options["resources"] = dict(w.resources)
+    return options
 
 
 def check_videos(frames, prompts) -> None:
@@ -53,11 +55,26 @@ def check_videos(frames, prompts) -> None:
         raise RewardError(f"{frames.shape[0]} videos but {len(prompts)} prompts")
 
 
-def score_batch(models, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Every model on one batch; each component checked for shape and finiteness."""
+def score_batch(models, frames: torch.Tensor, prompts: list[str], fps: float | None = None,
+                latency: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every model on one batch; each component checked for shape and finiteness. With `latency`,
+    each model's calls, videos and seconds are added under its name."""
     out: dict[str, torch.Tensor] = {}
     for model in models:
-        for name, value in model(frames, prompts).items():
+        start = time.perf_counter()
+        try:
+            if fps is not None and isinstance(model, RewardModel):
+                scores = model(frames, prompts, fps=fps)
+            else:
+                scores = model(frames, prompts)
+        finally:
+            if latency is not None:
+                name = getattr(model, "name", type(model).__name__)
+                entry = latency.setdefault(name, {"calls": 0, "videos": 0, "seconds": 0.0})
+                entry["calls"] += 1
+                entry["videos"] += int(frames.shape[0])
+                entry["seconds"] += time.perf_counter() - start
+        for name, value in scores.items():
             value = torch.as_tensor(value).detach().float().cpu().reshape(-1)
             if value.shape[0] != frames.shape[0]:
                 raise RewardError(f"reward {name!r} returned {value.shape[0]} scores for {frames.shape[0]} videos")
@@ -80,6 +97,8 @@ class RewardServer:
         self.models = build_reward_models(config)
         self.max_batch = config.rewards.max_batch_videos
         self.timeout = config.rewards.batch_timeout_s
+        self.fps = config.rewards.video_fps
+        self.latency: dict[str, dict] = {}
         self.queue: asyncio.Queue | None = None
         self.stats = {"requests": 0, "videos": 0, "batches": 0, "failures": 0, "busy_seconds": 0.0,
                       "started": time.time()}
@@ -120,7 +139,7 @@ class RewardServer:
                 raise RewardError("batched videos differ in shape")  # handled below, one by one
             frames = torch.cat([f for f, _, _ in batch])
             prompts = [p for _, ps, _ in batch for p in ps]
-            scores = score_batch(self.models, frames, prompts)
+            scores = score_batch(self.models, frames, prompts, self.fps, self.latency)
             at = 0
             for f, _, future in batch:
                 n = f.shape[0]
@@ -133,7 +152,7 @@ class RewardServer:
                 if future.done():
                     continue
                 try:
-                    future.set_result(score_batch(self.models, f, ps))
+                    future.set_result(score_batch(self.models, f, ps, self.fps, self.latency))
                     self.stats["videos"] += f.shape[0]
                 except Exception as exc:
                     self.stats["failures"] += 1
@@ -141,4 +160,9 @@ class RewardServer:
         self.stats["busy_seconds"] += time.perf_counter() - start
 
     def get_stats(self) -> dict:
-        return dict(self.stats, index=self.index, components=[c for m in self.models for c in m.components])
+        """Counters, plus per model: calls, videos, seconds, ms_per_video, ms_per_call."""
+        models = {name: dict(e, ms_per_video=1000 * e["seconds"] / max(e["videos"], 1),
+                             ms_per_call=1000 * e["seconds"] / max(e["calls"], 1))
+                  for name, e in self.latency.items()}
+        return dict(self.stats, index=self.index, components=[c for m in self.models for c in m.components],
+                    models=models)

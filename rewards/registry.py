@@ -1,0 +1,123 @@
+"""Builds the reward models of a config (`rewards.models`, see rewards/specs.py).
+
+    from rewards.registry import build_models
+    models = build_models(config)            # list of RewardModel
+    models[0].components, models[0](frames, prompts, fps=16.0)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.errors import RewardError
+from rewards.base import RewardModel
+from rewards.specs import RewardModelSpec, specs
+
+
+class ToyReward(RewardModel):
+    """The toy world's VQ/MQ/TA stand-ins and its held-out OOD score (rewards/toy.py)."""
+
+    name = "toy"
+
+    def __init__(self, names: list[str], prefix: str = ""):
+        from rewards.toy import TOY_REWARDS
+
+        unknown = [n for n in names if n not in TOY_REWARDS]
+        if unknown:
+            raise RewardError(f"rewards.terms: unknown toy reward(s) {unknown}; known: {sorted(TOY_REWARDS)}")
+        self.names, self.prefix = list(names), prefix
+        self.components = [prefix + n for n in names]
+
+    def score(self, frames: torch.Tensor, prompts: list[str], fps: float) -> dict[str, torch.Tensor]:
+        from rewards.toy import score
+
+        videos = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # -> [B, 3, F, H, W] in [-1, 1]
+        try:
+            out = score(videos, prompts, self.names)
+        except ValueError as exc:
+            raise RewardError(f"toy reward: {exc}") from None
+        return {self.prefix + k: v for k, v in out.items()}
+
+
+def build_model(spec: RewardModelSpec, term_names: list[str] | None = None) -> RewardModel:
+    """One reward model from its spec (local files only)."""
+    if spec.kind == "toy":
+        names = spec.components
+        if names is None:
+            names = list(dict.fromkeys([n for n in (term_names or ["vq", "mq", "ta"])] + ["ood"]))
+        return ToyReward(names, spec.prefix)
+    if spec.kind == "videoalign":
+        from rewards.videoalign import VideoAlignReward
+
+        return VideoAlignReward(spec.path, base_model=spec.base_model, checkpoint_step=spec.checkpoint_step,
+                                device=spec.device, dtype=spec.dtype, fps=spec.fps, max_pixels=spec.max_pixels,
+                                min_pixels=spec.min_pixels, normalize=spec.normalize,
+                                prompt_template=spec.prompt_template, max_prompt_tokens=spec.max_prompt_tokens,
+                                prefix=spec.prefix)
+    from rewards.clip import ClipReward
+
+    return ClipReward(spec.path, processor=spec.processor, device=spec.device, dtype=spec.dtype,
+                      num_frames=spec.num_frames, kind=spec.kind, prefix=spec.prefix,
+                      max_prompt_tokens=spec.max_prompt_tokens)
+
+
+class RemoteReward(RewardModel):
+    """A reward model in its own Ray actor (its spec has a runtime_env: clashing dependencies)."""
+
+    def __init__(self, spec: RewardModelSpec, term_names: list[str]):
+        import ray
+
+        host = ray.remote(ModelHost).options(runtime_env=spec.runtime_env, num_cpus=spec.num_cpus,
+                                             num_gpus=spec.num_gpus, max_restarts=0)
+        self.actor = host.remote(spec.model_dump(mode="json"), term_names)
+        self.components, self.name = ray.get(self.actor.describe.remote())
+        self.timeout = 600.0
+
+    def __call__(self, frames, prompts, fps=16.0):
+        import ray
+
+        return ray.get(self.actor.score.remote(frames, list(prompts), fps), timeout=self.timeout)
+
+
+class ModelHost:
+    """Ray actor body hosting one reward model."""
+
+    def __init__(self, spec: dict, term_names: list[str]):
+        self.model = build_model(RewardModelSpec.model_validate(spec), term_names)
+
+    def describe(self):
+        return self.model.components, self.model.name
+
+    def score(self, frames, prompts, fps):
+        return self.model(frames, prompts, fps)
+
+
+def build_models(config, remote: bool = True) -> list[RewardModel]:
+    """Every configured model (the toy rewards if none are). Models with a runtime_env run in their
+    own actor when `remote` and Ray is up. Every term must name a component some model declares."""
+    term_names = [t.name for t in config.rewards.terms]
+    all_specs = specs(config)
+    if len(all_specs) > 1:  # the toy model then takes only the terms that are toy rewards
+        from rewards.toy import TOY_REWARDS
+
+        toy_terms = [n for n in term_names if n in TOY_REWARDS]
+    else:
+        toy_terms = term_names
+    models: list[RewardModel] = []
+    for spec in all_specs:
+        names = toy_terms if spec.kind == "toy" else term_names
+        if spec.runtime_env and remote:
+            import ray
+
+            if ray.is_initialized():
+                models.append(RemoteReward(spec, names))
+                continue
+        models.append(build_model(spec, names))
+    declared = [c for m in models for c in m.components]
+    duplicated = sorted({c for c in declared if declared.count(c) > 1})
+    if duplicated:
+        raise RewardError(f"reward component(s) {duplicated} declared by two models; give one a `prefix`")
+    missing = [n for n in term_names if n not in declared]
+    if missing:
+        raise RewardError(f"rewards.terms name {missing}, which no reward model declares; declared: {declared}")
+    return models
