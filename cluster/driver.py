@@ -43,6 +43,7 @@ class Counters:
     stale_trained_max: int = 0
     staleness: list[int] = field(default_factory=list)
     groups_by_phase: dict[str, int] = field(default_factory=dict)
+    heartbeats_missed: int = 0
 
 
 def write_checkpoint(root, learner, state: dict) -> str:
@@ -125,7 +126,7 @@ class RolloutPool:
     """
 
     def __init__(self, make_worker: Callable[[str], object], sync: Callable[[list], None], controller,
-                 reward_servers: list, counters: Counters, timeout_s: float):
+                 reward_servers: list, counters: Counters, timeout_s: float, heartbeat: tuple[float, float] = (30, 10)):
         self.make_worker, self.sync, self.controller = make_worker, sync, controller
         self.reward_servers, self.counters, self.timeout_s = reward_servers, counters, timeout_s
         self.workers: dict[str, object] = {}
@@ -135,6 +136,8 @@ class RolloutPool:
         self.results: dict[int, tuple[GroupSummary, object]] = {}
         self.failed: set[int] = set()
         self.metrics = None  # common.metrics.RunMetrics, set by the job
+        self.heartbeat_s, self.heartbeat_timeout_s = heartbeat
+        self.last_heartbeat = time.monotonic()
         self.next_index = 0
         self.last_poll = 0.0
         self.events: list[str] = []
@@ -183,6 +186,25 @@ class RolloutPool:
                 self.forget(name)
         return out
 
+    def _heartbeat(self, now: float) -> None:
+        """Ping the idle workers every cluster.heartbeat_s; one that does not answer within
+        cluster.heartbeat_timeout_s (hung, stopped, partitioned) is killed and replaced. Busy
+        workers are covered by the call timeout of their job."""
+        import ray
+
+        if now - self.last_heartbeat < self.heartbeat_s:
+            return
+        self.last_heartbeat = now
+        idle = [n for n in self.live() if n not in self.busy]
+        refs = {self.workers[n].ping.remote(): n for n in idle}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=self.heartbeat_timeout_s) if refs else ([], [])
+        for ref, name in refs.items():
+            if ref not in ready:
+                log.error("%s missed its heartbeat (%.0f s); replacing it", name, self.heartbeat_timeout_s)
+                ray.kill(self.workers[name])
+                self.forget(name)
+                self.counters.heartbeats_missed += 1
+
     def _apply_target(self) -> None:
         import ray
 
@@ -190,6 +212,7 @@ class RolloutPool:
         if now - self.last_poll < 0.2:
             return
         self.last_poll = now
+        self._heartbeat(now)
         target = ray.get(self.controller.get_target.remote())["rollout"]
         live = self.live()
         if target > len(live):

@@ -106,8 +106,9 @@ class Actors:
 
         self.controller = ray.remote(Controller).options(name="controller", namespace=ns, num_cpus=0).remote(r.num_workers)
         self.last_packet = None
+        c = config.cluster
         self.pool = RolloutPool(make_worker, self.sync_to, self.controller, self.reward_servers, self.counters,
-                                config.cluster.call_timeout_s)
+                                c.call_timeout_s, (c.heartbeat_s, c.heartbeat_timeout_s))
         self.publish()
         self.pool.grow(r.num_workers)
 

@@ -209,7 +209,7 @@ def run(config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) 
                 "weight_syncs": counters.weight_syncs, "weight_sync_bytes": counters.weight_sync_bytes,
                 "dropped_stale": counters.dropped_stale, "max_staleness_trained": counters.stale_trained_max,
                 "reward_failures": counters.reward_failures, "worker_failures": counters.worker_failures,
-                "jobs_redone": counters.jobs_redone, "rollout_workers_final": len(actors.pool.workers),
+                "jobs_redone": counters.jobs_redone, "heartbeats_missed": counters.heartbeats_missed, "rollout_workers_final": len(actors.pool.workers),
                 "scaling_events": actors.pool.events, "role_busy_ratio": busy,
                 "weight_sync_seconds": counters.weight_sync_seconds,
                 "components_initial": before_parts, "components_final": after_parts,
@@ -277,6 +277,18 @@ def main(argv: list[str] | None = None) -> int:
     except (PromptError, PlacementError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from ray.exceptions import RayError
+
+        if not isinstance(exc, RayError):
+            raise
+        # An actor's failure (a full or out-of-memory Redis, a dead learner): one clear line, not
+        # a wall of remote tracebacks; everything up to the last checkpoint is kept.
+        cause = getattr(exc, "cause", None) or exc
+        lines = [x for x in str(cause).strip().splitlines() if x.strip()]
+        print(f"error: {type(cause).__name__}: {lines[-1] if lines else cause}", file=sys.stderr)
+        print(f"the run stopped; `--resume` continues it from {root / 'checkpoints'}", file=sys.stderr)
+        return 1
     print(json.dumps({k: summary[k] for k in ("reward_initial", "reward_final", "ood_initial", "ood_final",
                                               "iterations", "groups", "wall_seconds")}))
     print(f"run folder: {root}")

@@ -274,3 +274,37 @@ def test_killed_workers_reward_servers_and_a_redis_restart_lose_no_group(local_r
     assert result["groups_produced"] == result["groups_expected"] == 3 + 5 * 2
     assert result["buffer_items_before_restart"] == result["buffer_items_after_restart"] == 3
     assert result["weight_version"] == 5
+
+
+def test_a_hung_rollout_worker_is_replaced(local_ray, tmp_path):
+    import os
+    import signal
+
+    from cluster.train import RunFolder, run
+
+    name = f"t{uuid.uuid4().hex[:8]}"
+    cfg = load_config(TOY, [*SMALL, "run.phases=[on_policy]", "run.iterations=4", f"run.name={name}",
+                            f"run.output_dir={tmp_path}", f"cluster.namespace={name}", "cluster.heartbeat_s=0.5",
+                            "cluster.heartbeat_timeout_s=2", "cluster.call_timeout_s=15"])
+    root = tmp_path / name
+    stopped = {}
+
+    def freeze_worker():  # SIGSTOP: alive to the OS, silent to Ray, like a hang in a CUDA kernel
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if (root / "metrics.jsonl").exists() and any(r["phase"] == "on_policy" for r in metrics(root)):
+                pid = ray.get(ray.get_actor("rollout-0", namespace=name).ping.remote())["pid"]
+                os.kill(pid, signal.SIGSTOP)
+                stopped["pid"] = pid
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=freeze_worker, daemon=True)
+    thread.start()
+    summary = run(cfg, RunFolder(root))
+    thread.join(timeout=5)
+    assert stopped, "the worker was never frozen"
+    assert summary["groups"] == 4 * 2 and summary["worker_failures"] >= 1
+    assert summary["heartbeats_missed"] + summary["jobs_redone"] >= 1
+    assert [r["groups"] for r in metrics(root) if r["phase"] == "on_policy"] == [2] * 4
+    assert "lost rollout-0" in summary["scaling_events"] or summary["jobs_redone"] >= 1
