@@ -30,9 +30,16 @@ def check_resources(config, available: dict) -> None:
         "GPU": r.num_workers * r.num_gpus_per_worker + w.num_servers * w.num_gpus_per_server
         + l.num_workers * l.num_gpus_per_worker,
     }
+    for _role, count, extra in (("rollout", r.num_workers, r.resources), ("rewards", w.num_servers, w.resources),
+                               ("learner", l.num_workers, l.resources)):
+        for resource, amount in extra.items():
+            need[resource] = need.get(resource, 0.0) + count * amount
     for resource, amount in need.items():
         have = available.get(resource, 0.0)
         if amount > have + 1e-9:
+            if resource not in ("CPU", "GPU"):
+                raise PlacementError(f"the roles need {amount:g} of the custom resource {resource!r} "
+                                     f"(rollout/rewards/learner .resources) but the cluster has {have:g}")
             raise PlacementError(
                 f"the roles need {amount:g} {resource} (rollout {r.num_workers} x "
                 f"{getattr(r, f'num_{resource.lower()}s_per_worker'):g}, rewards {w.num_servers} x "
@@ -51,7 +58,7 @@ class Actors:
 
         from actors.worker import RolloutWorker
         from learner.worker import Learner
-        from rewards.server import RewardServer
+        from rewards.server import RewardServer, server_options
 
         self.config = config
         check_resources(config, ray.cluster_resources())
@@ -61,11 +68,13 @@ class Actors:
         self.placement_groups = []
 
         l = config.learner
-        learner_pg = placement_group([{"CPU": l.num_cpus_per_worker, "GPU": l.num_gpus_per_worker}] * l.num_workers,
+        learner_pg = placement_group([{"CPU": l.num_cpus_per_worker, "GPU": l.num_gpus_per_worker, **l.resources}]
+                                     * l.num_workers,
                                      strategy="PACK", name=f"{ns}-learners")
         self.placement_groups.append(learner_pg)
         w = config.rewards
-        reward_pg = placement_group([{"CPU": w.num_cpus_per_server, "GPU": w.num_gpus_per_server}] * w.num_servers,
+        reward_pg = placement_group([{"CPU": w.num_cpus_per_server, "GPU": w.num_gpus_per_server, **w.resources}]
+                                    * w.num_servers,
                                     strategy="SPREAD", name=f"{ns}-rewards")
         self.placement_groups.append(reward_pg)
         ray.get([learner_pg.ready(), reward_pg.ready()], timeout=config.cluster.call_timeout_s)
@@ -73,7 +82,7 @@ class Actors:
         learner_cls = ray.remote(Learner)
         self.learners = [
             learner_cls.options(name=f"learner-{rank}", namespace=ns, num_cpus=l.num_cpus_per_worker,
-                                num_gpus=l.num_gpus_per_worker, max_restarts=0,
+                                num_gpus=l.num_gpus_per_worker, max_restarts=0, resources=dict(l.resources) or None,
                                 scheduling_strategy=PlacementGroupSchedulingStrategy(learner_pg, rank))
             .remote(cfg, rank, l.num_workers, replay, record_key)
             for rank in range(l.num_workers)
@@ -91,7 +100,7 @@ class Actors:
             # scoring is a pure function of the videos, so a retry cannot put a group in twice.
             server_cls.options(name=f"reward-{i}", namespace=ns, num_cpus=w.num_cpus_per_server,
                                num_gpus=w.num_gpus_per_server, max_concurrency=256,
-                               max_restarts=-1, max_task_retries=3,
+                               max_restarts=-1, max_task_retries=3, **server_options(config),
                                scheduling_strategy=PlacementGroupSchedulingStrategy(reward_pg, i))
             .remote(cfg, i)
             for i in range(w.num_servers)
@@ -102,7 +111,8 @@ class Actors:
 
         def make_worker(name: str):
             return worker_cls.options(name=name, namespace=ns, num_cpus=r.num_cpus_per_worker,
-                                      num_gpus=r.num_gpus_per_worker, max_restarts=0).remote(cfg, name, replay, record_key)
+                                      num_gpus=r.num_gpus_per_worker, resources=dict(r.resources) or None,
+                                      max_restarts=0).remote(cfg, name, replay, record_key)
 
         self.controller = ray.remote(Controller).options(name="controller", namespace=ns, num_cpus=0).remote(r.num_workers)
         self.last_packet = None

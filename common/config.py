@@ -149,6 +149,8 @@ class RolloutConfig(_Section):
     num_cpus_per_worker: float = Field(1.0, gt=0)
     prompts: Path | None = None
     prompts_per_iteration: int = Field(1, ge=1, description="groups per update (the global batch)")
+    resources: dict[str, float] = Field(default_factory=dict,
+                                        description="custom Ray resources per worker, e.g. {rollout_gpu: 1}")
     prefetch_iterations: int | None = Field(
         None, ge=0, description="iterations of jobs sent out ahead of the learner; None = learner.max_staleness")
 
@@ -206,6 +208,8 @@ class LearnerConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     max_staleness: int = Field(0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict,
+                                        description="custom Ray resources per learner, e.g. {learner_gpu: 1}")
 
 
 class ReplayConfig(_Section):

@@ -120,3 +120,12 @@ def test_more_gpus_than_the_cluster_has_is_refused_before_any_actor_starts():
     with pytest.raises(PlacementError, match=r"need 4 GPU .*rollout 4 x 1.* but the cluster has 2"):
         check_resources(cfg, {"CPU": 64.0, "GPU": 2.0})
     check_resources(load_config("configs/toy.yaml"), {"CPU": 2.0})  # the toy default fits a 2-core laptop
+
+
+def test_custom_role_resources_the_cluster_lacks_are_refused():
+    from cluster.placement import PlacementError, check_resources
+
+    cfg = load_config("configs/toy.yaml", ["rollout.num_workers=2", "rollout.resources={rollout_gpu: 1}"])
+    with pytest.raises(PlacementError, match="need 2 of the custom resource 'rollout_gpu'.*has 1"):
+        check_resources(cfg, {"CPU": 8.0, "rollout_gpu": 1.0})
+    check_resources(cfg, {"CPU": 8.0, "rollout_gpu": 2.0})
