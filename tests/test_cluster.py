@@ -101,8 +101,8 @@ def test_one_and_two_rollout_workers_make_the_same_run(local_ray, tmp_path):
     one, root1 = toy_job(tmp_path, phases, "rollout.num_workers=1")
     r1 = [r["reward_mean"] for r in metrics(root1) if r["phase"] == "on_policy"]
     a1 = adapter(root1, "on_policy")
-    # Two workers, with each weight transport: the same groups and the same adapter.
-    for transport in ("object_store", "collective"):
+    # Two workers over the collective transport (the scaling test covers two over the object store).
+    for transport in ("collective",):
         two, root2 = toy_job(tmp_path, phases, "rollout.num_workers=2", f"cluster.weight_transport={transport}")
         assert two["worker_weight_versions"] == [3, 3], transport
         assert two["weight_sync_bytes"] > 0
