@@ -16,7 +16,8 @@ out-of-domain score before and after, on a fixed evaluation set of prompts and n
 `fork_diversity` (first seed, base policy) says whether there is anything to learn from: per group of
 G branches forked at pivots 0..L-1 in turn, the spread across branches (std over branches, mean over
 elements) of the pivot chunk's initial noise and of the finished pivot chunk, and the std of the
-group's rewards. If the finished chunks do not differ, the z-scored advantages are amplified noise.
+group's rewards, overall and per pivot (`per_pivot`, groups cycle through the pivots). If the
+finished chunks do not differ, the z-scored advantages are amplified noise.
 """
 
 from __future__ import annotations
@@ -96,11 +97,16 @@ class ToyRun:
                 fork_seed=rng.randrange(2**31), decode=pixels_as_video, reward_fn=self.reward_fn,
                 weights=self.weights, policy_version=0, adapter=adapters.ON_POLICY)
             rows.append((g.pivot_inputs[:, 0].std(0).mean().item(),
-                         pixels_as_video(g.pivot_latents).std(0).mean().item(), g.rewards.std().item()))
-        init, pivot, std = zip(*rows)
+                         pixels_as_video(g.pivot_latents).std(0).mean().item(), g.rewards.std().item(), g.pivot))
+        init, pivot, std, where = zip(*rows)
+        per_pivot = {}
+        for k in sorted(set(where)):
+            mine = [r for r in rows if r[3] == k]
+            per_pivot[str(k)] = dict(groups=len(mine), pivot_chunk_spread=statistics.mean(r[1] for r in mine),
+                                     reward_std=statistics.mean(r[2] for r in mine))
         return dict(groups=num_groups, init_noise_spread=statistics.mean(init),
                     pivot_chunk_spread=statistics.mean(pivot), reward_std=statistics.mean(std),
-                    reward_std_median=statistics.median(std))
+                    reward_std_median=statistics.median(std), per_pivot=per_pivot)
 
     def collect(self, prompt: str, rng: random.Random, version: int, adapter: str):
         a = self.cfg.algorithm

@@ -1,8 +1,10 @@
 """A procedural text-to-video world small enough to train and align on two CPU cores.
 
 Prompts name an object colour, a shape, a direction and a background: "a red circle moving left on
-a black background". `render` draws the matching clip (anti-aliased, constant speed, random start),
-which is the data the toy generator is pre-trained on and what the toy rewards compare against.
+a black background". `render` draws the matching clip (anti-aliased, random start, about one pixel a
+frame in the stated direction, and at each chunk boundary the velocity either kept or re-drawn: a
+later chunk is NOT determined by the earlier ones, as in real video), which is the data the toy
+generator is pre-trained on and what the toy rewards compare against.
 `ToyTextEncoder` stands in for UMT5 with the same interface: prompts in, [B, tokens, dim] out.
 
 Videos are float tensors in [-1, 1], [B, 3, F, H, W], like the generator's pixel-space output.
@@ -33,6 +35,13 @@ BACKGROUNDS = {
 SHAPES = ("circle", "square", "cross")
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # (dx, dy)
 OBJECT_RADIUS = 3.0
+# Per-chunk motion freedom (see `chunk_velocities`): a chunk keeps the previous chunk's velocity with
+# KEEP_PROBABILITY, else draws a new one (speed x U(0.7, 1.3) along the direction, a perpendicular
+# drift of U(-0.3, 0.3) px/frame). Real videos' later chunks are not determined by the earlier ones:
+# these are the toy world's, so a chunk's noise has something to choose, and motion quality (MQ)
+# can tell a smooth continuation (the same velocity) from a rough one.
+VARIATION = 0.3
+KEEP_PROBABILITY = 0.5
 
 
 @dataclass(frozen=True)
@@ -94,35 +103,60 @@ def object_alpha(shape: str, cx: torch.Tensor, cy: torch.Tensor, size: int, r: f
     return (_signed_inside(shape, dx, dy, r) + 0.5).clamp(0.0, 1.0)
 
 
-def render(prompt: ToyPrompt | str, num_frames: int = 8, size: int = 16, speed: float = 1.0, seed: int = 0) -> torch.Tensor:
-    """The clip a prompt describes, [3, F, H, W] in [-1, 1]; the start position depends on `seed`."""
+def chunk_velocities(prompt: ToyPrompt, num_chunks: int, speed: float, rng: random.Random,
+                     variation: float = VARIATION, keep_probability: float = KEEP_PROBABILITY) -> list[tuple[float, float]]:
+    """One (vx, vy) per chunk, pixels per frame. The first chunk draws its velocity: the stated
+    direction at `speed` times U(1 - variation, 1 + variation), plus a perpendicular drift of `speed`
+    times U(-variation, variation); each later chunk keeps the previous chunk's velocity with
+    `keep_probability`, else draws a fresh one the same way. `variation` 0: constant velocity."""
+    ux, uy = DIRECTIONS[prompt.direction]
+    px, py = -uy, ux  # perpendicular
+
+    def draw() -> tuple[float, float]:
+        along = speed * (1 + rng.uniform(-variation, variation))
+        across = speed * rng.uniform(-variation, variation)
+        return along * ux + across * px, along * uy + across * py
+
+    velocities = [draw()]
+    for _ in range(num_chunks - 1):
+        velocities.append(velocities[-1] if rng.random() < keep_probability else draw())
+    return velocities
+
+
+def render(prompt: ToyPrompt | str, num_frames: int = 8, size: int = 16, speed: float = 1.0, seed: int = 0,
+           frames_per_chunk: int = 2, variation: float = VARIATION,
+           keep_probability: float = KEEP_PROBABILITY) -> torch.Tensor:
+    """The clip a prompt describes, [3, F, H, W] in [-1, 1]. The object moves in the stated direction
+    at about `speed` pixels a frame; per chunk of `frames_per_chunk` frames it keeps its velocity or
+    changes it (`chunk_velocities`), and the start position is random, chosen so the whole path stays
+    inside the frame. Everything random depends on `seed` only."""
     if isinstance(prompt, str):
         prompt = ToyPrompt.parse(prompt)
     rng = random.Random(seed)
-    ux, uy = DIRECTIONS[prompt.direction]
-    travel = speed * (num_frames - 1)
+    num_chunks = -(-num_frames // frames_per_chunk)
+    velocities = chunk_velocities(prompt, num_chunks, speed, rng, variation, keep_probability)
+    # Frame t (t >= 1) moves by its chunk's velocity: frame 1 already shows chunk 0's.
+    steps = torch.tensor([(0.0, 0.0)] + [velocities[t // frames_per_chunk] for t in range(1, num_frames)])
+    path = steps.cumsum(0)  # [F, 2] offsets from the start
     margin = OBJECT_RADIUS + 0.5
 
-    def start(u: float) -> float:
-        lo, hi = margin, size - margin
-        if u > 0:
-            hi -= travel
-        elif u < 0:
-            lo += travel
+    def start(offsets: torch.Tensor) -> float:
+        lo, hi = margin - offsets.min().item(), size - margin - offsets.max().item()
         return rng.uniform(lo, max(lo, hi))
 
-    t = torch.arange(num_frames, dtype=torch.float32)
-    cx = start(ux) + ux * speed * t
-    cy = start(uy) + uy * speed * t
+    cx = start(path[:, 0]) + path[:, 0]
+    cy = start(path[:, 1]) + path[:, 1]
     alpha = object_alpha(prompt.shape, cx, cy, size)[None]  # [1, F, H, W]
     obj = torch.tensor(COLOURS[prompt.colour])[:, None, None, None]
     bg = torch.tensor(BACKGROUNDS[prompt.background])[:, None, None, None]
     return (bg * (1 - alpha) + obj * alpha) * 2.0 - 1.0
 
 
-def render_batch(prompts, num_frames: int = 8, size: int = 16, speed: float = 1.0, seeds=None) -> torch.Tensor:
+def render_batch(prompts, num_frames: int = 8, size: int = 16, speed: float = 1.0, seeds=None,
+                 **motion) -> torch.Tensor:
+    """`render` for each prompt; `motion`: render's frames_per_chunk, variation, keep_probability."""
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    return torch.stack([render(p, num_frames, size, speed, s) for p, s in zip(prompts, seeds)])
+    return torch.stack([render(p, num_frames, size, speed, s, **motion) for p, s in zip(prompts, seeds)])
 
 
 def to_uint8(videos: torch.Tensor) -> torch.Tensor:

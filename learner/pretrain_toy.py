@@ -26,16 +26,24 @@ rewards by 1e-4 within a group). The toy sampler's DEFAULT `sampler.shift` is 1.
 0.5, 0.25) rather than Self-Forcing's 5.0 (1, 0.94, 0.83, 0.63): at shift 5 the second step sees 6%
 of the first step's prediction under 94% shared noise, too little for this small model to keep it.
 
-What produced the committed assets/toy_generator (all at --threads 1 on a 2-core CPU):
+What produced the committed assets/toy_generator (all at --threads 1 on a 2-core CPU). The toy
+world's data changed under it: since the per-chunk motion freedom (common/toy_world.py
+`chunk_velocities`: at each chunk boundary the velocity is kept or re-drawn) the teacher and the
+generator are retrained on it, warm-started from the previous ones:
 
-  1. stage one at the sampler's sigmas (then shift 5), 2500 steps from random weights: the generator
-     committed in 09659e3, which no longer ships (`git show 09659e3:assets/toy_generator/...`);
-  2. the teacher, assets/toy_generator/teacher: 400 steps of `--sigma-sampling uniform` from (1),
-        python -m learner.pretrain_toy --threads 1 --init-from STAGE_ONE --sigma-sampling uniform \
-            --steps 400 --lr 3e-4 --out assets/toy_generator/teacher
-  3. the generator, reproducible from the committed teacher by one command:
+  1. stage one at the sampler's sigmas (then shift 5), 2500 steps from random weights, on the
+     constant-speed world: the generator committed in 09659e3, which no longer ships;
+  2. the constant-speed teacher: 400 steps of `--sigma-sampling uniform` from (1), committed in
+     0f958d4 as assets/toy_generator/teacher;
+  3. the teacher now committed, assets/toy_generator/teacher: 400 more steps of
+     `--sigma-sampling uniform` from (2), on the per-chunk-motion world:
+        mkdir -p /tmp/teacher0 && for f in config.json diffusion_pytorch_model.safetensors; do \
+            git show 0f958d4:assets/toy_generator/teacher/$f > /tmp/teacher0/$f; done
+        python -m learner.pretrain_toy --threads 1 --init-from /tmp/teacher0 --sigma-sampling uniform \
+            --steps 400 --lr 3e-4 --out assets/toy_generator/teacher           # ~7 min
+  4. the generator, reproducible from the committed teacher by one command:
         python -m learner.pretrain_toy --threads 1 --distill-from assets/toy_generator/teacher \
-            --steps 500 --lr 3e-4 --pool-size 3072 --out assets/toy_generator
+            --steps 500 --lr 3e-4 --pool-size 3072 --out assets/toy_generator  # ~10 min
 
 Each run writes a diffusers-format transformer directory plus `samples.png` (ground truth above
 streamed few-step samples) and `loss.csv`.

@@ -18,6 +18,11 @@ import torch
 
 from common.toy_world import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, ToyPrompt, object_alpha
 
+# MQ: a mean squared centroid acceleration of JERK_SCALE px^2/frame^4 costs a factor e. 0.1, not 0.5,
+# so one velocity change at a chunk boundary (the toy world's data has them) is clearly rougher
+# than a kept velocity; jitter and shuffled frames still cost far more.
+JERK_SCALE = 0.1
+
 
 def _check(videos: torch.Tensor, prompts: list[str]) -> None:
     if not isinstance(videos, torch.Tensor) or videos.ndim != 5 or videos.shape[1] != 3:
@@ -74,14 +79,16 @@ def visual_quality(videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 
 def motion_quality(videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """MQ analogue: one object present throughout, moving at a steady velocity with a steady size.
-    Acceleration of the centroid (jitter, shuffled frames) and area changes (flicker) lower it."""
+    Acceleration of the centroid (jitter, shuffled frames, and the velocity changes at chunk boundaries
+    that the toy world's data contains) and area changes (flicker) lower it: of the continuations the
+    data allows, the one that keeps the velocity scores highest."""
     _check(videos, prompts)
     alpha, _ = _decompose(videos, prompts)
     area, cx, cy = _moments(alpha)
     presence = 1 - torch.exp(-area.mean(1) / 8.0)
     vx, vy = cx.diff(dim=1), cy.diff(dim=1)
     jerk = (vx.diff(dim=1).square() + vy.diff(dim=1).square()).mean(1) if vx.shape[1] > 1 else torch.zeros_like(presence)
-    steady_motion = torch.exp(-jerk / 0.5)
+    steady_motion = torch.exp(-jerk / JERK_SCALE)
     flicker = (area.std(1, unbiased=False) / area.mean(1).clamp_min(1e-3)).square()
     steady_size = torch.exp(-flicker / 0.05)
     return (presence * steady_motion * steady_size).float()
@@ -142,8 +149,9 @@ def _expected_area(shape: str) -> float:
 
 def ood_score(videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Held out, never trained on: does the clip look like the world's real clips? The object keeps
-    its natural size (a reward hacker may grow or smear it) and travels at the world's speed of
-    one pixel per frame (neither frozen nor teleporting). 1 = like a real render."""
+    its natural size (a reward hacker may grow or smear it) and travels at the world's mean speed of
+    one pixel per frame (neither frozen nor teleporting; real clips vary by chunk around it, see
+    `common.toy_world.chunk_velocities`). 1 = like a real render at exactly that speed."""
     _check(videos, prompts)
     alpha, _ = _decompose(videos, prompts)
     area, cx, cy = _moments(alpha)

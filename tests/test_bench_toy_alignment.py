@@ -19,6 +19,7 @@ def test_toy_alignment_bench_smoke(capsys):
     assert diversity["groups"] == 1 and diversity["init_noise_spread"] > 0.3  # sigma 0.5 neighbours
     for key in ("pivot_chunk_spread", "reward_std", "reward_std_median"):
         assert diversity[key] >= 0
+    assert list(diversity["per_pivot"]) == ["0"] and diversity["per_pivot"]["0"]["groups"] == 1
     for variant in result.values():
         for key in ("reward_before", "reward_after", "ood_before", "ood_after", "iterations", "seconds"):
             assert key in variant

@@ -57,8 +57,10 @@ def test_the_committed_generator_forks_into_different_samples():
     # AR-CoPO explores through a chunk's initial noise: neighbours (sigma 0.5) must end in visibly
     # different chunks with different rewards, or the group advantages are amplified noise. (The
     # flow-matching-only generator this replaced: 1e-4 per pixel, reward std 1e-4.) Pivot 0 only:
-    # in the toy world a chunk after the first is determined by the earlier ones (constant speed and
-    # direction), so a good generator leaves nothing for the noise to choose there.
+    # the toy world's later chunks do have freedom now (velocity kept or re-drawn per chunk), and the
+    # distilled first step does vary with the noise there (x0 spread ~0.06), but the generator's later
+    # steps, trained as flow matching, snap it back to the context's mean at sigma 0.75 (spread 3e-3,
+    # then 7e-4): measured, a known limit, not asserted away.
     cfg = load_config("configs/toy.yaml")
     sampler = StreamingSampler.from_config(load_policy(cfg), cfg)
     text = load_text_encoder(cfg).encode([PROMPT])
@@ -69,4 +71,4 @@ def test_the_committed_generator_forks_into_different_samples():
         spreads.append(videos[:, :, :2].std(0).mean().item())
         stds.append(sum(score(videos, [PROMPT] * 12, ["vq", "mq", "ta"]).values()).std().item())
     assert min(spreads) > 2e-3 and sum(spreads) / 3 > 5e-3, spreads  # 20x and 50x the replaced generator
-    assert sum(stds) / 3 > 5e-3, stds  # measured 0.02 (0.04, 0.016, 0.003)
+    assert sum(stds) / 3 > 5e-3, stds  # measured on the committed generator, see the README

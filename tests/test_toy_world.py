@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.toy_world import ToyPrompt, ToyTextEncoder, all_prompts, render, render_batch, split_prompts, to_uint8
+from common.toy_world import (ToyPrompt, ToyTextEncoder, all_prompts, chunk_velocities, render, render_batch,
+                              split_prompts, to_uint8)
 from rewards.toy import TOY_REWARDS, score
 
 PROMPTS = [p.text for p in all_prompts()[::5]]
@@ -40,6 +41,52 @@ def test_render_moves_in_the_stated_direction():
     assert torch.equal(render(PROMPTS[0], seed=1), render(PROMPTS[0], seed=1))
     assert not torch.equal(render(PROMPTS[0], seed=1), render(PROMPTS[0], seed=2))
     assert to_uint8(render(PROMPTS[0])[None]).shape == (1, 8, 16, 16, 3)
+
+
+def _centroids(video: torch.Tensor) -> torch.Tensor:
+    """[F, 2] centroid (x, y) of a red object on black."""
+    redness = (video[0] - video[1]).clamp_min(0)  # [F, H, W]
+    coords = torch.arange(16, dtype=torch.float32) + 0.5
+    mass = redness.sum((1, 2))
+    return torch.stack([(redness.sum(1) * coords).sum(-1) / mass, (redness.sum(2) * coords).sum(-1) / mass], 1)
+
+
+def test_later_chunks_keep_or_change_their_velocity():
+    # Real videos' later chunks are not determined by the earlier ones; the toy world's are not either:
+    # at each chunk boundary the velocity is kept or re-drawn, so a chunk's noise has a choice to make.
+    import random
+    prompt = ToyPrompt.parse("a red circle moving right on a black background")
+    kept = changed = 0
+    for seed in range(200):
+        v = chunk_velocities(prompt, 4, 1.0, random.Random(seed))
+        assert all(0.7 - 1e-6 <= vx <= 1.3 + 1e-6 and abs(vy) <= 0.3 + 1e-6 for vx, vy in v)
+        kept += sum(a == b for a, b in zip(v, v[1:]))
+        changed += sum(a != b for a, b in zip(v, v[1:]))
+    assert 200 < kept < 400 and 200 < changed < 400  # keep probability 0.5 over 600 boundaries
+    # The rendered path follows them: frame 1 moves by chunk 0's velocity, frames 2-3 by chunk 1's, ...
+    for seed in range(5):
+        video = render(prompt.text, seed=seed)
+        steps = _centroids(video).diff(dim=0)  # [7, 2]
+        v = torch.tensor(chunk_velocities(prompt, 4, 1.0, random.Random(seed)))
+        assert torch.allclose(steps, v[torch.tensor([0, 1, 1, 2, 2, 3, 3])], atol=0.05), seed
+        assert video.shape == (3, 8, 16, 16) and (_centroids(video) > 2.9).all() and (_centroids(video) < 13.1).all()
+    # variation 0: the old constant-speed world; keep probability 1: one velocity per clip.
+    steps = _centroids(render(prompt.text, seed=7, variation=0.0)).diff(dim=0)
+    assert torch.allclose(steps, torch.tensor([1.0, 0.0]).expand(7, 2), atol=0.05)
+    steps = _centroids(render(prompt.text, seed=7, keep_probability=1.0)).diff(dim=0)
+    assert torch.allclose(steps, steps[:1].expand(7, 2), atol=0.05)
+
+
+def test_motion_quality_prefers_kept_velocities():
+    # What RL can push toward at every pivot: the continuation that keeps the motion smooth.
+    prompts = [p.text for p in all_prompts()[::3]]
+    seeds = range(len(prompts))
+    mq = TOY_REWARDS["mq"]
+    smooth = mq(render_batch(prompts, seeds=seeds, keep_probability=1.0), prompts)
+    data = mq(render_batch(prompts, seeds=seeds), prompts)
+    rough = mq(render_batch(prompts, seeds=seeds, keep_probability=0.0), prompts)
+    assert smooth.mean() > data.mean() + 0.1 > rough.mean() + 0.2, (smooth.mean(), data.mean(), rough.mean())
+    assert smooth.min() > 0.9
 
 
 def test_toy_text_encoder():
