@@ -519,7 +519,7 @@ class Driver:
             self._export(phase, it, record, stats, ages or [], dropped)
         if self.progress is not None:
             self.progress.update(1)
-            self.progress.set_postfix({k: f"{record[k]:.3f}" for k in ("reward_mean", "loss") if k in record})
+            self.progress.set_postfix({k: f"{record[k]:.4g}" for k in ("reward_mean", "loss", "clip_fraction") if k in record})
 
 
     def _export(self, phase: str, it: int, record: dict, stats: list[dict], ages: list[int], dropped: int) -> None:
