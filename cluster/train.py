@@ -12,6 +12,10 @@ Everything lands in runs/<run.name>/: config.yaml (resolved), metrics.jsonl (one
 iteration and phase), adapters/ (diffusers Wan LoRA files, loadable with
 `WanPipeline.load_lora_weights`), checkpoints/, samples/{start,end}_<i>.mp4, reward_curve.png and
 summary.json (reward_initial, reward_final, ood_initial, ood_final, iterations, groups, wall_seconds).
+
+While it runs, Prometheus metrics are served on metrics.host:metrics.port (http://127.0.0.1:8080/metrics
+by default) and `python -m cluster.scale --rollout N` grows or shrinks the rollout workers. After a
+crash, the same command with --resume continues from the newest complete checkpoint.
 """
 
 from __future__ import annotations
