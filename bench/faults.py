@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments and victims")
     parser.add_argument("--kills", type=int, default=3, help="actors killed during on-policy training")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     defaults = ["run.phases=[reference,on_policy]", "run.iterations=8", "replay.num_reference_groups=4",
                 "rollout.num_workers=2", "rollout.prompts_per_iteration=2", "run.eval_prompts=2", "run.eval_seeds=1",
                 "run.sample_prompts=0", "algorithm.group_size=4", "algorithm.num_anchors=2", "cluster.num_cpus=4",

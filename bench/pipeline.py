@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=6)
     parser.add_argument("--replay-items", type=int, default=100)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from common.config import load_config_for_cli
 
     defaults = ["run.phases=[on_policy]", f"run.iterations={args.iterations}", "rollout.num_workers=2",

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=4, help="videos per request")
     parser.add_argument("--frames", type=int, default=17, help="frames per video (16 fps)")
     parser.add_argument("--size", type=int, default=64, help="frame height = width")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     import torch
 
     torch.manual_seed(0)

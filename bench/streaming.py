@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-no-cache", action="store_true",
                         help="skip the no-cache baseline (slow at real size: it is quadratic in chunks)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sampler.num_chunks=8")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config_for_cli(args.config, args.overrides)
     if cfg is None:
         return 2

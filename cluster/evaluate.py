@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", type=float, nargs="+", default=None, help="merge scales (default: run.merge_scales)")
     parser.add_argument("--videos", type=int, default=2, help="sample videos per policy")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from common.adapters import AdapterError
     from common.config import load_config_for_cli
     from cluster.prompts import PromptError, load_prompts, read_prompt_file

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollout", type=int, required=True, help="rollout workers wanted")
     parser.add_argument("--namespace", default="arcopo", help="the job's cluster.namespace (default: %(default)s)")
     parser.add_argument("--address", default="auto", help="Ray address (default: %(default)s)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     import ray
 
     from cluster.local import ray_env_defaults

@@ -112,7 +112,7 @@ def run(config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) 
     from cluster.placement import Actors
     from cluster.prompts import load_prompts
     from common.metrics import RunMetrics
-    from common.replay import ReplayBuffer
+    from common.replay import ReplayBuffer, ReplayError
     from learner.merge import Scores
 
     prompts, heldout = load_prompts(config)
@@ -133,6 +133,18 @@ def run(config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) 
         checkpoint = latest_checkpoint(folder.root / "checkpoints") if resume else None
         if resume and checkpoint is None:
             log.warning("--resume: no complete checkpoint in %s; starting from the beginning", folder.root / "checkpoints")
+        monitor = ReplayBuffer(redis.url, config.run.name)  # counters only; records stay in Redis
+        completed = json.loads((checkpoint / "driver.json").read_text())["completed"] if checkpoint else []
+        leftover = monitor.size()
+        if "reference" in config.run.phases and "reference" not in completed and leftover:
+            if not resume:
+                monitor.close()
+                raise ReplayError(f"replay buffer {config.run.name!r} at {redis.display} already holds {leftover} "
+                                  "items (an earlier run of the same run.name?): pick another run.name, pass "
+                                  "--resume to continue that run, or clear it")
+            # A reference phase cut short left some of its groups in Redis: start it afresh (same
+            # jobs, same groups) rather than train on a partial or doubled buffer.
+            log.info("reference phase was interrupted: cleared %d partial items, collecting again", monitor.clear())
         actors = Actors(config, replay, record_key)
         actors_started = time.perf_counter()
         metrics = RunMetrics()
@@ -140,7 +152,6 @@ def run(config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) 
             metrics.serve(config.metrics.host, config.metrics.port)
             driver = Driver(config, actors, prompts, heldout, folder.log, checkpoint_dir=folder.root / "checkpoints")
             driver.metrics = actors.pool.metrics = metrics
-            monitor = ReplayBuffer(redis.url, config.run.name)  # counters only; records stay in Redis
             driver.replay_stats = monitor.stats
             phases = config.run.phases
             fps = 8.0
@@ -165,11 +176,6 @@ def run(config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) 
             samples = {"start": driver.progress_state["samples_start"]}
             merge_info: dict = {}
             if "reference" in phases and "reference" not in done:
-                if checkpoint is not None:
-                    # A reference phase cut short left some of its groups in Redis: start it afresh
-                    # (same jobs, same groups) rather than train on a partial or doubled buffer.
-                    cleared = monitor.clear()
-                    log.info("reference phase was interrupted: cleared %d partial items, collecting again", cleared)
                 with tqdm(total=1, desc="reference buffer", leave=False) as bar:
                     landed = driver.collect_reference()
                     bar.update(1)
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue runs/<run.name>/ from its newest complete checkpoint (same config and overrides)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.name=try2 run.iterations=20")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config_for_cli(args.config, args.overrides)
     if config is None:
@@ -275,10 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     folder = RunFolder(root)
     from cluster.placement import PlacementError
     from cluster.prompts import PromptError
+    from common.replay import ReplayError
 
     try:
         summary = run(config, folder, resume=args.resume)
-    except (PromptError, PlacementError) as exc:
+    except (PromptError, PlacementError, ReplayError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("config", nargs="?", help="YAML file under configs/ (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampler.num_chunks=4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config_for_cli(args.config, args.overrides)
     if cfg is None:
         return 2

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-step-fraction", type=float, default=0.5,
                         help="stage two: share of each batch that trains the first step on ODE pairs")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config_for_cli(args.config, args.overrides)
     if cfg is None:
         return 2

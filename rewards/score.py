@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", required=True, type=Path, help="one prompt per line, in video order")
     parser.add_argument("--json", type=Path, default=None, help="also write the scores here")
     parser.add_argument("items", nargs="*", help="mp4 files, then optional dotted overrides (key=value)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from common.config import load_config_for_cli
     from common.errors import RewardError

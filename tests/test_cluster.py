@@ -308,3 +308,17 @@ def test_a_hung_rollout_worker_is_replaced(local_ray, tmp_path):
     assert summary["heartbeats_missed"] + summary["jobs_redone"] >= 1
     assert [r["groups"] for r in metrics(root) if r["phase"] == "on_policy"] == [2] * 4
     assert "lost rollout-0" in summary["scaling_events"] or summary["jobs_redone"] >= 1
+
+
+def test_a_fresh_run_refuses_a_buffer_left_by_an_earlier_run(tmp_path):
+    from cluster.train import RunFolder, run
+    from common.redis_server import EmbeddedRedis
+    from common.replay import ReplayBuffer, ReplayError
+    from tests.test_replay import group
+
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        ReplayBuffer(server.url, "old").insert(group(0))
+        cfg = load_config(TOY, [*SMALL, "run.name=old", f"run.output_dir={tmp_path}", f"replay.redis_url={server.url}"])
+        with pytest.raises(ReplayError, match="already holds 1 items.*--resume"):
+            run(cfg, RunFolder(tmp_path / "old"))
+        assert ReplayBuffer(server.url, "old").size() == 1  # nothing was cleared
