@@ -41,7 +41,6 @@ class Counters:
     weight_sync_seconds: float = 0.0
     weight_sync_bytes: int = 0
     stale_trained_max: int = 0
-    staleness: list[int] = field(default_factory=list)
     groups_by_phase: dict[str, int] = field(default_factory=dict)
     heartbeats_missed: int = 0
 
@@ -473,7 +472,6 @@ class Driver:
                 age = self.version - summary.policy_version
                 (fresh if age <= k else stale).append((summary, ref, age))
             self.counters.dropped_stale += len(stale)
-            self.counters.staleness.extend(a for _, _, a in fresh)
             if fresh:
                 self.counters.stale_trained_max = max(self.counters.stale_trained_max, max(a for *_, a in fresh))
                 stats = self.actors.train_groups(it, [ref for _, ref, _ in fresh])

@@ -317,7 +317,7 @@ def load_self_forcing_checkpoint(path, model_config: dict, *, key: str = "genera
     return _cast(model, dtype).eval()
 
 
-def _atomic_torch_save(obj: object, path: Path) -> None:
+def atomic_torch_save(obj: object, path: Path) -> None:
     """Write through a temporary file in the same directory, so a crash never leaves a torn file
     where a checkpoint was (os.replace is atomic only within one file system)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -353,7 +353,7 @@ def save_self_forcing_checkpoint(model: torch.nn.Module, path, key: str = "gener
     names = original_key_map(model)
     state = {SELF_FORCING_PREFIX + names[k]: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
-    _atomic_torch_save({key: state}, path)
+    atomic_torch_save({key: state}, path)
     return path
 
 

@@ -150,11 +150,14 @@ class Learner:
     def publish(self) -> list:
         """Rank 0: pack the synced tensors into buckets and put them in the object store once.
         Returned inside a list so the caller receives the ObjectRef, not the bytes."""
-        c = self.config.cluster
-        packet = pack(self.policy.synced_tensors(c.weight_sync), self.version, c.weight_sync, c.bucket_mb << 20,
-                      self.fingerprint if c.weight_sync == "adapters" else "")
-        handle, ref = ObjectStoreTransport().publish(packet)
+        handle, ref = ObjectStoreTransport().publish(self._pack())
         return [handle, ref]
+
+    def _pack(self):
+        """The current weights as one packet (both transports ship the same thing)."""
+        c = self.config.cluster
+        return pack(self.policy.synced_tensors(c.weight_sync), self.version, c.weight_sync, c.bucket_mb << 20,
+                    self.fingerprint if c.weight_sync == "adapters" else "")
 
     def base_fingerprint(self) -> str:
         return self.fingerprint
@@ -178,9 +181,7 @@ class Learner:
         return generation
 
     def pack_weights(self):
-        c = self.config.cluster
-        self._packet = pack(self.policy.synced_tensors(c.weight_sync), self.version, c.weight_sync, c.bucket_mb << 20,
-                            self.fingerprint if c.weight_sync == "adapters" else "")
+        self._packet = self._pack()
         return self._packet.handle()
 
     def broadcast_weights(self) -> int:
@@ -207,19 +208,14 @@ class Learner:
 
     def save_state(self, path: str) -> str:
         """Rank 0: adapters, optimiser states and the weight version, for resuming (atomic)."""
-        import tempfile
+        from common.loading import atomic_torch_save
 
         state = {"version": self.version,
                  "adapters": {n: adapters.adapter_state_dict(self.policy.model, n) for n in adapters.ADAPTERS},
                  "optimizers": {a: opt.state_dict() for a, opt in self.optimizers.items()}}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_torch_save(state, path)
         return str(path)
 
     def load_state(self, path: str) -> int:
