@@ -174,7 +174,7 @@ class RolloutPool:
         """Call every named worker at once (`calls[name](actor) -> ObjectRef`); results of those that
         answered. A dead worker is forgotten, not fatal: the caller redoes its share elsewhere."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         refs = {n: make(self.workers[n]) for n, make in calls.items() if n in self.workers}
         out = {}
@@ -182,6 +182,10 @@ class RolloutPool:
             try:
                 out[name] = ray.get(ref, timeout=self.timeout_s)
             except RayActorError:
+                self.forget(name)
+            except GetTimeoutError:  # hung, like a missed heartbeat: replace it rather than stop the run
+                log.error("%s did not answer within cluster.call_timeout_s; replacing it", name)
+                ray.kill(self.workers[name])
                 self.forget(name)
         return out
 
