@@ -1,0 +1,123 @@
+"""Does the generator obey METHOD.md section 1's premise, chunk by chunk?
+
+    python -m bench.noise_sensitivity                       # the committed toy generator
+    python -m bench.noise_sensitivity --json sampler.shift=0.5 model.diffusers_transformer=PATH
+
+AR-CoPO explores through a chunk's INITIAL noise and shares the solver noises between a fork's
+branches, because a distilled few-step generator is meant to be almost deterministic given its
+initial noise: "replacing one solver noise barely changes the video, replacing a chunk's initial
+noise changes it a lot". For each chunk c this measures both: G variants of one rollout that differ
+only in chunk c's initial noise (perturbed as a fork does, e_i = sqrt(1 - sigma^2) e* + sigma d_i),
+and G variants that differ only in chunk c's solver noises (replaced outright). It prints, per
+chunk, the spread of the finished chunk (std over variants, mean over elements), the std of the
+videos' training reward, and `initial_over_solver`, the ratio of the two spreads: above 1 the
+premise holds; below 1 forks at that pivot have little to learn from, and the z-scored advantages of
+their groups are mostly noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+
+import torch
+
+from actors.rollout import pixels_as_video
+from common.config import load_config_for_cli
+from common.loading import load_policy, load_text_encoder
+from common.noise import NoisePlan, seeded_normal
+from common.sampler import StreamingSampler
+from common.toy_world import split_prompts
+from rewards.toy import score
+
+
+class OneChunkVaries:
+    """The noise of `count` variants of one rollout that differ only in chunk `chunk`'s initial
+    noise (kind "initial", fork-perturbed with `sigma`) or only in its solver noises ("solver")."""
+
+    def __init__(self, plan: NoisePlan, chunk: int, kind: str, count: int, sigma: float, seed: int):
+        self.plan, self.chunk, self.kind, self.batch_size = plan, chunk, kind, count
+        self.sigma, self.seed = sigma, seed
+
+    def _variants(self, *parts) -> torch.Tensor:
+        return torch.stack([seeded_normal(self.plan.chunk_shape, self.seed, *parts, i) for i in range(self.batch_size)])
+
+    def _shared(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise.expand(self.batch_size, *noise.shape[1:])
+
+    def initial(self, chunk, device=None, dtype=torch.float32):
+        base = self.plan.initial(chunk)
+        if chunk == self.chunk and self.kind == "initial":
+            base = math.sqrt(1 - self.sigma**2) * base + self.sigma * self._variants("initial", chunk)
+        return self._shared(base).to(device=device, dtype=dtype)
+
+    def solver(self, chunk, step, device=None, dtype=torch.float32):
+        if chunk == self.chunk and self.kind == "solver":
+            return self._variants("solver", chunk, step).to(device=device, dtype=dtype)
+        return self._shared(self.plan.solver(chunk, step)).to(device=device, dtype=dtype)
+
+    def context(self, chunk, device=None, dtype=torch.float32):
+        return self._shared(self.plan.context(chunk)).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def measure(cfg, variants: int, rollouts: int, seed: int) -> dict:
+    sampler = StreamingSampler.from_config(load_policy(cfg).eval(), cfg)
+    encoder = load_text_encoder(cfg)
+    prompts = [p.text for p in split_prompts(seed=0)[0]]
+    terms = {t.name: t.weight for t in cfg.rewards.terms}
+    f, rng, rows = sampler.frames_per_chunk, random.Random(seed), {}
+    for chunk in range(sampler.num_chunks):
+        row = {}
+        for kind in ("initial", "solver"):
+            spreads, reward_stds = [], []
+            for _ in range(rollouts):
+                prompt = rng.choice(prompts)
+                noise = OneChunkVaries(sampler.noise_plan(rng.randrange(2**31)), chunk, kind, variants,
+                                       cfg.algorithm.fork_sigma, rng.randrange(2**31))
+                latents = sampler.generate(encoder.encode([prompt]), noise)
+                spreads.append(latents[:, :, chunk * f:(chunk + 1) * f].std(0).mean().item())
+                videos = pixels_as_video(latents)
+                scores = score(videos, [prompt] * variants, list(terms))
+                reward_stds.append(sum(w * scores[n] for n, w in terms.items()).std().item())
+            row[f"{kind}_spread"] = statistics.mean(spreads)
+            row[f"{kind}_reward_std"] = statistics.mean(reward_stds)
+        row["initial_over_solver"] = row["initial_spread"] / max(row["solver_spread"], 1e-12)
+        rows[str(chunk)] = row
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.noise_sensitivity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/toy.yaml")
+    parser.add_argument("--variants", type=int, default=8, help="variants per rollout")
+    parser.add_argument("--rollouts", type=int, default=6, help="rollouts (random training prompts) per chunk and kind")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config_for_cli(args.config, args.overrides)
+    if cfg is None:
+        return 2
+    if cfg.model.text_encoder_kind != "toy":
+        print("noise_sensitivity scores with the toy rewards: it needs a toy-world config", file=sys.stderr)
+        return 2
+    rows = measure(cfg, args.variants, args.rollouts, args.seed)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(f"{'chunk':>5} {'initial spread':>15} {'solver spread':>14} {'ratio':>7} {'reward std (init)':>18} "
+              f"{'reward std (solver)':>20}")
+        for chunk, r in rows.items():
+            print(f"{chunk:>5} {r['initial_spread']:>15.4f} {r['solver_spread']:>14.4f} {r['initial_over_solver']:>7.3f} "
+                  f"{r['initial_reward_std']:>18.4f} {r['solver_reward_std']:>20.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

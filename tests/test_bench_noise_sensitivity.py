@@ -1,0 +1,42 @@
+"""bench.noise_sensitivity: its variants differ in exactly the noise they claim, and it runs end to
+end (tiny budget). What the ratios are is the bench's own output, not asserted here."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bench.noise_sensitivity import OneChunkVaries, main
+from common.noise import NoisePlan
+
+
+def test_variants_differ_only_in_the_named_chunks_noise():
+    plan = NoisePlan((5,), (3, 2, 4, 4))
+    for kind in ("initial", "solver"):
+        noise = OneChunkVaries(plan, chunk=1, kind=kind, count=3, sigma=0.5, seed=9)
+        for chunk in range(3):
+            tensors = {"initial": noise.initial(chunk), "context": noise.context(chunk),
+                       **{f"solver{s}": noise.solver(chunk, s) for s in range(3)}}
+            for name, t in tensors.items():
+                assert t.shape == (3, 3, 2, 4, 4)
+                varies = not torch.equal(t[0], t[1])
+                assert varies == (chunk == 1 and name.startswith(kind)), (kind, chunk, name)
+                if not varies:  # shared tensors are the plan's own
+                    own = {"initial": plan.initial, "context": plan.context}.get(name)
+                    ref = own(chunk) if own else plan.solver(chunk, int(name[-1]))
+                    assert torch.equal(t[0], ref[0])
+    # The initial-noise variants are fork neighbours of the plan's noise: correlation sqrt(1 - 0.25).
+    big = OneChunkVaries(NoisePlan((5,), (4, 2, 32, 32)), chunk=0, kind="initial", count=2, sigma=0.5, seed=1)
+    e, base = big.initial(0), NoisePlan((5,), (4, 2, 32, 32)).initial(0)
+    corr = torch.corrcoef(torch.stack([e[0].flatten(), base[0].flatten()]))[0, 1].item()
+    assert abs(corr - 0.75**0.5) < 0.03
+
+
+def test_noise_sensitivity_runs_on_the_toy_generator(capsys):
+    assert main(["--json", "--variants", "2", "--rollouts", "1"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert list(rows) == ["0", "1", "2", "3"]
+    for row in rows.values():
+        assert row["solver_spread"] > 0 and row["initial_spread"] > 0
+        assert row["initial_over_solver"] == row["initial_spread"] / row["solver_spread"]
