@@ -117,13 +117,15 @@ def test_same_noise_same_video(tiny_model, text):
     b = sampler.fork(text, plan, pivot=1, group_size=4, sigma=0.5, fork_seed=6)
     assert torch.equal(a.videos, b.videos)
     assert torch.equal(a.pivot_predictions, b.pivot_predictions)
-    # Two branches given the same noise inside one batch agree too.
+    # Two branches given the same noise inside one batch agree too, to float rounding: not bit for
+    # bit, since the CPU GEMM may take a different kernel path for different rows of one batch (seen
+    # once in CI on a loaded machine).
     twin = BranchNoise(plan, pivot=1, sigma=0.5, fork_seed=6, branches=(2, 2))
     cache = sampler.new_cache()
     list(sampler.stream(text, plan, cache=cache, end_chunk=1))
     outs = list(sampler.stream(text, twin, cache=cache, start_chunk=1))
     video = torch.cat([o.latents for o in outs], dim=2)
-    assert torch.equal(video[0], video[1])
+    assert (video[0] - video[1]).abs().max() < 1e-5
     assert (video[0] - a.videos[2, :, 2:]).abs().max() < 1e-5
 
 
