@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import statistics
 import sys
@@ -29,39 +28,42 @@ import torch
 from actors.rollout import pixels_as_video
 from common.config import load_config_for_cli
 from common.loading import load_policy, load_text_encoder
-from common.noise import NoisePlan, seeded_normal
+from common.noise import BranchNoise, NoisePlan, seeded_normal
 from common.sampler import StreamingSampler
 from common.toy_world import split_prompts
+from rewards.combine import weighted_total
 from rewards.toy import score
 
 
-class OneChunkVaries:
-    """The noise of `count` variants of one rollout that differ only in chunk `chunk`'s initial
-    noise (kind "initial", fork-perturbed with `sigma`) or only in its solver noises ("solver")."""
+class SolverVaries:
+    """The noise of `count` variants of one rollout that differ only in chunk `chunk`'s solver
+    noises (replaced outright); everything else is the plan's, broadcast over the variants."""
 
-    def __init__(self, plan: NoisePlan, chunk: int, kind: str, count: int, sigma: float, seed: int):
-        self.plan, self.chunk, self.kind, self.batch_size = plan, chunk, kind, count
-        self.sigma, self.seed = sigma, seed
-
-    def _variants(self, *parts) -> torch.Tensor:
-        return torch.stack([seeded_normal(self.plan.chunk_shape, self.seed, *parts, i) for i in range(self.batch_size)])
-
-    def _shared(self, noise: torch.Tensor) -> torch.Tensor:
-        return noise.expand(self.batch_size, *noise.shape[1:])
+    def __init__(self, plan: NoisePlan, chunk: int, count: int, seed: int):
+        self.plan, self.chunk, self.batch_size, self.seed = plan, chunk, count, seed
 
     def initial(self, chunk, device=None, dtype=torch.float32):
-        base = self.plan.initial(chunk)
-        if chunk == self.chunk and self.kind == "initial":
-            base = math.sqrt(1 - self.sigma**2) * base + self.sigma * self._variants("initial", chunk)
-        return self._shared(base).to(device=device, dtype=dtype)
+        return self.plan.initial(chunk, device, dtype)
 
     def solver(self, chunk, step, device=None, dtype=torch.float32):
-        if chunk == self.chunk and self.kind == "solver":
-            return self._variants("solver", chunk, step).to(device=device, dtype=dtype)
-        return self._shared(self.plan.solver(chunk, step)).to(device=device, dtype=dtype)
+        if chunk != self.chunk:
+            return self.plan.solver(chunk, step, device, dtype)
+        variants = [seeded_normal(self.plan.chunk_shape, self.seed, "solver", chunk, step, i)
+                    for i in range(self.batch_size)]
+        return torch.stack(variants).to(device=device, dtype=dtype)
 
     def context(self, chunk, device=None, dtype=torch.float32):
-        return self._shared(self.plan.context(chunk)).to(device=device, dtype=dtype)
+        return self.plan.context(chunk, device, dtype)
+
+
+def chunk_variants(plan: NoisePlan, chunk: int, kind: str, count: int, sigma: float, seed: int):
+    """`count` variants of one rollout differing only in chunk `chunk`'s initial noise (a fork's
+    branches, kind "initial") or only in its solver noises (kind "solver")."""
+    if kind == "initial":
+        return BranchNoise(plan, pivot=chunk, sigma=sigma, fork_seed=seed, branches=tuple(range(count)))
+    if kind == "solver":
+        return SolverVaries(plan, chunk, count, seed)
+    raise ValueError(f"unknown kind {kind!r}: 'initial' or 'solver'")
 
 
 @torch.no_grad()
@@ -77,13 +79,13 @@ def measure(cfg, variants: int, rollouts: int, seed: int) -> dict:
             spreads, reward_stds = [], []
             for _ in range(rollouts):
                 prompt = rng.choice(prompts)
-                noise = OneChunkVaries(sampler.noise_plan(rng.randrange(2**31)), chunk, kind, variants,
+                noise = chunk_variants(sampler.noise_plan(rng.randrange(2**31)), chunk, kind, variants,
                                        cfg.algorithm.fork_sigma, rng.randrange(2**31))
                 latents = sampler.generate(encoder.encode([prompt]), noise)
                 spreads.append(latents[:, :, chunk * f:(chunk + 1) * f].std(0).mean().item())
                 videos = pixels_as_video(latents)
                 scores = score(videos, [prompt] * variants, list(terms))
-                reward_stds.append(sum(w * scores[n] for n, w in terms.items()).std().item())
+                reward_stds.append(weighted_total(scores, terms).std().item())
             row[f"{kind}_spread"] = statistics.mean(spreads)
             row[f"{kind}_reward_std"] = statistics.mean(reward_stds)
         row["initial_over_solver"] = row["initial_spread"] / max(row["solver_spread"], 1e-12)

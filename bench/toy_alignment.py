@@ -228,9 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config_for_cli(args.config, args.overrides)
     if cfg is None:
         return 2
-    iterations = args.iterations
     buffer_size = args.buffer_size if args.buffer_size is not None else cfg.replay.num_reference_groups
-    common = dict(iterations=iterations, buffer_size=buffer_size, eval_prompts=args.eval_prompts,
+    common = dict(iterations=args.iterations, buffer_size=buffer_size, eval_prompts=args.eval_prompts,
                   eval_seeds=args.eval_seeds)
     result = run(cfg, args.seeds[0], variants=args.variants, diversity_groups=args.diversity_groups, **common)
     if len(args.seeds) > 1 and "on_policy" in result:
