@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     if cfg.model.text_encoder_kind != "toy":
-        print("noise_sensitivity scores with the toy rewards: it needs a toy-world config", file=sys.stderr)
+        print(f"{args.config}: model.text_encoder_kind is {cfg.model.text_encoder_kind!r}; noise_sensitivity scores "
+              f"with the toy rewards and needs a toy-world config (model.text_encoder_kind: toy)", file=sys.stderr)
         return 2
     rows = measure(cfg, args.variants, args.rollouts, args.seed)
     if args.json:
