@@ -26,7 +26,7 @@ import sys
 import torch
 
 from actors.rollout import pixels_as_video
-from common.config import load_config_for_cli
+from bench import load_toy_config
 from common.loading import load_policy, load_text_encoder
 from common.noise import BranchNoise, NoisePlan, seeded_normal
 from common.sampler import StreamingSampler
@@ -103,12 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
-    cfg = load_config_for_cli(args.config, args.overrides)
+    cfg = load_toy_config("noise_sensitivity", args.config, args.overrides)
     if cfg is None:
-        return 2
-    if cfg.model.text_encoder_kind != "toy":
-        print(f"{args.config}: model.text_encoder_kind is {cfg.model.text_encoder_kind!r}; noise_sensitivity scores "
-              f"with the toy rewards and needs a toy-world config (model.text_encoder_kind: toy)", file=sys.stderr)
         return 2
     rows = measure(cfg, args.variants, args.rollouts, args.seed)
     if args.json:

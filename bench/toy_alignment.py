@@ -33,8 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from actors.rollout import collect_group, pixels_as_video
+from bench import load_toy_config
 from common import adapters
-from common.config import load_config_for_cli
 from common.loading import load_policy
 from common.sampler import StreamingSampler
 from common.toy_world import ToyTextEncoder, split_prompts
@@ -215,21 +215,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="seeds; the first runs every variant, the others on-policy only")
     parser.add_argument("--variants", nargs="+", default=["on_policy", "semi", "semi_no_clip", "merged"],
                         choices=["on_policy", "semi", "semi_no_clip", "merged"], help="variants of the first seed")
-    parser.add_argument("--iterations", type=int, default=200,
-                        help="updates per variant (an on-policy one takes ~0.4 s on 2 cores); the toy job's "
-                             "run.iterations (60) is too few to tell a gain from seed noise")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="updates per variant, each on rollout.prompts_per_iteration groups (toy: 16, an "
+                             "on-policy update ~5 s on 2 cores); default: run.iterations (toy: 30)")
     parser.add_argument("--buffer-size", type=int, default=None, help="default: replay.num_reference_groups")
     parser.add_argument("--eval-prompts", type=int, default=16)
     parser.add_argument("--eval-seeds", type=int, default=2)
     parser.add_argument("--diversity-groups", type=int, default=12,
                         help="forked groups of the base policy measured for fork_diversity (0: skip)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_intermixed_args(argv)
-    cfg = load_config_for_cli(args.config, args.overrides)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Dotted overrides go anywhere on the line: argparse alone would feed one that follows --seeds or
+    # --variants (nargs="+") to that option and fail on it.
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_intermixed_args([a for a in argv if a not in overrides])
+    cfg = load_toy_config("toy_alignment", args.config, [*args.overrides, *overrides])
     if cfg is None:
         return 2
     buffer_size = args.buffer_size if args.buffer_size is not None else cfg.replay.num_reference_groups
-    common = dict(iterations=args.iterations, buffer_size=buffer_size, eval_prompts=args.eval_prompts,
+    iterations = args.iterations if args.iterations is not None else cfg.run.iterations
+    common = dict(iterations=iterations, buffer_size=buffer_size, eval_prompts=args.eval_prompts,
                   eval_seeds=args.eval_seeds)
     result = run(cfg, args.seeds[0], variants=args.variants, diversity_groups=args.diversity_groups, **common)
     if len(args.seeds) > 1 and "on_policy" in result:

@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from common import adapters
 from common.jobs import GroupJob, GroupSummary, make_job
 from learner.merge import Scores, pick_merge_scale
 
@@ -237,13 +238,17 @@ class RolloutPool:
         return (job_id in self.results or job_id in self.failed or any(j.job_id == job_id for j, _ in self.pending)
                 or any(v[2].job_id == job_id for v in self.busy.values()))
 
-    def run(self, jobs: list[GroupJob]) -> list[tuple[GroupSummary, object]]:
+    def run(self, jobs: list[GroupJob], on_progress: Callable[[int], None] | None = None
+            ) -> list[tuple[GroupSummary, object]]:
         """Submit `jobs` if they are not out yet, work until they are all back; returns (summary,
-        record ref) in job order, failed groups left out. Other submitted jobs keep running."""
+        record ref) in job order, failed groups left out. Other submitted jobs keep running.
+        `on_progress` is told how many of `jobs` have finished (landed or failed) after each wait."""
         ids = {j.job_id for j in jobs}
         self.submit([j for j in jobs if not self.is_known(j.job_id)])
         while not ids <= (self.results.keys() | self.failed):
             self._pump()
+            if on_progress is not None:
+                on_progress(len(ids & (self.results.keys() | self.failed)))
         return [self.results.pop(j.job_id) for j in jobs if j.job_id in self.results]
 
     def _pump(self) -> None:
@@ -434,7 +439,12 @@ class Driver:
     def collect_reference(self) -> int:
         """Reference groups with pi_ref into the replay buffer; returns how many landed."""
         n = self.config.replay.num_reference_groups
-        results = self.actors.pool.run(self._jobs("reference", 0, n, "reference"))
+
+        def show(finished: int) -> None:
+            if self.progress is not None:
+                self.progress.update(finished - self.progress.n)
+
+        results = self.actors.pool.run(self._jobs("reference", 0, n, "reference"), on_progress=show)
         self.log_metrics({"phase": "reference", "groups": len(results), "job_ids": [s.job_id for s, _ in results],
                           "reward_mean": _mean([s.reward_mean for s, _ in results])})
         return len(results)
@@ -492,9 +502,12 @@ class Driver:
         for scale in self.config.run.merge_scales:
             sweep[scale], _ = self.evaluate("merged", scale)
         chosen = pick_merge_scale(base, sweep)
+        # The sweep always includes dW_semi; the on-policy adapter alone is the paper's other row.
+        on_policy, _ = self.evaluate(adapters.ON_POLICY)
         return {"merge_scale": chosen if chosen is not None else self.config.run.merge_scale,
                 "dual_improvement_passed": chosen is not None,
-                "sweep": {str(s): [v.in_domain, v.out_of_domain] for s, v in sweep.items()}}
+                "sweep": {str(s): [v.in_domain, v.out_of_domain] for s, v in sweep.items()},
+                "on_policy_alone": [on_policy.in_domain, on_policy.out_of_domain]}
 
     def _log_update(self, phase: str, it: int, stats: list[dict], summaries: list[GroupSummary],
                     ages: list[int] | None = None, dropped: int = 0):

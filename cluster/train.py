@@ -176,9 +176,11 @@ def run(config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) 
             samples = {"start": driver.progress_state["samples_start"]}
             merge_info: dict = {}
             if "reference" in phases and "reference" not in done:
-                with tqdm(total=1, desc="reference buffer", leave=False) as bar:
+                with tqdm(total=config.replay.num_reference_groups, desc="reference buffer (groups)",
+                          leave=False) as bar:
+                    driver.progress = bar
                     landed = driver.collect_reference()
-                    bar.update(1)
+                driver.progress = None
                 log.info("reference buffer: %d groups", landed)
                 driver.phase_done("reference")
             semi_iters = config.run.semi_iterations if config.run.semi_iterations is not None else config.run.iterations

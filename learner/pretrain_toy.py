@@ -15,16 +15,19 @@ Stage two, distillation (`--distill-from TEACHER`): for `--pool-size` (prompt, c
 noise e) triples it integrates the teacher's ODE (`--ode-steps` Euler steps) to x0*(e), once, then
 trains a copy of the teacher so that the sampler's FIRST step maps e at sigma = 1 to x0*(e) (a
 one-step generator), while the later steps are trained as in stage one, at their sigmas on rendered
-clips: given the sampler's 25% or more signal, the posterior mean is that sample, so they keep and
+clips: given the sampler's 97% or more signal (shift 0.01), the posterior mean is that sample, so they keep and
 sharpen what the first step chose.
 
 Why stage two exists: a flow-matching model's first step predicts the conditional MEAN of the chunk,
 whatever the noise, and the consistency sampler re-noises it with solver noise that a fork SHARES,
 so its samples barely depend on the initial noise, and AR-CoPO, which explores through exactly that
 noise, gets no signal (measured on the stage-one generator: fork branches differed by 1e-4 per pixel,
-rewards by 1e-4 within a group). The toy sampler's DEFAULT `sampler.shift` is 1.0 (sigmas 1, 0.75,
-0.5, 0.25) rather than Self-Forcing's 5.0 (1, 0.94, 0.83, 0.63): at shift 5 the second step sees 6%
-of the first step's prediction under 94% shared noise, too little for this small model to keep it.
+rewards by 1e-4 within a group). The toy sampler's DEFAULT `sampler.shift` is 0.01 (sigmas 1, 0.029,
+0.0099, 0.0033) rather than Self-Forcing's 5.0 (1, 0.94, 0.83, 0.63): the later steps of this small
+model cannot recover a later chunk's sub-pixel choice from a re-noised input at any larger sigma
+(shift 1: the choice survived step 2 at 4%, shift 0.03: solver noise still moved chunks 1-3 more than
+the initial noise), so at larger shifts a fork's branches at pivots 1-3 end alike
+(`python -m bench.noise_sensitivity`).
 
 What produced the committed assets/toy_generator (all at --threads 1 on a 2-core CPU). The toy
 world's data changed under it: since the per-chunk motion freedom (common/toy_world.py
@@ -41,9 +44,10 @@ generator are retrained on it, warm-started from the previous ones:
             git show 0f958d4:assets/toy_generator/teacher/$f > /tmp/teacher0/$f; done
         python -m learner.pretrain_toy --threads 1 --init-from /tmp/teacher0 --sigma-sampling uniform \
             --steps 400 --lr 3e-4 --out assets/toy_generator/teacher           # ~7 min
-  4. the generator, reproducible from the committed teacher by one command:
+  4. the generator, reproducible from the committed teacher by one command (the sampler's sigmas,
+     which the later steps are trained at, come from the config's shift, 0.01):
         python -m learner.pretrain_toy --threads 1 --distill-from assets/toy_generator/teacher \
-            --steps 500 --lr 3e-4 --pool-size 3072 --out assets/toy_generator  # ~10 min
+            --steps 500 --lr 3e-4 --pool-size 3072 --out assets/toy_generator  # ~3 min
 
 Each run writes a diffusers-format transformer directory plus `samples.png` (ground truth above
 streamed few-step samples) and `loss.csv`.
@@ -158,7 +162,7 @@ def distill(cfg, args, train_prompts, encoder, generator):
         context, batch = entry["context"], entry["noise"].shape[0]
         # A `first_step_fraction` of the batch trains the first step, noise e -> x0*(e); the rest
         # trains the later steps as plain flow matching at their sigmas on rendered clips: given
-        # 25% or more signal the posterior mean is the sample itself, so they keep and sharpen
+        # 97% or more signal (the toy's shift 0.01) the posterior mean is the sample itself, so they keep and sharpen
         # what the first step chose.
         first = torch.rand(batch, generator=generator) < args.first_step_fraction
         step_idx = torch.where(first, 0, torch.randint(1, sched.num_steps, (batch,), generator=generator))

@@ -11,6 +11,7 @@ from bench.toy_alignment import main
 def test_toy_alignment_bench_smoke(capsys):
     args = ["--json", "--seeds", "0", "1", "--iterations", "1", "--buffer-size", "2", "--eval-prompts", "2", "--eval-seeds", "1",
             "--diversity-groups", "1",
+            "rollout.prompts_per_iteration=1",
             "algorithm.group_size=4", "algorithm.num_anchors=2", "run.merge_scales=[0.0, 1.0]"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)

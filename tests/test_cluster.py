@@ -82,6 +82,8 @@ def test_toy_job_runs_every_phase_and_writes_the_run_folder(local_ray, tmp_path)
     for name in ("on_policy", "semi"):
         assert any(v.abs().sum() > 0 for k, v in adapter(root, name).items() if "lora_B" in k), name
     assert set(summary["sweep"]) == {"0.0", "1.0"}
+    # The on-policy adapter alone is evaluated too; the sweep's s = 1 point also carries dW_semi.
+    assert len(summary["on_policy_alone"]) == 2 and summary["on_policy_alone"] != summary["sweep"]["1.0"]
 
     # The job stopped its embedded Redis; started again on the same data directory (AOF), the
     # reference buffer and its counters are all there.

@@ -48,7 +48,7 @@ def test_toy_job_runs_through_ray_job_submit(ray_head, tmp_path):
     out = tmp_path / "runs"
     cmd = [str(BIN / "ray"), "job", "submit", f"--address={dashboard}", "--working-dir", str(ROOT), "--",
            sys.executable, "-m", "cluster.train", "--config", "configs/toy.yaml", "run.name=submitted", "metrics.port=0",
-           f"run.output_dir={out}", "run.phases=[on_policy]", "run.iterations=2", "run.eval_prompts=2",
+           f"run.output_dir={out}", "run.phases=[on_policy]", "run.iterations=2", "rollout.prompts_per_iteration=1", "run.eval_prompts=2",
            "run.eval_seeds=1", "run.sample_prompts=1", "algorithm.group_size=4", "algorithm.num_anchors=2",
            "rollout.num_cpus_per_worker=0.5", "rewards.num_cpus_per_server=0.5", "learner.num_cpus_per_worker=0.5"]
     for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns

@@ -78,6 +78,7 @@ def test_prometheus_scrapes_every_contract_metric_of_a_toy_run(prometheus, tmp_p
     cfg = load_config("configs/toy.yaml", [
         f"metrics.port={target}", f"run.name={name}", f"run.output_dir={tmp_path}", f"cluster.namespace={name}",
         "run.phases=[reference,semi,on_policy]", "run.iterations=4", "run.semi_iterations=2",
+        "rollout.prompts_per_iteration=1",
         "replay.num_reference_groups=2", "run.eval_prompts=1", "run.eval_seeds=1", "run.sample_prompts=0",
         "algorithm.group_size=4", "algorithm.num_anchors=2", "cluster.num_cpus=4"])
     ray_env_defaults()
