@@ -1,7 +1,7 @@
 """How many groups does one AR-CoPO update need? How well independent batch gradients agree.
 
-    python -m bench.gradient_noise                       # committed toy generator, 64 groups
-    python -m bench.gradient_noise --json --groups 128 sampler.shift=1.0 model.diffusers_transformer=PATH
+    python -m bench.gradient_noise                       # committed toy generator, 128 groups (~50 s)
+    python -m bench.gradient_noise --json --groups 256 sampler.shift=1.0 model.diffusers_transformer=PATH
 
 It forks and scores `--groups` groups with the base policy (pivots uniform, as training draws them),
 takes each group's AR-CoPO gradient on the `on_policy` adapter (the first inner step, rho = 1, no
