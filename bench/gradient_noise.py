@@ -18,7 +18,6 @@ random-walks and the reward falls.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -26,7 +25,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from bench import load_toy_config
+from bench import load_toy_config, toy_bench_parser
 from bench.toy_alignment import ToyRun
 from common import adapters
 from learner.update import UpdateSettings, arcopo_update
@@ -74,14 +73,10 @@ def group_gradients(toy: ToyRun, num_groups: int, seed: int) -> tuple[torch.Tens
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gradient_noise", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/toy.yaml")
+    parser = toy_bench_parser("gradient_noise", __doc__)
     parser.add_argument("--groups", type=int, default=128, help="groups forked, scored and differentiated")
     parser.add_argument("--splits", type=int, default=50, help="random disjoint splits averaged per batch size")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     cfg = load_toy_config("gradient_noise", args.config, args.overrides)
     if cfg is None:

@@ -17,7 +17,6 @@ their groups are mostly noise.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -26,7 +25,7 @@ import sys
 import torch
 
 from actors.rollout import pixels_as_video
-from bench import load_toy_config
+from bench import load_toy_config, toy_bench_parser
 from common.loading import load_policy, load_text_encoder
 from common.noise import BranchNoise, NoisePlan, seeded_normal
 from common.sampler import StreamingSampler
@@ -94,14 +93,10 @@ def measure(cfg, variants: int, rollouts: int, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.noise_sensitivity", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/toy.yaml")
+    parser = toy_bench_parser("noise_sensitivity", __doc__)
     parser.add_argument("--variants", type=int, default=8, help="variants per rollout")
     parser.add_argument("--rollouts", type=int, default=6, help="rollouts (random training prompts) per chunk and kind")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     cfg = load_toy_config("noise_sensitivity", args.config, args.overrides)
     if cfg is None:

@@ -22,7 +22,6 @@ finished chunks do not differ, the z-scored advantages are amplified noise.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -33,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from actors.rollout import collect_group, pixels_as_video
-from bench import load_toy_config
+from bench import load_toy_config, toy_bench_parser
 from common import adapters
 from common.loading import load_policy
 from common.sampler import StreamingSampler
@@ -207,10 +206,7 @@ def run(cfg, seed: int, iterations: int, buffer_size: int, eval_prompts: int, ev
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.toy_alignment", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/toy.yaml")
-    parser.add_argument("--json", action="store_true")
+    parser = toy_bench_parser("toy_alignment", __doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="seeds; the first runs every variant, the others on-policy only")
     parser.add_argument("--variants", nargs="+", default=["on_policy", "semi", "semi_no_clip", "merged"],
@@ -223,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-seeds", type=int, default=2)
     parser.add_argument("--diversity-groups", type=int, default=12,
                         help="forked groups of the base policy measured for fork_diversity (0: skip)")
-    parser.add_argument("overrides", nargs="*")
     argv = sys.argv[1:] if argv is None else list(argv)
     # Dotted overrides go anywhere on the line: argparse alone would feed one that follows --seeds or
     # --variants (nargs="+") to that option and fail on it.

@@ -71,4 +71,4 @@ def test_the_committed_generator_forks_into_different_samples_at_every_pivot():
             spreads.append(videos[:, :, pivot * f:(pivot + 1) * f].std(0).mean().item())
             stds.append(sum(score(videos, [PROMPT] * 12, ["vq", "mq", "ta"]).values()).std().item())
         assert min(spreads) > 5e-3, (pivot, spreads)  # 30x the shift-1 generator's at pivots 1-3
-        assert sum(stds) / 3 > 2e-3, (pivot, stds)
+        assert sum(stds) / 3 > 5e-3, (pivot, stds)  # as asserted at pivot 0 before; measured 0.012-0.072
