@@ -14,9 +14,9 @@ from common.records import RolloutGroup
 from common.sampler import StreamingSampler
 from rewards.combine import weighted_total
 
-# videos [B, 3, F, H, W] in [-1, 1] and their prompts -> reward components, one score per video
+# uint8 frames [B, F, H, W, 3] and their prompts -> reward components, one score per video
 RewardFn = Callable[[torch.Tensor, list[str]], dict[str, torch.Tensor]]
-# latent videos [B, C, F, h, w] -> pixel videos [B, 3, F', H, W] in [-1, 1]
+# latent videos [B, C, F, h, w] -> uint8 frames [B, F', H, W, 3] on the CPU (common/policy.py)
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -42,8 +42,8 @@ def collect_group(
     """
     group = sampler.fork(text, sampler.noise_plan(plan_seed), pivot=pivot, group_size=group_size,
                          sigma=sigma, fork_seed=fork_seed)
-    videos = decode(group.videos)
-    components = {k: v.float().cpu() for k, v in reward_fn(videos, [prompt] * group_size).items()}
+    frames = decode(group.videos)
+    components = {k: v.float().cpu() for k, v in reward_fn(frames, [prompt] * group_size).items()}
     total = weighted_total(components, weights)
     return RolloutGroup.from_fork(group, prompt=prompt, rewards=total, reward_components=components,
                                   policy_version=policy_version, adapter=adapter)

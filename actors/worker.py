@@ -18,7 +18,6 @@ import torch
 
 from actors.rollout import collect_group
 from common.jobs import GroupJob, GroupSummary
-from common.toy_world import to_uint8
 
 
 class RolloutWorker:
@@ -31,7 +30,8 @@ class RolloutWorker:
         self.config = Config.model_validate(config_dict)
         torch.set_num_threads(max(1, int(self.config.rollout.num_cpus_per_worker)))
         self.name = name
-        self.policy = Policy.from_config(self.config)
+        # Prompt embeddings from the job's file; the text encoder is built only for a prompt it lacks.
+        self.policy = Policy.from_config(self.config, role="rollout")
         self.fingerprint = self.policy.base_fingerprint()
         self.version = -1  # no weights received yet; the driver syncs before the first job
         self.record_key = record_key
@@ -81,15 +81,19 @@ class RolloutWorker:
         return self.version
 
     def ping(self) -> dict:
+        from common.metrics import peak_rss_bytes
+
         return {"name": self.name, "pid": os.getpid(), "version": self.version, "groups": self.groups,
-                "busy_seconds": self.busy_seconds, "uptime": time.time() - self.started}
+                "busy_seconds": self.busy_seconds, "uptime": time.time() - self.started,
+                "peak_rss_bytes": peak_rss_bytes()}
 
     # -- work --------------------------------------------------------------------------------
 
-    def _scores(self, reward_server, videos: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def _scores(self, reward_server, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """`frames`: uint8 [B, F, H, W, 3] on the CPU, as the policy's decoder gives them."""
         import ray
 
-        ref = reward_server.score.remote(to_uint8(videos), prompts)
+        ref = reward_server.score.remote(frames, prompts)
         return ray.get(ref, timeout=self.config.cluster.call_timeout_s)
 
     def collect(self, job: GroupJob, reward_server):
@@ -127,23 +131,23 @@ class RolloutWorker:
             if self.replay is None:
                 raise RuntimeError(f"{self.name}: a reference job needs the replay buffer")
             summary.replay_id = self.replay.insert(group)
+            summary.record_bytes = self.replay.last_insert_bytes
         else:
             data = group.to_bytes(key=self.record_key)
+            summary.record_bytes = len(data)
         self.groups += 1
         self.busy_seconds += time.perf_counter() - start
         return summary, data
 
     @torch.no_grad()
-    def evaluate(self, prompts: list[str], seeds: list[int], mode: str, merge_scale: float, reward_server,
-                 batch: int = 16) -> dict[str, list[float]]:
+    def evaluate(self, prompts: list[str], seeds: list[int], mode: str, merge_scale: float,
+                 reward_server) -> dict[str, list[float]]:
         """Per-video scores of every reward component for fixed prompts and noise seeds."""
         start = time.perf_counter()
         self.policy.set_mode(mode, merge_scale)
         out: dict[str, list[float]] = {}
-        for i in range(0, len(prompts), batch):
-            p, s = prompts[i:i + batch], seeds[i:i + batch]
-            latents = self.policy.sampler.generate(self.policy.text(p), self.policy.sampler.noise_plan(*s))
-            for k, v in self._scores(reward_server, self.policy.decode(latents), p).items():
+        for p, frames in self.policy.videos(prompts, seeds, self.config.run.eval_batch_size):
+            for k, v in self._scores(reward_server, frames, p).items():
                 out.setdefault(k, []).extend(v.tolist())
         self.busy_seconds += time.perf_counter() - start
         return out
@@ -155,7 +159,8 @@ class RolloutWorker:
         from common.video import encode_mp4
 
         self.policy.set_mode(mode, merge_scale)
-        latents = self.policy.sampler.generate(self.policy.text(prompts), self.policy.sampler.noise_plan(*seeds))
-        frames = to_uint8(self.policy.decode(latents))
-        upscale = max(1, 128 // frames.shape[2])
-        return [encode_mp4(f, fps=fps, upscale=upscale) for f in frames]
+        videos = []
+        for _, frames in self.policy.videos(prompts, seeds, self.config.run.eval_batch_size):
+            upscale = max(1, 128 // frames.shape[2])
+            videos += [encode_mp4(f, fps=fps, upscale=upscale) for f in frames]
+        return videos

@@ -24,7 +24,6 @@ import sys
 
 import torch
 
-from actors.rollout import pixels_as_video
 from bench import load_toy_config, toy_bench_parser
 from common.loading import load_policy, load_text_encoder
 from common.noise import BranchNoise, NoisePlan, seeded_normal
@@ -82,8 +81,8 @@ def measure(cfg, variants: int, rollouts: int, seed: int) -> dict:
                                        cfg.algorithm.fork_sigma, rng.randrange(2**31))
                 latents = sampler.generate(encoder.encode([prompt]), noise)
                 spreads.append(latents[:, :, chunk * f:(chunk + 1) * f].std(0).mean().item())
-                videos = pixels_as_video(latents)
-                scores = score(videos, [prompt] * variants, list(terms))
+                # The unquantised frames, as this bench has always scored them.
+                scores = score(latents.clamp(-1.0, 1.0), [prompt] * variants, list(terms))
                 reward_stds.append(weighted_total(scores, terms).std().item())
             row[f"{kind}_spread"] = statistics.mean(spreads)
             row[f"{kind}_reward_std"] = statistics.mean(reward_stds)

@@ -54,7 +54,6 @@ def sequential(cfg) -> dict:
     from learner.update import UpdateSettings, arcopo_update
     from learner.worker import anchor_generator
     from rewards.server import build_reward_models, score_batch
-    from common.toy_world import to_uint8
 
     policy = Policy.from_config(cfg)
     models = build_reward_models(cfg)
@@ -75,7 +74,7 @@ def sequential(cfg) -> dict:
             batch.append(collect_group(
                 policy.sampler, policy.text([job.prompt]), job.prompt, pivot=job.pivot, group_size=a.group_size,
                 sigma=a.fork_sigma, plan_seed=job.plan_seed, fork_seed=job.fork_seed, decode=policy.decode,
-                reward_fn=lambda v, ps: score_batch(models, to_uint8(v), ps), weights=weights,
+                reward_fn=lambda v, ps: score_batch(models, v, ps), weights=weights,
                 policy_version=it, adapter="on_policy"))
         params = adapters.train_adapter(policy.model, adapters.ON_POLICY)
         arcopo_update(policy.sampler, batch, [g.rewards for g in batch], [policy.text([g.prompt]) for g in batch],
@@ -95,7 +94,6 @@ def replay_rates(cfg, root: Path, items: int) -> dict:
     from common.redis_server import EmbeddedRedis
     from common.replay import ReplayBuffer
     from rewards.server import build_reward_models, score_batch
-    from common.toy_world import to_uint8
 
     policy = Policy.from_config(cfg)
     models = build_reward_models(cfg)
@@ -103,7 +101,7 @@ def replay_rates(cfg, root: Path, items: int) -> dict:
     prompt = "a red circle moving left on a black background"
     group = collect_group(policy.sampler, policy.text([prompt]), prompt, pivot=1, group_size=cfg.algorithm.group_size,
                           sigma=cfg.algorithm.fork_sigma, plan_seed=1, fork_seed=2, decode=policy.decode,
-                          reward_fn=lambda v, ps: score_batch(models, to_uint8(v), ps), weights=weights,
+                          reward_fn=lambda v, ps: score_batch(models, v, ps), weights=weights,
                           policy_version=0, adapter="semi")
     key = b"bench-key-0123456789abcdef012345"
     payload = group.to_bytes(key=key)

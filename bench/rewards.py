@@ -80,7 +80,6 @@ def group_share(root: Path) -> dict:
     from cluster.prompts import load_prompts
     from common.jobs import make_job
     from common.policy import Policy
-    from common.toy_world import to_uint8
     from rewards.server import build_reward_models, score_batch
 
     cfg = _config(root, [])
@@ -93,10 +92,10 @@ def group_share(root: Path) -> dict:
     a = cfg.algorithm
     reward_seconds = 0.0
 
-    def reward_fn(videos, ps):
+    def reward_fn(frames, ps):
         nonlocal reward_seconds
         t0 = time.perf_counter()
-        out = score_batch(models, to_uint8(videos), ps, fps=cfg.rewards.video_fps)
+        out = score_batch(models, frames, ps, fps=cfg.rewards.video_fps)
         reward_seconds += time.perf_counter() - t0
         return out
 

@@ -3,7 +3,9 @@
     python -m bench.streaming --json                                    # tiny config, CPU, seconds
     python -m bench.streaming --config configs/self_forcing_wan1.3b.yaml --json   # real size, a GPU
 
-Weights are random unless the config names a checkpoint (speed and memory do not depend on them). Figures:
+Weights are random (speed and memory do not depend on them) unless a checkpoint is named on the command
+line, e.g. model.self_forcing_checkpoint=...; one in the config file (the real config's is a
+placeholder) is ignored. Figures:
 - stream_vs_full_max_abs_err: streamed video with the KV cache vs the same rollout recomputing the
   whole context with a block-causal mask at every step (no cache), max |difference|.
 - kv_cache_speedup: time(no-cache rollout) / time(cached rollout), same config and noise.
@@ -99,7 +101,7 @@ def peak_memory_mb(fn, device: torch.device) -> float:
 
 def run(cfg, config_path: str, repeats: int, skip_no_cache: bool) -> dict:
     device = torch.device(cfg.model.device)
-    model = load_policy(cfg)  # random weights unless the config names a checkpoint
+    model = load_policy(cfg)  # random weights unless the command line names a checkpoint
     sampler = StreamingSampler.from_config(model, cfg)
     group_size = cfg.algorithm.group_size
     text = torch.randn(1, cfg.model.max_text_tokens, cfg.model.transformer.text_dim, device=device)
@@ -171,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the no-cache baseline (slow at real size: it is quadratic in chunks)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sampler.num_chunks=8")
     args = parser.parse_intermixed_args(argv)
-    cfg = load_config_for_cli(args.config, args.overrides)
+    # Before the user's overrides, so a checkpoint named on the command line still loads.
+    random_weights = ["model.self_forcing_checkpoint=null", "model.diffusers_transformer=null"]
+    cfg = load_config_for_cli(args.config, [*random_weights, *args.overrides])
     if cfg is None:
         return 2
     result = run(cfg, args.config, args.repeats, args.skip_no_cache)

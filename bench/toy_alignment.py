@@ -31,7 +31,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from actors.rollout import collect_group, pixels_as_video
+from actors.rollout import collect_group
 from bench import load_toy_config, toy_bench_parser
 from common import adapters
 from common.loading import load_policy
@@ -42,6 +42,13 @@ from learner.update import UpdateSettings, arcopo_update
 from rewards.toy import score
 
 NO_CLIP = 1e9  # a ratio clip so wide it never binds
+
+
+def unquantised_frames(latents: torch.Tensor) -> torch.Tensor:
+    """The toy generator's frames [B, 3, F, H, W] in [-1, 1], not rounded to uint8 as the job's
+    decoder (common/policy.pixels_as_video) rounds them: this bench has always scored them so, and
+    its numbers stay comparable with README's (rounding moves a pixel by up to half a grey level)."""
+    return latents.clamp(-1.0, 1.0)
 
 
 class ToyRun:
@@ -75,10 +82,12 @@ class ToyRun:
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         """(mean training reward, mean out-of-domain score) of the active policy on the eval set."""
-        prompts = [p for p, _ in self.eval_set]
-        text = self.encoder.encode(prompts)
-        plan = self.sampler.noise_plan(*[s for _, s in self.eval_set])
-        videos = pixels_as_video(self.sampler.generate(text, plan))
+        prompts, seeds = [p for p, _ in self.eval_set], [s for _, s in self.eval_set]
+        batch = self.cfg.run.eval_batch_size  # as the job evaluates: a batch's KV cache is its memory
+        videos = torch.cat([
+            unquantised_frames(self.sampler.generate(self.encoder.encode(prompts[i:i + batch]),
+                                                     self.sampler.noise_plan(*seeds[i:i + batch])))
+            for i in range(0, len(prompts), batch)])
         scores = self.reward_fn(videos, prompts)
         total = sum(w * scores[n] for n, w in self.weights.items())
         return total.mean().item(), scores["ood"].mean().item()
@@ -93,10 +102,10 @@ class ToyRun:
             g = collect_group(
                 self.sampler, self.text(prompt), prompt, pivot=i % self.cfg.sampler.num_chunks,
                 group_size=a.group_size, sigma=a.fork_sigma, plan_seed=rng.randrange(2**31),
-                fork_seed=rng.randrange(2**31), decode=pixels_as_video, reward_fn=self.reward_fn,
+                fork_seed=rng.randrange(2**31), decode=unquantised_frames, reward_fn=self.reward_fn,
                 weights=self.weights, policy_version=0, adapter=adapters.ON_POLICY)
             rows.append((g.pivot_inputs[:, 0].std(0).mean().item(),
-                         pixels_as_video(g.pivot_latents).std(0).mean().item(), g.rewards.std().item(), g.pivot))
+                         unquantised_frames(g.pivot_latents).std(0).mean().item(), g.rewards.std().item(), g.pivot))
         init, pivot, std, where = zip(*rows)
         per_pivot = {}
         for k in sorted(set(where)):
@@ -113,7 +122,7 @@ class ToyRun:
             self.sampler, self.text(prompt), prompt,
             pivot=rng.randrange(self.cfg.sampler.num_chunks), group_size=a.group_size, sigma=a.fork_sigma,
             plan_seed=rng.randrange(2**31), fork_seed=rng.randrange(2**31),
-            decode=pixels_as_video, reward_fn=self.reward_fn, weights=self.weights,
+            decode=unquantised_frames, reward_fn=self.reward_fn, weights=self.weights,
             policy_version=version, adapter=adapter,
         )
 

@@ -44,6 +44,8 @@ class Counters:
     stale_trained_max: int = 0
     groups_by_phase: dict[str, int] = field(default_factory=dict)
     heartbeats_missed: int = 0
+    # One entry per weight broadcast after an update: {"version", "bytes", "seconds"}.
+    weight_sync_log: list[dict] = field(default_factory=list)
 
 
 def write_checkpoint(root, learner, state: dict) -> str:
@@ -446,7 +448,8 @@ class Driver:
 
         results = self.actors.pool.run(self._jobs("reference", 0, n, "reference"), on_progress=show)
         self.log_metrics({"phase": "reference", "groups": len(results), "job_ids": [s.job_id for s, _ in results],
-                          "reward_mean": _mean([s.reward_mean for s, _ in results])})
+                          "reward_mean": _mean([s.reward_mean for s, _ in results]),
+                          "record_bytes": [s.record_bytes for s, _ in results]})
         return len(results)
 
     def train_semi(self) -> None:
@@ -522,6 +525,7 @@ class Driver:
             record["staleness_max"] = max(ages or [0])
             record["rollout_seconds"] = _mean([s.rollout_seconds for s in summaries])
             record["reward_seconds"] = _mean([s.reward_seconds for s in summaries])
+            record["record_bytes"] = [s.record_bytes for s in summaries]
         if stats:
             n = sum(s["groups"] for s in stats) or 1
             record["loss"] = sum(s["loss"] * s["groups"] for s in stats) / n
@@ -529,6 +533,7 @@ class Driver:
             record["grad_norm"] = stats[0]["grad_norm"]
             record["learner_seconds"] = max(s["seconds"] for s in stats)
         record["weight_sync_seconds"] = self.counters.weight_sync_seconds
+        record["weight_sync_bytes"] = self.counters.weight_sync_bytes
         self.log_metrics(record)
         if self.metrics:
             self._export(phase, it, record, stats, ages or [], dropped)

@@ -20,20 +20,15 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 
-def _scores(policy, models, weights, prompts, seeds, batch: int = 16) -> dict[str, float]:
-    from common.toy_world import to_uint8
+def _scores(policy, models, weights, prompts, seeds, batch: int) -> dict[str, float]:
     from rewards.server import score_batch
 
     per_video: dict[str, list[float]] = {}
-    for i in range(0, len(prompts), batch):
-        p, s = prompts[i:i + batch], seeds[i:i + batch]
-        with torch.no_grad():
-            latents = policy.sampler.generate(policy.text(p), policy.sampler.noise_plan(*s))
-        for k, v in score_batch(models, to_uint8(policy.decode(latents)), p).items():
+    for p, frames in policy.videos(prompts, seeds, batch):
+        for k, v in score_batch(models, frames, p).items():
             per_video.setdefault(k, []).extend(v.tolist())
     means = {k: sum(v) / len(v) for k, v in per_video.items()}
     means["reward"] = sum(w * means[n] for n, w in weights.items())
@@ -66,12 +61,15 @@ def _plot(rows: list[dict], base: dict, out: Path) -> None:
 def evaluate(config, run_dir: Path, prompts: list[str], seeds: int, scales: list[float], videos: int) -> dict:
     from common import adapters
     from common.policy import Policy
-    from common.toy_world import to_uint8
+    from common.prompt_cache import DEFAULT_NAME, with_cache_path
     from common.video import encode_mp4, write_bytes_atomic
     from learner.merge import Scores, pick_merge_scale
     from rewards.server import build_reward_models
 
-    policy = Policy.from_config(config)
+    if config.model.prompt_cache is None and (run_dir / DEFAULT_NAME).is_file():
+        # The run's own prompt embeddings: the text encoder loads only for prompts the run never saw.
+        config = with_cache_path(config, run_dir)
+    policy = Policy.from_config(config, role="rollout")
     for name in adapters.ADAPTERS:
         adapters.load_adapter(policy.model, run_dir / "adapters" / name, name)
     models = build_reward_models(config)
@@ -82,16 +80,14 @@ def evaluate(config, run_dir: Path, prompts: list[str], seeds: int, scales: list
 
     def measure(mode: str, scale: float = 1.0) -> dict:
         policy.set_mode(mode, scale)
-        return _scores(policy, models, weights, eval_prompts, eval_seeds)
+        return _scores(policy, models, weights, eval_prompts, eval_seeds, config.run.eval_batch_size)
 
     def sample(tag: str, mode: str, scale: float = 1.0) -> list[str]:
         policy.set_mode(mode, scale)
         shown = prompts[:videos]
         if not shown:
             return []
-        with torch.no_grad():
-            latents = policy.sampler.generate(policy.text(shown), policy.sampler.noise_plan(*[7] * len(shown)))
-        frames = to_uint8(policy.decode(latents))
+        frames = [f for _, batch in policy.videos(shown, [7] * len(shown), config.run.eval_batch_size) for f in batch]
         paths = []
         for i, f in enumerate(frames):
             path = write_bytes_atomic(out / "videos" / f"{tag}_{i}.mp4",
@@ -155,11 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     from common.adapters import AdapterError
-    from common.config import load_config_for_cli
+    from common.config import ConfigError, load_config_for_cli, preflight
     from cluster.prompts import PromptError, load_prompts, read_prompt_file
+    from common.prompt_cache import PromptCacheError
 
     config = load_config_for_cli(args.config, args.overrides)
     if config is None:
+        return 2
+    try:
+        # --prompts replaces rollout.prompts; read_prompt_file names that file if it is missing.
+        preflight(config, ignore=("rollout.prompts",) if args.prompts is not None else ())
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
         return 2
     try:
         if args.prompts is not None:
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts = load_prompts(config)[0][: config.run.eval_prompts]
         result = evaluate(config, args.adapters, prompts, args.seeds, args.scales or config.run.merge_scales,
                           args.videos)
-    except (PromptError, AdapterError) as exc:
+    except (PromptError, PromptCacheError, AdapterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"chosen_scale": result["chosen_scale"], "reference": result["reference"]["reward"],

@@ -48,6 +48,44 @@ def check_resources(config, available: dict) -> None:
                 f"lower rollout/rewards/learner counts or set cluster.num_cpus for a local run")
 
 
+def encode_prompts(config, prompts: list[str]) -> dict:
+    """Make `model.prompt_cache` hold every prompt of `prompts`, once, before any role starts.
+
+    A Ray task on the rollout role's resources (where a text encoder would otherwise live in every
+    worker) encodes what the file lacks and writes it; max_calls=1 ends its process afterwards, so the
+    encoder's GPU memory goes back before the rollout workers take that GPU. The driver never loads
+    the encoder nor holds the embeddings: it gets a few counts back (common/prompt_cache.build).
+
+    The toy world's encoder is a table of word vectors (kilobytes, microseconds): the driver writes
+    its file itself, since a task would add seconds to every toy job's start. The roles read the
+    file exactly as they read a real encoder's.
+    """
+    import ray
+    from ray.exceptions import GetTimeoutError, RayTaskError
+
+    from common.prompt_cache import PromptCacheError, build, build_in_task
+
+    if config.model.text_encoder_kind == "toy":
+        return build(config, prompts, config.model.prompt_cache)
+    check_resources(config, ray.cluster_resources())
+    r = config.rollout
+    task = ray.remote(max_calls=1, max_retries=0)(build_in_task).options(
+        name="encode-prompts", num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker,
+        resources=dict(r.resources) or None)
+    ref = task.remote(config.model_dump(mode="json"), list(prompts))
+    try:
+        return ray.get(ref, timeout=config.cluster.call_timeout_s)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, PromptCacheError):  # a file of another encoder: its own message, no traceback
+            raise exc.cause from None
+        raise
+    except GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise PlacementError(f"encoding {len(prompts)} prompts into {config.model.prompt_cache} (model.prompt_cache) "
+                             f"took longer than cluster.call_timeout_s ({config.cluster.call_timeout_s:g} s) on the "
+                             "rollout role's resources") from None
+
+
 class Actors:
     """Every actor of a run, plus the weight broadcast and the sharding of learner batches."""
 
@@ -175,6 +213,9 @@ class Actors:
         self.publish()
         self.counters.weight_sync_bytes = self.sync_to(list(names))
         self.counters.weight_sync_seconds = time.perf_counter() - start
+        version = self.last_packet[0].version if self.last_packet is not None else None
+        self.counters.weight_sync_log.append({"version": version, "bytes": self.counters.weight_sync_bytes,
+                                              "seconds": self.counters.weight_sync_seconds})
 
     # -- learning ---------------------------------------------------------------------------------
 
@@ -200,6 +241,16 @@ class Actors:
         learner = ray.get([x.stats.remote() for x in self.learners])
         share = lambda items: sum(i["busy_seconds"] for i in items) / max(len(items), 1) / max(wall, 1e-9)  # noqa: E731
         return {"rollout": share(rollout), "reward": share(reward), "learner": share(learner)}
+
+    def peak_rss_bytes(self) -> dict[str, int]:
+        """Each role's peak resident memory so far (the largest over its actors), from their stats."""
+        import ray
+
+        rollout = list(self.pool.call_each({n: lambda w: w.ping.remote() for n in self.pool.workers}).values())
+        reward = ray.get([s.get_stats.remote() for s in self.reward_servers])
+        learner = ray.get([x.stats.remote() for x in self.learners])
+        return {role: max((i.get("peak_rss_bytes", 0) for i in items), default=0)
+                for role, items in (("rollout", rollout), ("reward", reward), ("learner", learner))}
 
     def shutdown(self) -> None:
         import ray

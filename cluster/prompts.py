@@ -39,7 +39,9 @@ def load_prompts(config) -> tuple[list[str], list[str]]:
     if config.rollout.prompts is not None:
         prompts = read_prompt_file(config.rollout.prompts)
         return prompts, []
-    if config.model.text_encoder_kind == "toy":
+    from common.config import is_toy_world
+
+    if is_toy_world(config.model):
         from common.toy_world import split_prompts
 
         train, heldout = split_prompts(seed=0)

@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from common.config import load_config_for_cli
+from common.config import ConfigError, load_config_for_cli, preflight
 from common.video import write_bytes_atomic
 
 log = logging.getLogger("arcopo")
@@ -104,18 +104,32 @@ def write_samples(actors, folder: RunFolder, prompts: list[str], tag: str, mode:
     return paths
 
 
+def check_job(config) -> None:
+    """Refuses, with ConfigError, a config this job cannot run: before Ray, Redis or any actor."""
+    if not config.run.phases:
+        # The job would still evaluate and sample the base model, which needs rewards and prompts
+        # that a model-only config (configs/tiny.yaml) does not name.
+        raise ConfigError("run.phases: empty, which describes a model only (configs/tiny.yaml); cluster.train "
+                          "needs at least one of reference, semi, on_policy, merge")
+    preflight(config)
+
+
 def run(config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) -> dict:
+    check_job(config)
     import ray
 
     from cluster.driver import Driver, latest_checkpoint
     from cluster.local import ray_session, redis_session
-    from cluster.placement import Actors
+    from cluster.placement import Actors, encode_prompts
     from cluster.prompts import load_prompts
     from common.metrics import RunMetrics
+    from common.prompt_cache import with_cache_path
     from common.replay import ReplayBuffer, ReplayError
     from learner.merge import Scores
 
     prompts, heldout = load_prompts(config)
+    # Every role reads the prompt embeddings from this one file (config.yaml names it too).
+    config = with_cache_path(config, folder.root)
     resolved = config.model_dump(mode="json")
     if resolved["replay"].get("redis_password"):
         resolved["replay"]["redis_password"] = "<redacted>"
@@ -145,6 +159,11 @@ def run(config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) 
             # A reference phase cut short left some of its groups in Redis: start it afresh (same
             # jobs, same groups) rather than train on a partial or doubled buffer.
             log.info("reference phase was interrupted: cleared %d partial items, collecting again", monitor.clear())
+        # Training, held-out and so evaluation and sample prompts (both are training prompts), encoded
+        # once before learners (which never load the text encoder) and rollout workers start.
+        encoded = encode_prompts(config, [*prompts, *heldout])
+        log.info("prompt embeddings: %d prompts in %s (%d encoded now, %.1f s)", encoded["prompts"],
+                 encoded["path"], encoded["encoded"], encoded["seconds"])
         actors = Actors(config, replay, record_key)
         actors_started = time.perf_counter()
         metrics = RunMetrics()
@@ -223,7 +242,8 @@ def run(config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) 
                 "reward_failures": counters.reward_failures, "worker_failures": counters.worker_failures,
                 "jobs_redone": counters.jobs_redone, "heartbeats_missed": counters.heartbeats_missed, "rollout_workers_final": len(actors.pool.workers),
                 "scaling_events": actors.pool.events, "role_busy_ratio": busy,
-                "weight_sync_seconds": counters.weight_sync_seconds,
+                "weight_sync_seconds": counters.weight_sync_seconds, "weight_sync_log": counters.weight_sync_log,
+                "role_peak_rss_bytes": actors.peak_rss_bytes(),
                 "components_initial": before_parts, "components_final": after_parts,
                 "adapters": [str(Path(p).relative_to(folder.root)) for p in saved], "samples": samples,
             }
@@ -273,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config_for_cli(args.config, args.overrides)
     if config is None:
         return 2
+    try:
+        check_job(config)  # before --overwrite deletes anything
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     root = Path(config.run.output_dir) / config.run.name
     if root.exists() and any(root.iterdir()) and not args.resume:
         if not args.overwrite:
@@ -283,11 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     folder = RunFolder(root)
     from cluster.placement import PlacementError
     from cluster.prompts import PromptError
+    from common.prompt_cache import PromptCacheError
     from common.replay import ReplayError
 
     try:
         summary = run(config, folder, resume=args.resume)
-    except (PromptError, PlacementError, ReplayError) as exc:
+    except (PromptError, PromptCacheError, PlacementError, ReplayError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

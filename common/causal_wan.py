@@ -293,6 +293,12 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 tensor.data = tensor.data.to(target)
         return self
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations run in: the patch embedding's. Not the first parameter's, which may
+        be one of the modules `cast` keeps in float32."""
+        return self.patch_embedding.weight.dtype
+
     def tokens_per_frame(self, height: int, width: int) -> int:
         _, p_h, p_w = self.config.patch_size
         return (height // p_h) * (width // p_w)

@@ -3,7 +3,8 @@
 Every role (driver, rollout workers, reward servers, learner) reads the same `Config`. It is loaded
 from a YAML file in `configs/` and patched with dotted command-line overrides such as
 `sampler.num_chunks=4`. Unknown keys and bad values are refused with a message that names the key
-path, before anything expensive starts.
+path, before anything expensive starts. Job entry points (cluster.train, cluster.evaluate) then run
+`preflight`: no toy-world fallback on a real model, and every configured local file present.
 
 Values marked DEFAULT in METHOD.md are ours where the paper is silent; they live here so that they
 stay configurable.
@@ -68,6 +69,10 @@ class ModelConfig(_Section):
     text_encoder: Path | None = None
     tokenizer: Path | None = None
     max_text_tokens: int = Field(512, ge=1)
+    # Prompt embeddings, encoded once by the job for every role (common/prompt_cache.py): learners
+    # read only this file and never load UMT5 (10.6 GiB in bf16); rollout workers load it only for a
+    # prompt the file lacks. None = <run folder>/prompt_embeddings.safetensors.
+    prompt_cache: Path | None = None
     vae_spatial_stride: int = Field(8, ge=1)
     vae_temporal_stride: int = Field(4, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -153,6 +158,9 @@ class RolloutConfig(_Section):
                                         description="custom Ray resources per worker, e.g. {rollout_gpu: 1}")
     prefetch_iterations: int | None = Field(
         None, ge=0, description="iterations of jobs sent out ahead of the learner; None = learner.max_staleness")
+    # The Wan VAE decoding a whole group at once peaks at 47 GB at 480x832 for G = 12 (about 4 GB a
+    # video): it decodes this many videos at a time, each sub-batch leaving the device as uint8.
+    decode_batch_size: int = Field(2, ge=1, description="videos the VAE decodes at once")
 
 
 class RewardTerm(_Section):
@@ -175,7 +183,8 @@ class RewardsConfig(_Section):
     max_batch_videos: int = Field(48, ge=1, description="a reward server scores up to this many videos at once")
     batch_timeout_s: float = Field(0.02, ge=0, description="how long a server waits to fill a batch")
     # The reward models a server owns (rewards/specs.py validates each entry: kind, path, device,
-    # num_gpus, runtime_env, ...). Empty: the toy world's rewards (vq, mq, ta and the held-out ood).
+    # num_gpus, runtime_env, ...). Empty: the toy world's rewards (vq, mq, ta and the held-out ood),
+    # which only a toy-world model may use (Config refuses it for a real one).
     models: list[dict[str, Any]] = Field(default_factory=list)
     video_fps: float = Field(16.0, gt=0, description="frame rate of the videos servers receive (frame sampling)")
     runtime_env: dict[str, Any] | None = Field(None, description="Ray runtime_env of every reward server actor")
@@ -210,6 +219,10 @@ class LearnerConfig(_Section):
     max_staleness: int = Field(0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict,
                                         description="custom Ray resources per learner, e.g. {learner_gpu: 1}")
+    # Memory of the update (README, "Memory at 480x832"): checkpointing keeps one block's activations
+    # instead of 30 blocks' during the backward; micro-batches bound how many anchors run at once.
+    gradient_checkpointing: bool = Field(False, description="recompute each transformer block in the backward")
+    anchor_micro_batch: int | None = Field(None, ge=1, description="anchors per forward+backward; None = all B")
 
 
 class ReplayConfig(_Section):
@@ -265,7 +278,42 @@ class RunConfig(_Section):
     eval_prompts: int = Field(8, ge=1, description="fixed prompts (x eval_seeds) scored before/after")
     eval_seeds: int = Field(2, ge=1)
     sample_prompts: int = Field(4, ge=0, description="sample videos written at the start and the end")
+    # Evaluation and sample videos generate this many videos at once: 16 at 480x832 hold 83 GB of KV
+    # cache (about 5 GB a video). Noise is per seed, so a video does not depend on its batch, up to
+    # matmul kernels that change with the batch size (on the toy world, batches of 1 and 16 moved a
+    # score by up to 5e-4 through pixels rounded the other way; 4, 8 and 16 agreed exactly).
+    eval_batch_size: int = Field(4, ge=1, description="videos generated at once by evaluation and samples")
     checkpoint_every: int = Field(10, ge=1, description="iterations between adapter checkpoints")
+
+
+def is_toy_world(model: ModelConfig) -> bool:
+    """The toy world's generator: RGB pixels and the toy text encoder (configs/toy.yaml)."""
+    return model.latent_space == "pixels" and model.text_encoder_kind == "toy"
+
+
+def toy_fallback_problems(config: "Config") -> list[str]:
+    """One line per place where a job on this config would fall back to the toy world's rewards or
+    prompts (or mixes the toy world with a real model); empty for a consistent config."""
+    m = config.model
+    if (m.latent_space == "pixels") != (m.text_encoder_kind == "toy"):
+        return [f"model.latent_space={m.latent_space} with model.text_encoder_kind={m.text_encoder_kind} is half "
+                "the toy world: the toy world is latent_space pixels with text_encoder_kind toy (configs/toy.yaml), "
+                "a real model wan_vae with umt5 (configs/self_forcing_wan1.3b.yaml)"]
+    if is_toy_world(m):
+        return []
+    real = f"model.latent_space={m.latent_space} / model.text_encoder_kind={m.text_encoder_kind} is a real model"
+    problems = []
+    if not config.rewards.models:
+        problems.append(f"rewards.models: empty, which means the toy world's rewards, but {real}; name the reward "
+                        "models (configs/self_forcing_wan1.3b.yaml shows VideoAlign)")
+    for i, entry in enumerate(config.rewards.models):
+        if entry["kind"] == "toy":
+            problems.append(f"rewards.models[{i}]: kind toy is the toy world's rewards, but {real}; use a real "
+                            "reward model (videoalign, clip, pickscore)")
+    if config.rollout.prompts is None:
+        problems.append(f"rollout.prompts: unset, which means the toy world's prompts, but {real}; name a prompt "
+                        "file (UTF-8, one prompt per line)")
+    return problems
 
 
 class Config(_Section):
@@ -312,6 +360,19 @@ class Config(_Section):
             raise ValueError("model.transformer.in_channels and out_channels must match (x0 prediction)")
         return self
 
+    @model_validator(mode="after")
+    def _no_toy_fallback(self) -> "Config":
+        # Empty rewards.models and unset rollout.prompts mean the toy world's rewards and prompts;
+        # on a real model they would silently score real videos with 16x16 toy stand-ins.
+        if not self.run.phases:
+            # Trains and evaluates nothing: a model-only config (tests, bench.streaming) needs
+            # neither rewards nor prompts. Job entry points still apply the rule (preflight).
+            return self
+        problems = toy_fallback_problems(self)
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of one latent frame."""
@@ -322,11 +383,15 @@ class Config(_Section):
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        path = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {path}: {msg}")
+        if not path and e["type"] == "value_error":
+            # Cross-section checks name their own keys; "<root>: Value error," would only hide them.
+            lines.append(f"  {e['ctx']['error']}")
+            continue
+        lines.append(f"  {path or '<root>'}: {msg}")
     return "\n".join(lines)
 
 
@@ -394,6 +459,63 @@ def load_config_for_cli(path: str | Path | None, overrides: list[str]) -> Config
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return None
+
+
+_REWARD_PATHS = {
+    "videoalign": "a local VideoAlign/VideoReward checkpoint directory",
+    "clip": "a local Hugging Face CLIPModel directory",
+    "pickscore": "a local PickScore CLIPModel directory",
+}
+
+
+def missing_paths(config: Config) -> list[str]:
+    """One line per local file or directory a job on `config` would open but cannot: set and absent,
+    or (for a real model) needed and not set. Relative paths are relative to the working directory,
+    as the job reads them."""
+    m = config.model
+    wanted: list[tuple[str, Path | None, str]] = [
+        ("model.self_forcing_checkpoint", m.self_forcing_checkpoint, "a local Self-Forcing .pt checkpoint"),
+        ("model.diffusers_transformer", m.diffusers_transformer, "a local diffusers WanTransformer3DModel directory"),
+        ("model.vae", m.vae, "a local Wan VAE directory"),
+        ("model.text_encoder", m.text_encoder, "a local UMT5 text encoder directory"),
+        ("model.tokenizer", m.tokenizer, "a local UMT5 tokenizer directory"),
+        ("rollout.prompts", config.rollout.prompts, "a UTF-8 prompt file, one prompt per line"),
+        ("replay.redis_binary", config.replay.redis_binary, "a redis-server executable"),
+    ]
+    for i, entry in enumerate(config.rewards.models):
+        key = f"rewards.models[{i}]"
+        wanted += [
+            (f"{key}.path", entry.get("path"), _REWARD_PATHS.get(entry["kind"], "a local checkpoint directory")),
+            (f"{key}.base_model", entry.get("base_model"), "a local Qwen2-VL-2B-Instruct directory"),
+            (f"{key}.processor", entry.get("processor"), "a local CLIP processor directory"),
+            (f"{key}.prompt_template", entry.get("prompt_template"), "a text file with the prompt template"),
+        ]
+    lines = []
+    if not is_toy_world(m):
+        # Each of these falls back to something (random weights) or fails only inside an actor,
+        # after Ray, Redis and every other role have started.
+        if m.self_forcing_checkpoint is None and m.diffusers_transformer is None:
+            lines.append("model.self_forcing_checkpoint: not set (nor model.diffusers_transformer), so a real "
+                         "model would start from random weights; name a local Self-Forcing .pt checkpoint")
+        if m.latent_space == "wan_vae" and m.vae is None:
+            lines.append("model.vae: not set; model.latent_space=wan_vae decodes videos with a local Wan VAE directory")
+        if m.text_encoder_kind == "umt5" and m.text_encoder is None:
+            lines.append("model.text_encoder: not set; model.text_encoder_kind=umt5 needs a local UMT5 text "
+                         "encoder directory")
+    for key, path, what in wanted:
+        if path is not None and not Path(path).exists():
+            lines.append(f"{key}: {path} does not exist ({what})")
+    return lines
+
+
+def preflight(config: Config, ignore: tuple[str, ...] = ()) -> None:
+    """What a job entry point checks before it starts Ray or Redis: no toy-world fallback (whatever
+    run.phases says) and no missing file. Raises ConfigError, one line per problem, each naming its
+    key; keys in `ignore` (e.g. rollout.prompts when a prompt file is given otherwise) are skipped."""
+    problems = [line for line in [*toy_fallback_problems(config), *missing_paths(config)]
+                if line.split(":", 1)[0] not in ignore]
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ class GroupSummary:
     rollout_seconds: float = 0.0
     reward_seconds: float = 0.0
     replay_id: int | None = None
+    record_bytes: int = 0  # the group's record (RolloutGroup.to_bytes), to the learner or into Redis
 
 
 def job_rng(run_seed: int, phase: str, job_id: int) -> random.Random:

@@ -28,6 +28,7 @@ Public API:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -54,6 +55,7 @@ __all__ = [
     "load_text_encoder",
     "load_vae",
     "original_key_map",
+    "pad_tokens",
     "save_self_forcing_checkpoint",
     "strip_wrapper_prefixes",
     "to_diffusers_layout",
@@ -243,7 +245,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str,
-                 file_names: Mapping[str, str] | None = None, wanted_names: Mapping[str, str] | None = None) -> None:
+                 file_names: Mapping[str, str] | None = None, wanted_names: Mapping[str, str] | None = None,
+                 assign: bool = False) -> None:
     """Load `state` (diffusers keys) into `model`, refusing missing, unexpected and mis-shaped keys.
 
     `file_names` / `wanted_names` translate diffusers keys back to the names a user would find in
@@ -269,7 +272,7 @@ def _load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], wher
             [f"{named(k, file_names)} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in mismatched]))
     if problems:
         raise CheckpointError(f"{where}: does not fit {type(model).__name__} as configured: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -308,13 +311,57 @@ def load_self_forcing_checkpoint(path, model_config: dict, *, key: str = "genera
         raise CheckpointError(f"{where}: entries that are not tensors: {_shown(not_tensors)}")
 
     names = _diffusers_names(state.keys(), where)
-    model = model_cls(**model_config)
+    # Parameters are created on the meta device and then replaced by the file's tensors, already in
+    # their final dtype: a 1.3B model built in float32 first would need 5.2 GB for a moment, more than
+    # the 2.6 GB its bf16 weights take (three roles share one machine in bench.real_size).
+    with parameters_on_meta():
+        model = model_cls(**model_config)
     try:
         wanted = {k: SELF_FORCING_PREFIX + v for k, v in original_key_map(model).items()}
     except CheckpointError:
         wanted = {}  # not a plain T2V layout: missing keys are then reported in diffusers names
-    _load_strict(model, {new: state[old] for new, old in names.items()}, where, names, wanted)
+    dtypes = _target_dtypes(model, dtype)
+    state = {new: _as_parameter_data(state[old], dtypes.get(new, dtype)) for new, old in names.items()}
+    _load_strict(model, state, where, names, wanted, assign=True)
     return _cast(model, dtype).eval()
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build a module whose parameters live on the meta device (no memory, no initialisation cost
+    beyond one layer at a time), while buffers stay real: Wan's rotary tables are non-persistent
+    buffers computed at construction and are not in any checkpoint. Load with `assign=True`."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _as_parameter_data(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The file's tensor itself when it already fits (memory-mapped from a torch file: its pages are
+    shared by every process that loads the file, and nothing is copied), else an aligned copy.
+
+    A tensor viewing a safetensors file can sit at an 8-byte offset, which sends the CPU's GEMM down
+    another path (same weights, outputs differ in the last bit): such tensors are copied.
+    """
+    if tensor.dtype == dtype and tensor.is_contiguous() and tensor.data_ptr() % 64 == 0:
+        return tensor
+    return tensor.to(dtype, copy=True)
+
+
+def _target_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Each state-dict key's dtype after `cast(dtype)`: diffusers' fp32 modules stay float32."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return {name: torch.float32 if keep.intersection(name.split(".")) else dtype
+            for name, value in model.state_dict().items() if value.is_floating_point()}
 
 
 def atomic_torch_save(obj: object, path: Path) -> None:
@@ -468,6 +515,11 @@ def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def pad_tokens(embeddings: torch.Tensor, length: int) -> torch.Tensor:
+    """[n, dim] -> [length, dim], zeros after the n tokens (as Wan pipelines pad prompt embeddings)."""
+    return torch.cat([embeddings, embeddings.new_zeros(length - embeddings.shape[0], embeddings.shape[1])])
+
+
 class TextEncoder:
     """UMT5 prompt embeddings made as Wan pipelines make them, with a per-prompt LRU cache.
 
@@ -538,10 +590,12 @@ class TextEncoder:
         mask = tokens.attention_mask.to(self.device)
         hidden = self.model(input_ids=tokens.input_ids.to(self.device), attention_mask=mask).last_hidden_state
         seq_lens = mask.gt(0).sum(dim=1).tolist()
-        return [h[:n].cpu() for h, n in zip(hidden, seq_lens)]
+        # A copy, not a view: a view would keep the whole padded [batch, 512, dim] block alive in the cache.
+        return [h[:n].to("cpu", copy=True) for h, n in zip(hidden, seq_lens)]
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """[len(prompts), max_length, dim] on the encoder's device; zeros after each prompt's tokens."""
+    def token_embeddings(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Each prompt's own tokens' embeddings [length_i, dim] on CPU, through the LRU cache: what
+        `encode` pads, and what a prompt-embedding file stores (common/prompt_cache.py)."""
         if isinstance(prompts, str):
             raise TypeError("encode takes a list of prompts, not a single string")
         keys = [self._clean(p) for p in prompts]
@@ -550,16 +604,18 @@ class TextEncoder:
         for i in range(0, len(todo), self.batch_size):
             batch = todo[i:i + self.batch_size]
             fresh.update(zip(batch, self._encode_uncached(batch)))
-        rows = []
-        for k in keys:
-            emb = fresh[k] if k in fresh else self._cache[k]
-            rows.append(torch.cat([emb, emb.new_zeros(self.max_length - emb.shape[0], emb.shape[1])]))
-        for k in keys:  # update the LRU order only after every row is built
+        embeddings = [fresh[k] if k in fresh else self._cache[k] for k in keys]
+        for k in keys:  # update the LRU order only after every embedding is taken
             if k in fresh:
                 self._cache[k] = fresh[k]
             self._cache.move_to_end(k)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
+        return embeddings
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """[len(prompts), max_length, dim] on the encoder's device; zeros after each prompt's tokens."""
+        rows = [pad_tokens(emb, self.max_length) for emb in self.token_embeddings(prompts)]
         if not rows:
             return torch.zeros(0, self.max_length, self.dim, dtype=self.model.dtype, device=self.device)
         return torch.stack(rows).to(self.device)

@@ -1,5 +1,10 @@
 """The policy every role holds: the causal generator with its two LoRA adapters, the streaming
-sampler, the text encoder and the decoder, built from the config alone.
+sampler, the prompt embeddings and the decoder, built from the config alone.
+
+Prompt embeddings come from the job's prompt-embedding file (common/prompt_cache.py): a learner
+never builds the text encoder; a rollout worker builds it only for a prompt the file lacks.
+The decoder gives uint8 frames [B, F, H, W, 3] on the CPU, converted on the device in sub-batches of
+`rollout.decode_batch_size`, which is what reward servers, evaluation and sample videos take.
 
 Rollout workers and learners build it the same way, so a weight sync only has to carry adapter
 tensors (or, with `cluster.weight_sync=full`, every tensor) and both sides agree on the names.
@@ -8,13 +13,15 @@ tensors (or, with `cluster.weight_sync=full`, every tensor) and both sides agree
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from common import adapters
-from common.loading import decode_latents, load_policy, load_text_encoder, load_vae
+from common.loading import decode_latents, load_policy, load_vae
+from common.prompt_cache import CachedTextEncoder
 from common.sampler import StreamingSampler
+from common.toy_world import to_uint8
 
 # What a rollout runs as: pi_ref, one adapter, or the merged model (METHOD.md sections 4-5).
 MODES = ("reference", adapters.ON_POLICY, adapters.SEMI, "merged")
@@ -24,11 +31,17 @@ MODES = ("reference", adapters.ON_POLICY, adapters.SEMI, "merged")
 class Policy:
     model: torch.nn.Module
     sampler: StreamingSampler
-    text_encoder: object
-    decode: Callable[[torch.Tensor], torch.Tensor]  # latents -> pixel videos [B, 3, F, H, W] in [-1, 1]
+    text_encoder: CachedTextEncoder
+    decode: Callable[[torch.Tensor], torch.Tensor]  # latents -> uint8 frames [B, F, H, W, 3] on the CPU
 
     @classmethod
-    def from_config(cls, config) -> "Policy":
+    def from_config(cls, config, role: str = "rollout") -> "Policy":
+        """`role="rollout"` (rollout workers, in-process tools): prompt embeddings from
+        model.prompt_cache, the text encoder built on a miss, and the decoder. `role="learner"`:
+        embeddings from the file only, and no decoder (a learner never sees pixels), so neither the
+        text encoder nor the VAE takes its memory."""
+        if role not in ("rollout", "learner"):
+            raise ValueError(f"Policy role {role!r}: 'rollout' or 'learner'")
         model = load_policy(config)
         lora = config.learner.lora
         # LoRA's A matrices start random: seed them, so every learner rank and every run starts from
@@ -37,12 +50,17 @@ class Policy:
             torch.manual_seed(config.model.seed)
             adapters.add_adapters(model, lora.rank, lora.alpha, lora.target_modules)
         sampler = StreamingSampler.from_config(model, config)
+        text_encoder = CachedTextEncoder(config, encoder_on_miss=role == "rollout")
+        if role == "learner":
+            return cls(model, sampler, text_encoder, no_decoder)
         if config.model.latent_space == "pixels":
-            decode = pixels_as_video
+            decode_one = pixels_as_video
         else:
             vae = load_vae(config.model.vae, dtype=getattr(torch, config.model.dtype)).to(config.model.device)
-            decode = lambda latents: decode_latents(vae, latents).float() / 127.5 - 1.0  # noqa: E731
-        return cls(model, sampler, load_text_encoder(config), decode)
+            decode_one = lambda latents: decode_latents(vae, latents)  # noqa: E731
+        batch = config.rollout.decode_batch_size
+        decode = lambda latents: decode_in_batches(decode_one, latents, batch)  # noqa: E731
+        return cls(model, sampler, text_encoder, decode)
 
     def base_fingerprint(self) -> str:
         """A digest of the base weights: every role must start from the same checkpoint, and a file
@@ -59,6 +77,14 @@ class Policy:
 
     def text(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder.encode(list(prompts)).to(self.sampler.device)
+
+    @torch.no_grad()
+    def videos(self, prompts: list[str], seeds: list[int], batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """(prompts, uint8 frames) of `batch_size` videos at a time (`run.eval_batch_size`): a batch's
+        KV cache bounds evaluation memory, and each video depends only on its prompt and noise seed."""
+        for i in range(0, len(prompts), batch_size):
+            p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
+            yield p, self.decode(self.sampler.generate(self.text(p), self.sampler.noise_plan(*s)))
 
     def set_mode(self, mode: str, merge_scale: float = 1.0) -> None:
         if mode == "reference":
@@ -89,6 +115,20 @@ class Policy:
                 self.model, name, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
+def no_decoder(latents: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("a learner's policy has no decoder (Policy.from_config(role='learner') loads no VAE)")
+
+
+def decode_in_batches(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor,
+                      batch_size: int) -> torch.Tensor:
+    """`decode` on `batch_size` videos at a time: the device holds one sub-batch's float frames,
+    and each leaves it as uint8 before the next is decoded."""
+    if latents.shape[0] <= batch_size:
+        return decode(latents)
+    return torch.cat([decode(latents[i:i + batch_size]) for i in range(0, latents.shape[0], batch_size)])
+
+
 def pixels_as_video(latents: torch.Tensor) -> torch.Tensor:
-    """The pixel-space toy world has no decoder: the latents are the frames."""
-    return latents.clamp(-1.0, 1.0)
+    """The pixel-space toy world's decoder: the latents are the frames ([B, 3, F, H, W] in [-1, 1]),
+    given as every decoder gives them, uint8 [B, F, H, W, 3] on the CPU, converted on the device."""
+    return to_uint8(latents).contiguous().cpu()

@@ -285,6 +285,7 @@ class ReplayBuffer:
         self.capacity = capacity
         self.on_full = on_full
         self.wait_timeout_s = wait_timeout_s
+        self.last_insert_bytes = 0  # size of the last inserted record (rollout workers report it)
         self.sampling = sampling
         self.max_times_sampled = max_times_sampled
         self.samples_per_insert = samples_per_insert
@@ -371,6 +372,7 @@ class ReplayBuffer:
         if not isinstance(group, RolloutGroup):
             raise ReplayError(f"a replay item is a RolloutGroup, got {type(group).__name__}")
         data = group.to_bytes(key=self.key)
+        self.last_insert_bytes = len(data)
         m = self.max_value_bytes
         view = memoryview(data)
         parts = [view[i:i + m] for i in range(0, len(data), m)]

@@ -164,6 +164,16 @@ def to_uint8(videos: torch.Tensor) -> torch.Tensor:
     return ((videos.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
 
 
+def from_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, F, H, W, 3] (what decoders and mp4 files give) -> [B, 3, F, H, W] in [-1, 1], the
+    layout the toy rewards (rewards/toy.py) read.
+
+    Frames are made contiguous first, as a reward server's batching (torch.cat) makes them: the toy
+    rewards' float sums run in memory order, so another layout would move scores in the last bit
+    between the job and an in-process caller."""
+    return frames.contiguous().permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
 def _word_vector(seed: int, slot: int, word: str, dim: int) -> torch.Tensor:
     digest = hashlib.blake2b(f"{seed}/{slot}/{word}".encode(), digest_size=8).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
@@ -191,3 +201,8 @@ class ToyTextEncoder:
             words = (p.colour, p.shape, p.direction, p.background)
             rows.append(torch.stack([self._table[(slot, w)] for slot, w in enumerate(words)]))
         return torch.stack(rows)
+
+    def token_embeddings(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Each prompt's [num_tokens, dim] (every toy prompt fills all its tokens), as a prompt-embedding
+        file stores them (common/prompt_cache.py)."""
+        return list(self.encode(prompts))

@@ -45,7 +45,12 @@ class Learner:
         self.config = Config.model_validate(config_dict)
         torch.set_num_threads(max(1, int(self.config.learner.num_cpus_per_worker)))
         self.rank, self.world_size = rank, world_size
-        self.policy = Policy.from_config(self.config)
+        # Prompt embeddings from the job's file only, and no decoder: a learner never loads the text
+        # encoder nor the VAE.
+        self.policy = Policy.from_config(self.config, role="learner")
+        if self.config.learner.gradient_checkpointing:
+            # Only the update's forward runs with grad; rollouts and the cache rebuild are no-grad.
+            self.policy.model.enable_gradient_checkpointing()
         self.fingerprint = self.policy.base_fingerprint()
         self.record_key = record_key
         self.settings = UpdateSettings.from_config(self.config)
@@ -72,7 +77,10 @@ class Learner:
         if self.world_size > 1:
             import torch.distributed as dist
 
-            dist.init_process_group(self._backend(), init_method=f"tcp://{host}:{port}", rank=self.rank,
+            # One group carries both kinds of tensor: gradients on the GPU go over NCCL, and the
+            # replay sample ids that rank 0 broadcasts are a CPU tensor, which NCCL refuses.
+            backend = "cpu:gloo,cuda:nccl" if self._backend() == "nccl" else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
                                     world_size=self.world_size)
         return True
 
@@ -231,5 +239,7 @@ class Learner:
         return self.version
 
     def stats(self) -> dict:
+        from common.metrics import peak_rss_bytes
+
         return {"rank": self.rank, "version": self.version, "busy_seconds": self.busy_seconds,
-                "uptime": time.time() - self.started, "pid": os.getpid()}
+                "uptime": time.time() - self.started, "pid": os.getpid(), "peak_rss_bytes": peak_rss_bytes()}

@@ -29,11 +29,11 @@ class ToyReward(RewardModel):
         self.components = [prefix + n for n in names]
 
     def score(self, frames: torch.Tensor, prompts: list[str], fps: float) -> dict[str, torch.Tensor]:
+        from common.toy_world import from_uint8
         from rewards.toy import score
 
-        videos = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # -> [B, 3, F, H, W] in [-1, 1]
         try:
-            out = score(videos, prompts, self.names)
+            out = score(from_uint8(frames), prompts, self.names)
         except ValueError as exc:
             raise RewardError(f"toy reward: {exc}") from None
         return {self.prefix + k: v for k, v in out.items()}

@@ -27,8 +27,8 @@ class ToyRewardModel(ToyReward):
 
 
 def build_reward_models(config) -> list:
-    """The models of `rewards.models` (rewards/specs.py); none configured: the toy rewards of the
-    configured terms plus the out-of-domain score (never trained on)."""
+    """The models of `rewards.models` (rewards/specs.py); none configured (a toy-world config only):
+    the toy rewards of the configured terms plus the out-of-domain score (never trained on)."""
     return build_models(config)
 
 
@@ -164,5 +164,7 @@ class RewardServer:
         models = {name: dict(e, ms_per_video=1000 * e["seconds"] / max(e["videos"], 1),
                              ms_per_call=1000 * e["seconds"] / max(e["calls"], 1))
                   for name, e in self.latency.items()}
+        from common.metrics import peak_rss_bytes
+
         return dict(self.stats, index=self.index, components=[c for m in self.models for c in m.components],
-                    models=models)
+                    models=models, peak_rss_bytes=peak_rss_bytes())

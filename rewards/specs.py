@@ -81,6 +81,16 @@ def check_model_entries(entries: list[dict], num_gpus_per_server: float) -> list
 
 
 def specs(config) -> list[RewardModelSpec]:
-    """The RewardModelSpec of every configured model; none configured means the toy rewards."""
+    """The RewardModelSpec of every configured model; none configured means the toy rewards, which
+    only a toy-world model may fall back to."""
+    from common.config import is_toy_world
+    from common.errors import RewardError
+
+    if not config.rewards.models and not is_toy_world(config.model):
+        # Config refuses this when it loads unless run.phases is empty (a model-only config such as
+        # configs/tiny.yaml); scoring with such a config must not quietly become the toy world.
+        raise RewardError(f"rewards.models: empty, which means the toy world's rewards, but model.latent_space="
+                          f"{config.model.latent_space} / model.text_encoder_kind={config.model.text_encoder_kind} "
+                          "is not the toy world; name the reward models")
     entries = config.rewards.models or [{"kind": "toy"}]
     return [RewardModelSpec.model_validate(e).check() for e in entries]

@@ -3,11 +3,21 @@ layouts: for tests and `bench.rewards` (nothing can be downloaded here, and the 
 
     make_tiny_videoalign(dir)  -> dir/{base/ (Qwen2-VL: config, weights, tokenizer, preprocessor,
                                   chat template), model_config.json, checkpoint-<step>/model.pth}
+    make_tiny_videoalign(dir, size="2b")   the same layout at Qwen2-VL-2B-Instruct's real size
     make_tiny_clip(dir)        -> a Hugging Face CLIPModel directory with its processor
 
 The VideoAlign reward weights are written in the pre-4.52 transformers key layout the released
 checkpoint uses (`visual.*`, `model.*`, `lm_head.*`, `rm_head.weight`), so loading them exercises
 the key translation. Building takes a few seconds on CPU.
+
+`size="2b"` (bench.real_size): Qwen2-VL-2B-Instruct's dimensions (QWEN2_VL_2B: 28 decoder layers of
+1536, 12 heads / 2 KV heads, MLP 8960, vocabulary 151936, tied embeddings; a 32-block vision tower of
+1280) and a tokenizer of Qwen2's length (151643 ordinary tokens, most of them fillers no text maps
+to, then Qwen2's 14 special tokens at their real ids), so the reward model has its real 2.2B
+parameters. The model is never built in memory: its parameters are created on the meta device and
+each is filled with seeded random values directly in bfloat16 (4.4 GB written as model.pth). Its
+base/ directory holds the config, tokenizer, preprocessor and chat template but no weights (a full
+checkpoint never reads them), so only the LoRA layout is refused at this size.
 """
 
 from __future__ import annotations
@@ -40,28 +50,122 @@ def _bpe(vocab_size: int, special: list[str], suffix: str | None = None, lowerca
     return tok
 
 
+# Qwen2-VL-2B-Instruct's config.json (text and vision dimensions, token ids), as released.
+QWEN2_VL_2B = {
+    "text_config": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                        rms_norm_eps=1e-6, rope_theta=1000000.0, sliding_window=32768, use_sliding_window=False,
+                        max_window_layers=28, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                        bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=True),
+    "vision_config": dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                          spatial_merge_size=2, temporal_patch_size=2, in_channels=3, hidden_act="quick_gelu"),
+    "tie_word_embeddings": True,
+    "image_token_id": 151655, "video_token_id": 151656,
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+}
+# Qwen2's special tokens in id order from 151643 (after its 151643 byte-level BPE tokens).
+QWEN2_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN2_ORDINARY_TOKENS = 151643
+
+
+def _legacy_name(k: str) -> str:
+    if k.startswith("model.visual."):
+        return k[len("model."):]
+    if k.startswith("model.language_model."):
+        return "model." + k[len("model.language_model."):]
+    return k
+
+
 def _legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        if k.startswith("model.visual."):
-            k = k[len("model."):]
-        elif k.startswith("model.language_model."):
-            k = "model." + k[len("model.language_model."):]
-        out[k] = v.clone()
-    return out
+    return {_legacy_name(k): v.clone() for k, v in state.items()}
+
+
+def _qwen2_sized_tokenizer():
+    """A byte-level BPE learnt on CORPUS, padded with unreachable filler tokens to Qwen2's 151643
+    ordinary tokens, then Qwen2's special tokens at their real ids (len 151657, as Qwen2-VL's)."""
+    from tokenizers import Tokenizer
+    from transformers import Qwen2TokenizerFast
+
+    data = json.loads(_bpe(384, []).to_str())
+    vocab = data["model"]["vocab"]
+    for i in range(len(vocab), QWEN2_ORDINARY_TOKENS):
+        vocab[f"<filler_{i}>"] = i
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.add_special_tokens(QWEN2_SPECIAL)
+    return Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              model_max_length=32768)
+
+
+def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Seeded random weights that keep a deep random network finite: matrices (and convolutions)
+    with std 1/sqrt(fan_in), norm weights one and their biases zero, other vectors (biases) small."""
+    last = name.rsplit(".", 2)[-2] if name.count(".") else name
+    if "norm" in last or last.startswith("ln_"):
+        return (torch.ones if name.endswith("weight") else torch.zeros)(shape, dtype=dtype)
+    out = torch.empty(shape, dtype=dtype)
+    if len(shape) >= 2:
+        fan_in = max(1, out.numel() // shape[0])
+        return out.normal_(0.0, fan_in ** -0.5, generator=generator)
+    return out.normal_(0.0, 0.02, generator=generator)
+
+
+def _write_videoalign_2b(root: Path, base: Path, step: int, output_dim: int, seed: int) -> None:
+    """Qwen2-VL-2B-Instruct-sized VideoReward files (see the module docstring), from meta shapes and
+    bfloat16 random tensors: the 4.4 GB state dict is the only copy ever held."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    from common.loading import parameters_on_meta
+    from rewards.videoalign import FALLBACK_CHAT_TEMPLATE, REWARD_TOKENS
+
+    tok = _qwen2_sized_tokenizer()
+    config = Qwen2VLConfig(**QWEN2_VL_2B)
+    config.save_pretrained(str(base))
+    tok.save_pretrained(str(base))
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16384).save_pretrained(str(base))
+    (base / "chat_template.jinja").write_text(FALLBACK_CHAT_TEMPLATE)
+
+    tok.add_special_tokens({"additional_special_tokens": list(REWARD_TOKENS)})
+    config.text_config.vocab_size = len(tok)  # the reward model's embeddings, resized at training time
+    with parameters_on_meta():
+        shapes = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16).state_dict()
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name in sorted(shapes):
+        if name == "lm_head.weight":
+            continue
+        state[_legacy_name(name)] = random_tensor(name, tuple(shapes[name].shape), generator, torch.bfloat16)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied, stored once
+    hidden = QWEN2_VL_2B["text_config"]["hidden_size"]
+    state["rm_head.weight"] = torch.randn(output_dim, hidden, generator=generator).mul(hidden ** -0.5).bfloat16()
+    ckpt = root / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    torch.save(state, ckpt / "model.pth")
 
 
 def make_tiny_videoalign(root: str | Path, step: int = 11352, output_dim: int = 1, seed: int = 0,
-                         lora: bool = False) -> Path:
-    """A tiny VideoReward checkpoint directory (see the module docstring); returns `root`."""
+                         lora: bool = False, size: str = "tiny") -> Path:
+    """A VideoReward checkpoint directory with random weights (see the module docstring); returns
+    `root`. `size`: "tiny" (a few MB, float32) or "2b" (Qwen2-VL-2B-Instruct's real dimensions,
+    bfloat16, 4.4 GB; no LoRA layout)."""
     from transformers import Qwen2TokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
     from rewards.videoalign import FALLBACK_CHAT_TEMPLATE, REWARD_TOKENS
 
+    if size not in ("tiny", "2b"):
+        raise ValueError(f"size must be 'tiny' or '2b', got {size!r}")
+    if size == "2b" and lora:
+        raise ValueError("the LoRA layout needs the base weights, which size='2b' does not write")
     root = Path(root)
     base = root / "base"
     base.mkdir(parents=True, exist_ok=True)
+    if size == "2b":
+        _write_videoalign_2b(root, base, step, output_dim, seed)
+        _write_model_config(root, output_dim, {"lora_enable": False})
+        return root
     torch.manual_seed(seed)
     tok = Qwen2TokenizerFast(tokenizer_object=_bpe(384, QWEN_SPECIAL), eos_token="<|im_end|>",
                              pad_token="<|endoftext|>", model_max_length=32768)
@@ -120,6 +224,11 @@ def make_tiny_videoalign(root: str | Path, step: int = 11352, output_dim: int = 
         lora_cfg = {"lora_enable": True, "lora_r": rank, "lora_alpha": alpha, "use_rslora": False}
     else:
         torch.save(state, ckpt / "model.pth")
+    _write_model_config(root, output_dim, lora_cfg)
+    return root
+
+
+def _write_model_config(root: Path, output_dim: int, lora_cfg: dict) -> None:
     meta = {
         "data_config": {"fps": 2.0, "num_frames": None, "max_frame_pixels": 448 * 448, "sample_type": "uniform",
                         "eval_dim": ["VQ", "MQ", "TA"], "prompt_template_type": "detailed_special"},
@@ -130,7 +239,6 @@ def make_tiny_videoalign(root: str | Path, step: int = 11352, output_dim: int = 
                              "TA_mean": 2.8105, "TA_std": 2.5121},
     }
     (root / "model_config.json").write_text(json.dumps(meta, indent=2))
-    return root
 
 
 def make_tiny_clip(root: str | Path, seed: int = 0, max_positions: int = 77) -> Path:

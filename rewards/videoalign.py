@@ -46,6 +46,7 @@ On-disk layout loaded (the released KwaiVGI/VideoReward checkpoint; assumptions 
 
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import logging
@@ -113,14 +114,21 @@ def _find_checkpoint(path: Path, step: int | None) -> Path:
     return found[max(found)]
 
 
-def _load_state(file: Path) -> dict[str, torch.Tensor]:
+def _load_state(file: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from a torch or safetensors file. `mmap`: a torch (zip) file's tensors are views
+    of the mapped file (private, copy-on-write) instead of a copy read into memory."""
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(file))
         else:
-            state = torch.load(str(file), map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as exc:
+                if not mmap or "mmap can only be used" not in str(exc):
+                    raise
+                state = torch.load(str(file), map_location="cpu", weights_only=True)  # legacy (pre-zip) format
     except Exception as exc:
         raise RewardError(f"VideoAlign: cannot read {file}: {exc}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
@@ -242,12 +250,22 @@ class VideoAlignReward(RewardModel):
         full = [ckpt / "model.pth", ckpt / "model.safetensors"]
         full = next((f for f in full if f.is_file()), None)
         if full is not None:
-            state = translate_keys(_load_state(full))
-            model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+            # The whole model is in the checkpoint: it is built with its parameters on the meta device
+            # (no memory, no initialisation) and given the file's tensors in the serving dtype below.
+            # Built in float32 and cast afterwards, the 2B model would take 8.8 GB for a moment beside
+            # the checkpoint's own copy. The vocabulary is the resized one (len(tokenizer)).
+            from common.loading import parameters_on_meta
+
+            state = translate_keys(_load_state(full, mmap=True))
+            config = copy.deepcopy(config)
+            getattr(config, "text_config", config).vocab_size = len(self.tokenizer)
+            with parameters_on_meta():
+                model = Qwen2VLForConditionalGeneration._from_config(config, dtype=self.dtype)
         else:
             lora_file = _need(ckpt / "adapter_model.safetensors", "model.pth or adapter_model.safetensors")
             non_lora = _load_state(_need(ckpt / "non_lora_state_dict.pth", "non_lora_state_dict.pth"))
-            model = Qwen2VLForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32)
+            # Merged in float32 matrix by matrix (merge_lora), kept in the serving dtype.
+            model = Qwen2VLForConditionalGeneration.from_pretrained(str(base), dtype=self.dtype)
             model.resize_token_embeddings(len(self.tokenizer))
             state = merge_lora(model.state_dict(), _load_state(lora_file), non_lora,
                                float(lcfg.get("lora_alpha", 16)), int(lcfg.get("lora_r", 8)),
@@ -259,14 +277,16 @@ class VideoAlignReward(RewardModel):
         if head.shape != (out_dim, text_cfg.hidden_size) or out_dim not in (1, 3):
             raise RewardError(f"VideoAlign: rm_head.weight has shape {tuple(head.shape)}, expected "
                               f"({out_dim}, {text_cfg.hidden_size}) with output_dim 1 or 3")
-        model.resize_token_embeddings(len(self.tokenizer))
         embed = state.get("model.language_model.embed_tokens.weight")
         if embed is not None and embed.shape[0] != len(self.tokenizer):
             raise RewardError(f"VideoAlign: checkpoint vocabulary {embed.shape[0]} != tokenizer {len(self.tokenizer)} "
                               "(is base_model the Qwen2-VL the reward model was trained from?)")
-        if "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):
-            state["lm_head.weight"] = state["model.language_model.embed_tokens.weight"]
-        result = model.load_state_dict(state, strict=False)
+        state.pop("lm_head.weight", None)  # unused (the decoder's hidden states are read), often tied
+        if full is not None:
+            # assign: the parameters become these tensors. One already in the serving dtype is used as
+            # it is (a view of the mapped file, copy-on-write: no second copy); others are converted.
+            state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
+        result = model.load_state_dict(state, strict=False, assign=full is not None)
         unexpected = list(result.unexpected_keys)
         missing = [k for k in result.missing_keys if k != "lm_head.weight"]
         if unexpected or missing:

@@ -2,30 +2,63 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
 from common.causal_wan import CausalWanTransformer3DModel, KVCache, block_causal_mask
-from tests.conftest import make_sampler, tiny_config
+from tests.conftest import BF16_ULP, DTYPES, cast_copy, make_sampler, tiny_config
 
 
-def test_single_chunk_without_cache_matches_diffusers_exactly(tiny_model):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_single_chunk_without_cache_matches_diffusers_exactly(tiny_model, tiny_model_in, dtype):
+    # In bf16 too: both models cast alike, and our float32 q/k norm (F.rms_norm on upcast input,
+    # rounded once) gives the bits of diffusers' RMSNorm on bf16 input.
     reference = WanTransformer3DModel(**tiny_config().model.transformer.kwargs()).eval()
     reference.load_state_dict(tiny_model.state_dict())
+    reference, model = cast_copy(reference, dtype), tiny_model_in(dtype)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 3, 8, 8, generator=gen)
     t = torch.tensor([937.5, 250.0])
     text = torch.randn(2, 8, 16, generator=gen)
     with torch.no_grad():
-        expected = reference(x, t, text, return_dict=False)[0]
-        got = tiny_model(x, t, text)
+        expected = reference(x.to(dtype), t, text.to(dtype), return_dict=False)[0]
+        got = model(x.to(dtype), t, text.to(dtype))
+    assert got.dtype == dtype
     assert torch.equal(got, expected)
+    # Fresh norm weights are 1, which hides where a norm rounds (a bf16 norm that rounds before its
+    # weight is applied is 0.023 off): with every weight perturbed, the bits still agree.
+    perturbed = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    model = cast_copy(perturbed, dtype)
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(x.to(dtype), t, text.to(dtype)),
+                           reference(x.to(dtype), t, text.to(dtype), return_dict=False)[0])
 
 
 def test_state_dict_is_diffusers_layout(tiny_model):
     reference = WanTransformer3DModel(**tiny_config().model.transformer.kwargs())
     assert tiny_model.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_cast_keeps_diffusers_fp32_modules(tiny_model, tiny_model_bf16):
+    kept = set(WanTransformer3DModel._keep_in_fp32_modules)
+    assert {"time_embedder", "scale_shift_table", "norm2"} <= kept
+    tensors = dict(tiny_model_bf16.named_parameters()) | dict(tiny_model_bf16.named_buffers())
+    for name, tensor in tensors.items():
+        expected = torch.float32 if kept.intersection(name.split(".")) else torch.bfloat16
+        assert tensor.dtype == expected, name
+    assert tiny_model_bf16.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert tiny_model_bf16.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert tiny_model_bf16.compute_dtype == torch.bfloat16 and tiny_model.compute_dtype == torch.float32
+    # Same weights, rounded once.
+    for name, tensor in tiny_model.state_dict().items():
+        assert torch.equal(tiny_model_bf16.state_dict()[name], tensor.to(tensors[name].dtype)), name
 
 
 def _streamed_vs_full(model, overrides):
@@ -44,18 +77,28 @@ def _streamed_vs_full(model, overrides):
     return worst, video
 
 
-@pytest.mark.parametrize("num_chunks", [1, 2, 3, 5])
-@pytest.mark.parametrize("window", [None, (4, 0), (4, 2)])
-def test_streaming_with_cache_equals_block_causal_full_forward(tiny_model, num_chunks, window):
+_FP32_CASES = [(n, w, torch.float32) for w in [None, (4, 0), (4, 2)] for n in [1, 2, 3, 5]]
+# bf16 is slow on CPUs: a cache of earlier chunks, and a sliding window with a sink and eviction.
+_BF16_CASES = [(3, None, torch.bfloat16), (5, (4, 2), torch.bfloat16)]
+
+
+@pytest.mark.parametrize("num_chunks, window, dtype", _FP32_CASES + _BF16_CASES,
+                         ids=lambda v: str(v).replace("torch.", "").replace(" ", ""))
+def test_streaming_with_cache_equals_block_causal_full_forward(tiny_model_in, num_chunks, window, dtype):
+    tiny_model = tiny_model_in(dtype)
     overrides = [f"sampler.num_chunks={num_chunks}"]
     if window is not None:
         overrides += [f"sampler.local_attn_frames={window[0]}", f"sampler.sink_frames={window[1]}"]
+    # bf16: equal here (each token's row of a bf16 GEMM is computed alike whatever the batch, and the
+    # masked keys add exact zeros); one ulp of the flow allowed for a rounding that another kernel
+    # would take the other way. A timestep rounded to bf16 on one path only makes it 0.05.
+    tolerance = 1e-4 if dtype == torch.float32 else BF16_ULP
     err, video = _streamed_vs_full(tiny_model, overrides)
-    assert err < 1e-4
+    assert err < tolerance
     # Whole rollouts, where rounding differences can compound from chunk to chunk, agree too.
     sampler = make_sampler(tiny_model, *overrides)
     text = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(3))
-    assert (sampler.generate(text, sampler.noise_plan(11), use_cache=False) - video).abs().max() < 1e-4
+    assert (sampler.generate(text, sampler.noise_plan(11), use_cache=False) - video).abs().max() < tolerance
 
 
 def test_local_window_changes_long_videos(tiny_model):
@@ -101,12 +144,15 @@ def test_cache_refuses_out_of_order_writes():
         cache.begin_chunk(4, 2)
 
 
-def test_rotary_positions_follow_the_start_frame(tiny_model):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_positions_follow_the_start_frame(tiny_model_in, dtype):
     # Within one chunk RoPE is shift-invariant (q and k rotate together), so the offset shows only
     # against cached earlier frames: a chunk placed at the wrong frame attends differently.
+    tiny_model = tiny_model_in(dtype)
     gen = torch.Generator().manual_seed(2)
     first, second = torch.randn(1, 4, 2, 8, 8, generator=gen), torch.randn(1, 4, 2, 8, 8, generator=gen)
     text, t = torch.randn(1, 8, 16, generator=gen), torch.tensor([500.0])
+    first, second, text = first.to(dtype), second.to(dtype), text.to(dtype)
     cache = tiny_model.new_cache(8, 8)
     with torch.no_grad():
         tiny_model(first, torch.zeros(1), text, start_frame=0, cache=cache, write_cache=True)
@@ -114,11 +160,17 @@ def test_rotary_positions_follow_the_start_frame(tiny_model):
         wrong = tiny_model(second, t, text, start_frame=6, cache=cache)
         alone_at0 = tiny_model(second, t, text, start_frame=0)
         alone_at6 = tiny_model(second, t, text, start_frame=6)
-    assert (right - wrong).abs().max() > 1e-4
-    assert (alone_at0 - alone_at6).abs().max() < 1e-5
+    assert cache.chunks[0].keys[0].dtype == cache.chunks[0].values[0].dtype == right.dtype == dtype
+    # bf16: shift-invariant only to rounding, since q and k are rounded to bf16 after a rotation
+    # that depends on the frame (measured one ulp); the wrong offset moves the output by six.
+    tolerance = 1e-5 if dtype == torch.float32 else 2 * BF16_ULP
+    assert (right - wrong).abs().max() > max(1e-4, 2 * tolerance)
+    assert (alone_at0 - alone_at6).abs().max() < tolerance
 
 
-def test_grad_reaches_cross_attention_through_a_cached_forward(tiny_model):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_reaches_cross_attention_through_a_cached_forward(tiny_model_in, dtype):
+    tiny_model = tiny_model_in(dtype)
     sampler = make_sampler(tiny_model)
     text = torch.randn(1, 8, 16)
     plan = sampler.noise_plan(0)
@@ -130,7 +182,9 @@ def test_grad_reaches_cross_attention_through_a_cached_forward(tiny_model):
     x0.square().mean().backward()
     assert tiny_model.blocks[0].attn2.to_k.weight.grad.abs().sum() > 0
     assert tiny_model.blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
-    assert all(not c.keys[0].requires_grad for c in cache.chunks)
+    assert tiny_model.blocks[0].attn2.to_k.weight.grad.dtype == dtype
+    assert tiny_model.condition_embedder.time_embedder.linear_1.weight.grad.dtype == torch.float32
+    assert all(not c.keys[0].requires_grad and c.keys[0].dtype == dtype for c in cache.chunks)
     tiny_model.zero_grad()
 
 

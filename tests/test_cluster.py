@@ -179,9 +179,36 @@ def _train_with(learners, iteration: int, refs: list) -> list[dict]:
                     for r, l in enumerate(learners)])
 
 
-def test_two_learners_make_the_same_update_as_one(local_ray):
+def test_prompts_are_encoded_once_in_a_task_on_the_rollout_resources(local_ray, tmp_path, umt5_dirs, monkeypatch):
+    from cluster.placement import encode_prompts
+    from common import loading
+    from common.prompt_cache import CachedTextEncoder, PromptCacheError, with_cache_path
+    from tests.conftest import make_umt5_dirs, tiny_config
+
+    built: list = []
+    monkeypatch.setattr(loading.TextEncoder, "__init__", lambda *a, **k: built.append(1))  # never in the driver
+
+    def config(umt5):
+        return with_cache_path(tiny_config(f"model.text_encoder={umt5 / 'text_encoder'}",
+                                           f"model.tokenizer={umt5 / 'tokenizer'}", "rollout.num_cpus_per_worker=0.5"),
+                               tmp_path)
+
+    cfg, prompts = config(umt5_dirs), ["a red circle", "a blue square moving left"]
+    assert encode_prompts(cfg, prompts)["encoded"] == 2
+    assert encode_prompts(cfg, [*prompts, "a green circle"]) == {
+        "path": str(cfg.model.prompt_cache), "prompts": 3, "encoded": 1, "seconds": pytest.approx(0, abs=60)}
+    assert CachedTextEncoder(cfg, encoder_on_miss=False).encode(prompts).shape == (2, 8, 16)
+    # Another encoder's embeddings are refused with the file's own message, not a remote traceback.
+    with pytest.raises(PromptCacheError, match=f"^{cfg.model.prompt_cache}: prompt embeddings of another text encoder"):
+        encode_prompts(config(make_umt5_dirs(tmp_path / "other", seed=1)), prompts)
+    assert not built
+
+
+def test_two_learners_make_the_same_update_as_one(local_ray, tmp_path):
     from actors.rollout import collect_group
     from common.policy import Policy
+    from common.prompt_cache import build, with_cache_path
+    from common.toy_world import from_uint8
     from learner.worker import Learner
     from rewards.toy import score
 
@@ -197,11 +224,14 @@ def test_two_learners_make_the_same_update_as_one(local_ray):
     for i, prompt in enumerate(prompts):  # three groups: the two ranks get uneven shards (2 and 1)
         group = collect_group(policy.sampler, policy.text([prompt]), prompt, pivot=i % 4, group_size=4, sigma=0.5,
                               plan_seed=i, fork_seed=100 + i, decode=policy.decode,
-                              reward_fn=lambda v, ps: score(v, ps, list(weights)), weights=weights,
+                              reward_fn=lambda v, ps: score(from_uint8(v), ps, list(weights)), weights=weights,
                               policy_version=0, adapter="on_policy")
         assert group.rewards.std() > 0
         refs.append(ray.put(group.to_bytes(key=key)))
 
+    # Learners read prompt embeddings only from the job's file (they never build a text encoder).
+    cfg = with_cache_path(cfg, tmp_path)
+    build(cfg, prompts, cfg.model.prompt_cache)
     config = cfg.model_dump(mode="json")
     actor = ray.remote(Learner).options(num_cpus=0.5)
     single = [actor.remote(config, 0, 1, None, key)]

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from common.causal_wan import CausalWanTransformer3DModel
-from common.config import Config, ConfigError, load_config, main
+from common.config import Config, ConfigError, load_config, main, missing_paths, preflight
 
 
 def test_shipped_configs_load():
     tiny = load_config("configs/tiny.yaml")
     real = load_config("configs/self_forcing_wan1.3b.yaml")
+    toy = load_config("configs/toy.yaml")
+    assert tiny.run.phases == []  # a model only: it names no rewards or prompts
+    assert toy.rewards.models == [] and toy.rollout.prompts is None  # the toy world's own
+    assert [m["kind"] for m in real.rewards.models] == ["videoalign"]
+    assert real.rollout.prompts is not None and real.model.self_forcing_checkpoint is not None
     assert tiny.sampler.num_frames == 8
     assert real.sampler.num_frames == 21
     assert real.latent_shape == (16, 60, 104)
@@ -75,7 +81,7 @@ def test_malformed_overrides_and_files(tmp_path):
 
 
 def test_defaults_are_the_paper():
-    cfg = Config()
+    cfg = Config(run={"phases": []})  # the defaults are a real model that names no rewards
     assert cfg.algorithm.clip_eps == 1e-4 and cfg.algorithm.num_anchors == 4
     assert cfg.learner.lora.rank == 64 and cfg.learner.lora.alpha == 128
 
@@ -85,3 +91,137 @@ def test_cli_prints_resolved_config_and_rejects_bad(capsys):
     assert "num_chunks: 5" in capsys.readouterr().out
     assert main(["configs/tiny.yaml", "sampler.nope=1"]) == 2
     assert "sampler.nope: unknown key" in capsys.readouterr().err
+
+
+# == no silent toy world ==============================================================================
+
+REAL = "configs/self_forcing_wan1.3b.yaml"
+TOY = "configs/toy.yaml"
+
+
+@pytest.mark.parametrize("config, overrides, keys", [
+    (REAL, ["rewards.models=[]"], ["rewards.models: empty", "model.latent_space=wan_vae", "VideoAlign"]),
+    (REAL, ["rewards.models=[{kind: toy}]"], ["rewards.models[0]: kind toy", "model.text_encoder_kind=umt5"]),
+    (REAL, ["rewards.models=[{kind: clip, path: /x}, {kind: toy}]"], ["rewards.models[1]: kind toy"]),
+    (REAL, ["rollout.prompts=null"], ["rollout.prompts: unset", "model.latent_space=wan_vae"]),
+    ("configs/tiny.yaml", ["run.phases=[on_policy]"], ["rewards.models: empty", "rollout.prompts: unset"]),
+    (REAL, ["model.text_encoder_kind=toy"], ["model.latent_space=wan_vae with model.text_encoder_kind=toy"]),
+    (TOY, ["model.text_encoder_kind=umt5"], ["model.latent_space=pixels with model.text_encoder_kind=umt5"]),
+])
+def test_a_real_model_never_falls_back_to_the_toy_world(config, overrides, keys):
+    with pytest.raises(ConfigError) as err:
+        load_config(config, overrides)
+    for key in keys:
+        assert key in str(err.value)
+    # With no phase the config describes a model only (tests, bench.streaming): it loads, but a job
+    # entry point still refuses it.
+    model_only = load_config(config, [*overrides, "run.phases=[]"])
+    with pytest.raises(ConfigError) as err:
+        preflight(model_only)
+    assert keys[0] in str(err.value)
+
+
+def test_the_defaults_are_refused_for_a_job():
+    with pytest.raises(ValidationError, match="rewards.models: empty"):
+        Config()
+    with pytest.raises(ConfigError, match="rewards.models: empty"):
+        load_config(None)
+
+
+def test_scoring_and_prompts_of_a_model_only_config_are_not_the_toy_world():
+    from cluster.prompts import PromptError, load_prompts
+    from common.errors import RewardError
+    from rewards.specs import specs
+
+    tiny = load_config("configs/tiny.yaml")
+    with pytest.raises(RewardError, match="rewards.models: empty"):
+        specs(tiny)
+    with pytest.raises(PromptError, match="rollout.prompts"):
+        load_prompts(load_config("configs/tiny.yaml", ["model.text_encoder_kind=toy"]))
+    toy = load_config(TOY)
+    assert [s.kind for s in specs(toy)] == ["toy"] and load_prompts(toy)[1]
+
+
+def test_preflight_names_every_missing_path(tmp_path):
+    overrides = [f"model.vae={tmp_path / 'vae'}", f"rollout.prompts={tmp_path / 'p.txt'}",
+                 f"rewards.models=[{{kind: videoalign, path: {tmp_path / 'vr'}, base_model: {tmp_path / 'qwen'}, "
+                 f"prompt_template: {tmp_path / 't.txt'}, num_gpus: 1}}, "
+                 f"{{kind: pickscore, path: {tmp_path / 'ps'}, processor: {tmp_path / 'proc'}}}]"]
+    lines = missing_paths(load_config(REAL, overrides))
+    assert {line.split(":")[0] for line in lines} == {
+        "model.self_forcing_checkpoint", "model.vae", "model.text_encoder", "model.tokenizer", "rollout.prompts",
+        "rewards.models[0].path", "rewards.models[0].base_model", "rewards.models[0].prompt_template",
+        "rewards.models[1].path", "rewards.models[1].processor"}
+    text = "\n".join(lines)
+    assert f"rewards.models[0].path: {tmp_path / 'vr'} does not exist (a local VideoAlign/VideoReward" in text
+    assert f"model.vae: {tmp_path / 'vae'} does not exist (a local Wan VAE directory)" in text
+    # Once they exist, nothing is missing.
+    for name in ("vae", "vr", "qwen", "ps", "proc", "umt5"):
+        (tmp_path / name).mkdir()
+    for name in ("p.txt", "t.txt", "sf.pt"):
+        (tmp_path / name).write_text("x")
+    present = [f"model.self_forcing_checkpoint={tmp_path / 'sf.pt'}", f"model.text_encoder={tmp_path / 'umt5'}",
+               f"model.tokenizer={tmp_path / 'umt5'}"]
+    cfg = load_config(REAL, [*overrides, *present])
+    assert missing_paths(cfg) == []
+    assert preflight(cfg) is None
+    assert preflight(load_config(TOY)) is None  # assets/toy_generator is committed
+
+
+def test_preflight_refuses_a_real_model_without_weights_vae_or_text_encoder():
+    cfg = load_config(REAL, ["model.self_forcing_checkpoint=null", "model.vae=null", "model.text_encoder=null"])
+    lines = "\n".join(missing_paths(cfg))
+    assert "model.self_forcing_checkpoint: not set (nor model.diffusers_transformer)" in lines
+    assert "model.vae: not set" in lines and "model.text_encoder: not set" in lines
+    with pytest.raises(ConfigError, match="rollout.prompts"):
+        preflight(cfg)
+    with pytest.raises(ConfigError) as err:
+        preflight(cfg, ignore=("rollout.prompts",))
+    assert "rollout.prompts" not in str(err.value)
+
+
+def test_train_cli_refuses_missing_files_before_ray_starts():
+    import subprocess
+    import sys
+    import time
+
+    # Ray not even imported: the refusal comes before anything starts.
+    code = ("import sys; from cluster.train import main; rc = main(['--config', %r]); "
+            "print('ray imported' if 'ray' in sys.modules else 'no ray'); sys.exit(rc)" % REAL)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    took = time.perf_counter() - start
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout.strip() == "no ray"
+    assert "Traceback" not in proc.stderr
+    assert "rewards.models[0].path: checkpoints/VideoReward does not exist" in proc.stderr
+    assert "model.self_forcing_checkpoint: checkpoints/self_forcing_dmd.pt does not exist" in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert all(" does not exist (" in line for line in lines), lines  # one line per path, nothing else
+    assert took < 30, f"took {took:.1f} s"  # imports only, on a loaded 2-core machine
+
+
+def test_train_refuses_a_model_only_config_and_keeps_the_run_folder(tmp_path, capsys):
+    from cluster.train import main as train_main
+
+    (tmp_path / "arcopo").mkdir()
+    (tmp_path / "arcopo" / "keep.txt").write_text("x")
+    assert train_main(["--config", "configs/tiny.yaml", "--overwrite", f"run.output_dir={tmp_path}"]) == 2
+    assert "run.phases: empty" in capsys.readouterr().err
+    assert train_main(["--config", REAL, "--overwrite", f"run.output_dir={tmp_path}"]) == 2
+    assert "rollout.prompts: prompts/train.txt does not exist" in capsys.readouterr().err
+    assert (tmp_path / "arcopo" / "keep.txt").is_file()  # --overwrite deletes nothing before the checks
+
+
+def test_evaluate_cli_refuses_missing_files(tmp_path, capsys):
+    from cluster.evaluate import main as evaluate_main
+
+    assert evaluate_main(["--config", REAL, "--adapters", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "rewards.models[0].base_model: checkpoints/Qwen2-VL-2B-Instruct does not exist" in err
+    assert "rollout.prompts" in err
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    assert evaluate_main(["--config", REAL, "--adapters", str(tmp_path), "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err
+    assert "rollout.prompts" not in err and "model.vae" in err  # --prompts stands in for rollout.prompts

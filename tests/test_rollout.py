@@ -11,6 +11,7 @@ from common.errors import RewardError
 from common.loading import load_policy, load_text_encoder
 from common.records import RolloutGroup
 from common.sampler import StreamingSampler
+from common.toy_world import from_uint8
 from rewards.toy import score
 
 PROMPT = "a green circle moving right on a gray background"
@@ -32,7 +33,8 @@ def _collect(toy, reward_fn, **kw):
 
 
 def test_collect_group_scores_whole_videos(toy):
-    group = _collect(toy, lambda v, p: score(v, p, ["vq", "mq", "ta", "ood"]))
+    # The decoder gives uint8 frames, as reward servers take them.
+    group = _collect(toy, lambda v, p: score(from_uint8(v), p, ["vq", "mq", "ta", "ood"]))
     assert isinstance(group, RolloutGroup) and group.group_size == 4 and group.policy_version == 5
     c = group.reward_components
     assert torch.allclose(group.rewards, c["vq"] + c["mq"] + c["ta"])
@@ -44,7 +46,7 @@ def test_collect_group_scores_whole_videos(toy):
 
 def test_the_toy_generator_beats_noise(toy):
     sampler, encoder = toy
-    videos = pixels_as_video(sampler.generate(encoder.encode([PROMPT] * 2), sampler.noise_plan(0, 1)))
+    videos = from_uint8(pixels_as_video(sampler.generate(encoder.encode([PROMPT] * 2), sampler.noise_plan(0, 1))))
     trained = score(videos, [PROMPT] * 2, ["ta"])["ta"].mean()
     noise = score(torch.rand_like(videos) * 2 - 1, [PROMPT] * 2, ["ta"])["ta"].mean()
     assert trained > noise + 0.1
@@ -52,11 +54,11 @@ def test_the_toy_generator_beats_noise(toy):
 
 def test_a_nan_reward_fails_the_group_loudly(toy):
     def broken(videos, prompts):
-        out = score(videos, prompts, ["vq", "mq", "ta"])
+        out = score(from_uint8(videos), prompts, ["vq", "mq", "ta"])
         out["mq"][2] = float("nan")
         return out
 
     with pytest.raises(RewardError, match=r"'mq'.*\[2\]"):
         _collect(toy, broken)
     with pytest.raises(RewardError, match="missing"):
-        _collect(toy, lambda v, p: score(v, p, ["vq"]))
+        _collect(toy, lambda v, p: score(from_uint8(v), p, ["vq"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from common.noise import BranchNoise
 from common.scheduler import FewStepFlowScheduler
-from tests.conftest import make_sampler
+from tests.conftest import BF16_ULP, DTYPES, make_sampler
 
 
 def test_self_forcing_schedule():
@@ -19,10 +20,13 @@ def test_self_forcing_schedule():
     assert sched.context_timestep == 0.0
 
 
-def test_stream_yields_each_chunk_before_computing_the_next(tiny_model, text):
-    sampler = make_sampler(tiny_model)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stream_yields_each_chunk_before_computing_the_next(tiny_model_in, text, dtype):
+    model = tiny_model_in(dtype)
+    sampler = make_sampler(model)
     calls = []
-    handle = tiny_model.register_forward_hook(lambda *_: calls.append(1))
+    # (x_t, timestep, text, output) dtypes of every forward.
+    handle = model.register_forward_hook(lambda _, args, out: calls.append((*(a.dtype for a in args), out.dtype)))
     try:
         stream = sampler.stream(text, sampler.noise_plan(0))
         first = next(stream)
@@ -34,12 +38,19 @@ def test_stream_yields_each_chunk_before_computing_the_next(tiny_model, text):
     assert [o.chunk for o in rest] == [1, 2, 3]
     # The last chunk writes no cache: nobody would read it.
     assert len(calls) == 4 * sampler.scheduler.num_steps + 3
+    # Activations run in the model's dtype; timesteps stay float32 (in bf16, 937.5 would be 936) for
+    # the float32 time embedder; the sampler's own state (latents) stays float32.
+    assert set(calls) == {(dtype, torch.float32, dtype, dtype)}
+    assert all(o.latents.dtype == torch.float32 for o in [first, *rest])
 
 
-def test_recorded_trajectory_is_the_consistency_loop(tiny_model, text):
-    sampler = make_sampler(tiny_model)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_recorded_trajectory_is_the_consistency_loop(tiny_model_in, text, dtype):
+    # Bit for bit in bf16 too: the consistency loop is the scheduler's float32 arithmetic.
+    sampler = make_sampler(tiny_model_in(dtype))
     plan = sampler.noise_plan(5)
     out = list(sampler.stream(text, plan, record=(1,)))[1]
+    assert out.inputs.dtype == out.predictions.dtype == torch.float32
     sched = sampler.scheduler
     assert torch.equal(out.inputs[:, 0], plan.initial(1))
     for step in range(sched.num_steps - 1):
@@ -82,9 +93,11 @@ def test_branch_noise_shares_everything_but_the_pivot_start():
         BranchNoise(plan, pivot=1, sigma=1.5, fork_seed=3, branches=(0,))
 
 
-@pytest.mark.parametrize("pivot", [0, 2, 3])
-def test_fork_reproduces_prefix_bit_for_bit(tiny_model, text, pivot):
-    sampler = make_sampler(tiny_model)
+# bf16 at one pivot with chunks on both sides (the edge pivots are not about the dtype).
+@pytest.mark.parametrize("pivot, dtype", [(0, torch.float32), (2, torch.float32), (3, torch.float32),
+                                          (2, torch.bfloat16)], ids=["0", "2", "3", "2-bf16"])
+def test_fork_reproduces_prefix_bit_for_bit(tiny_model_in, text, pivot, dtype):
+    sampler = make_sampler(tiny_model_in(dtype))
     plan = sampler.noise_plan(21)
     unforked = sampler.generate(text, plan)
     group = sampler.fork(text, plan, pivot=pivot, group_size=5, sigma=0.5, fork_seed=4)
@@ -97,7 +110,9 @@ def test_fork_reproduces_prefix_bit_for_bit(tiny_model, text, pivot):
     assert (group.videos[0, :, pivot * f :] - group.videos[1, :, pivot * f :]).abs().max() > 1e-3
 
 
-def test_sigma_zero_branches_equal_the_unforked_rollout(tiny_model, text):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sigma_zero_branches_equal_the_unforked_rollout(tiny_model_in, text, dtype):
+    tiny_model = tiny_model_in(dtype)
     plan_seed, pivot = 8, 1
     one_at_a_time = make_sampler(tiny_model, "sampler.fork_batch_size=1")
     plan = one_at_a_time.noise_plan(plan_seed)
@@ -107,11 +122,14 @@ def test_sigma_zero_branches_equal_the_unforked_rollout(tiny_model, text):
         assert torch.equal(branch, unforked[0])
     # Batched branches run the same arithmetic on bigger matrices: equal to float rounding.
     batched = make_sampler(tiny_model).fork(text, plan, pivot=pivot, group_size=3, sigma=0.0, fork_seed=1)
-    assert (batched.videos - unforked).abs().max() < 1e-5
+    # bf16: the same arithmetic rounded to 8 bits; equal here, one ulp of the flow allowed for a
+    # rounding that another GEMM kernel would take the other way.
+    assert (batched.videos - unforked).abs().max() < (1e-5 if dtype == torch.float32 else BF16_ULP)
 
 
-def test_same_noise_same_video(tiny_model, text):
-    sampler = make_sampler(tiny_model)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_same_noise_same_video(tiny_model_in, text, dtype):
+    sampler = make_sampler(tiny_model_in(dtype))
     plan = sampler.noise_plan(3)
     a = sampler.fork(text, plan, pivot=1, group_size=4, sigma=0.5, fork_seed=6)
     b = sampler.fork(text, plan, pivot=1, group_size=4, sigma=0.5, fork_seed=6)
@@ -125,27 +143,33 @@ def test_same_noise_same_video(tiny_model, text):
     list(sampler.stream(text, plan, cache=cache, end_chunk=1))
     outs = list(sampler.stream(text, twin, cache=cache, start_chunk=1))
     video = torch.cat([o.latents for o in outs], dim=2)
-    assert (video[0] - video[1]).abs().max() < 1e-5
-    assert (video[0] - a.videos[2, :, 2:]).abs().max() < 1e-5
+    tolerance = 1e-5 if dtype == torch.float32 else BF16_ULP  # see test_sigma_zero_branches_...
+    assert (video[0] - video[1]).abs().max() < tolerance
+    assert (video[0] - a.videos[2, :, 2:]).abs().max() < tolerance
 
 
-def test_sub_batched_fork_equals_one_batch(tiny_model, text):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sub_batched_fork_equals_one_batch(tiny_model_in, text, dtype):
+    tiny_model = tiny_model_in(dtype)
     plan = make_sampler(tiny_model).noise_plan(12)
     whole = make_sampler(tiny_model).fork(text, plan, pivot=2, group_size=6, sigma=0.5, fork_seed=2)
     parts = make_sampler(tiny_model, "sampler.fork_batch_size=4").fork(
         text, plan, pivot=2, group_size=6, sigma=0.5, fork_seed=2
     )
     assert torch.equal(whole.branch_noise, parts.branch_noise)
-    assert (whole.videos - parts.videos).abs().max() < 1e-5
-    assert (whole.pivot_predictions - parts.pivot_predictions).abs().max() < 1e-5
+    tolerance = 1e-5 if dtype == torch.float32 else BF16_ULP  # see test_sigma_zero_branches_...
+    assert (whole.videos - parts.videos).abs().max() < tolerance
+    assert (whole.pivot_predictions - parts.pivot_predictions).abs().max() < tolerance
 
 
-def test_fork_records_the_pivot_chunk(tiny_model, text):
-    sampler = make_sampler(tiny_model)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fork_records_the_pivot_chunk(tiny_model_in, text, dtype):
+    sampler = make_sampler(tiny_model_in(dtype))
     plan = sampler.noise_plan(30)
     g = sampler.fork(text, plan, pivot=2, group_size=4, sigma=0.5, fork_seed=9)
     T, f = sampler.scheduler.num_steps, sampler.frames_per_chunk
     assert g.pivot_inputs.shape == g.pivot_predictions.shape == (4, T, *sampler.chunk_shape)
+    assert g.pivot_inputs.dtype == g.pivot_predictions.dtype == g.videos.dtype == torch.float32
     assert torch.equal(g.pivot_inputs[:, 0], g.branch_noise)
     assert torch.equal(g.base_noise, plan.initial(2))
     assert torch.equal(g.pivot_predictions[:, -1], g.videos[:, :, 2 * f : 3 * f])
@@ -162,29 +186,44 @@ def test_fork_rejects_bad_arguments(tiny_model, text):
         sampler.fork(text, sampler.noise_plan(0, 1), pivot=1, group_size=2, sigma=0.5, fork_seed=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [None, 4])
-def test_rebuilt_cache_matches_the_streamed_one(tiny_model, text, window):
+def test_rebuilt_cache_matches_the_streamed_one(tiny_model, text, window, dtype):
     overrides = [] if window is None else [f"sampler.local_attn_frames={window}", "sampler.sink_frames=1"]
-    sampler = make_sampler(tiny_model, "sampler.num_chunks=4", *overrides)
+    model = copy.deepcopy(tiny_model).cast(dtype)
+    sampler = make_sampler(model, "sampler.num_chunks=4", *overrides)
     plan = sampler.noise_plan(4)
     pivot = 3
     streamed = sampler.new_cache()
     prefix = torch.cat([o.latents for o in sampler.stream(text, plan, cache=streamed, end_chunk=pivot)], dim=2)
     rebuilt = sampler.rebuild_cache(text, prefix)
+    # The one-pass rebuild under a block-causal mask (what the learner did before it replayed the
+    # context passes chunk by chunk): the same cache to float tolerance.
+    one_pass = sampler.new_cache()
+    with torch.no_grad():
+        t = torch.full((1,), sampler.scheduler.context_timestep)
+        model(prefix.to(dtype), t, text.to(dtype), cache=one_pass, write_cache=True, frames_per_chunk=2)
+    tolerance = 1e-4 if dtype == torch.float32 else BF16_ULP
     assert [c.start_frame for c in rebuilt.chunks] == [c.start_frame for c in streamed.chunks]
-    for a, b in zip(streamed.chunks, rebuilt.chunks):
-        for block in range(len(tiny_model.blocks)):
-            assert (a.keys[block] - b.keys[block]).abs().max() < 1e-4
-            assert (a.values[block] - b.values[block]).abs().max() < 1e-4
+    assert [c.start_frame for c in one_pass.chunks] == [c.start_frame for c in streamed.chunks]
+    for a, b, c in zip(streamed.chunks, rebuilt.chunks, one_pass.chunks):
+        for block in range(len(model.blocks)):
+            # Replaying the rollout's own context passes at the rollout's batch gives its very bits.
+            assert torch.equal(a.keys[block], b.keys[block]) and torch.equal(a.values[block], b.values[block])
+            assert a.keys[block].dtype == dtype
+            assert (a.keys[block].float() - c.keys[block].float()).abs().max() < tolerance
+            assert (a.values[block].float() - c.values[block].float()).abs().max() < tolerance
     # What the learner needs: the behaviour policy's pivot predictions, recomputed on the rebuilt cache.
     group = sampler.fork(text, plan, pivot=pivot, group_size=3, sigma=0.5, fork_seed=1)
     with torch.no_grad():
         for step in range(sampler.scheduler.num_steps):
             x0 = sampler.predict_x0(group.pivot_inputs[:, step], step, pivot, text, rebuilt)
-            assert (x0 - group.pivot_predictions[:, step]).abs().max() < 1e-4
+            assert (x0 - group.pivot_predictions[:, step]).abs().max() < tolerance
 
 
-def test_context_noise_is_applied_and_rebuilt(tiny_model, text):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_context_noise_is_applied_and_rebuilt(tiny_model_in, text, dtype):
+    tiny_model = tiny_model_in(dtype)
     sampler = make_sampler(tiny_model, "sampler.context_noise=100")
     plan = sampler.noise_plan(2)
     plain = make_sampler(tiny_model).generate(text, plan)
@@ -196,4 +235,27 @@ def test_context_noise_is_applied_and_rebuilt(tiny_model, text):
     cache = sampler.rebuild_cache(text, group.prefix_latents, noise=plan)
     with torch.no_grad():
         x0 = sampler.predict_x0(group.pivot_inputs[:, 0], 0, 2, text, cache)
-    assert (x0 - group.pivot_predictions[:, 0]).abs().max() < 1e-4
+    # The rebuild replays the rollout's own context passes: its bits in bf16 too, here; the bf16
+    # tolerance is the one of test_sigma_zero_branches_..., far below the context noise's effect.
+    assert (x0 - group.pivot_predictions[:, 0]).abs().max() < (1e-4 if dtype == torch.float32 else BF16_ULP)
+
+
+def test_bf16_predictions_are_the_fp32_ones_to_bf16_precision(tiny_model, tiny_model_bf16, text):
+    # Both models rebuild the cache of one clean prefix and predict x0 from the same x_t at every
+    # step: the gap is the bf16 rounding of weights and activations alone. Measured 0.008-0.012, about
+    # one unit of the flow's last place; 4 allowed. A timestep rounded to bf16 on the way to the float32
+    # time embedder (937.5 -> 936, 833.3 -> 832, 625 -> 624) makes it 0.05-0.075.
+    fp32, bf16 = make_sampler(tiny_model), make_sampler(tiny_model_bf16)
+    plan = fp32.noise_plan(4)
+    pivot = 2
+    outs = list(fp32.stream(text, plan, end_chunk=pivot + 1, record=(pivot,)))
+    prefix = torch.cat([o.latents for o in outs[:pivot]], dim=2)
+    cache32, cache16 = fp32.rebuild_cache(text, prefix), bf16.rebuild_cache(text, prefix)
+    assert cache16.chunks[0].keys[0].dtype == torch.bfloat16 and cache16.text_kv[0][0].dtype == torch.bfloat16
+    with torch.no_grad():
+        for step in range(fp32.scheduler.num_steps):
+            x_t = outs[pivot].inputs[:, step]
+            expected = fp32.predict_x0(x_t, step, pivot, text, cache32)
+            got = bf16.predict_x0(x_t, step, pivot, text, cache16)
+            assert got.dtype == torch.float32
+            assert (got - expected).abs().max() < 4 * BF16_ULP

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from common import adapters
@@ -59,3 +60,98 @@ def test_update_touches_only_the_trained_adapter():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real path's arithmetic: bf16 base, fp32 master adapters, bounded memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _real_path_setup(dtype: torch.dtype, **update):
+    """The tiny model in `dtype` with an on-policy adapter whose weights are ~0.025 in size (where
+    a bf16 weight cannot take a 1e-5 step), one forked group, and AdamW at the method's lr."""
+    torch.manual_seed(0)
+    model = CausalWanTransformer3DModel(**tiny_config().model.transformer.kwargs()).eval().cast(dtype)
+    adapters.add_adapters(model, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    start = {k: 0.025 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
+             for i, (k, v) in enumerate(sorted(adapters.adapter_state_dict(model, adapters.ON_POLICY).items()))}
+    adapters.load_adapter_state_dict(model, adapters.ON_POLICY, start)
+    params = adapters.train_adapter(model, adapters.ON_POLICY)
+    sampler = make_sampler(model)
+    text = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1))
+    group = sampler.fork(text, sampler.noise_plan(3), pivot=1, group_size=8, sigma=0.5, fork_seed=4)
+    rewards = torch.linspace(-1.0, 1.0, 8)
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    settings = UpdateSettings(**{"num_anchors": 4, "clip_eps": 1e-4, "inner_steps": 2, **update})
+    return model, params, sampler, group, rewards, text, opt, settings
+
+
+def _one_update(dtype: torch.dtype, **update):
+    model, params, sampler, group, rewards, text, opt, settings = _real_path_setup(dtype, **update)
+    before = [p.detach().clone() for p in params]
+    stats = arcopo_update(sampler, [group], [rewards], [text], params, opt, settings,
+                          anchor_generators=[torch.Generator().manual_seed(0)])
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)])
+    return step, params, opt, stats
+
+
+def test_bf16_update_moves_the_adapters_like_the_fp32_update():
+    fp32_step, _, _, _ = _one_update(torch.float32)
+    bf16_step, params, opt, _ = _one_update(torch.bfloat16)
+    # Master weights and optimiser state in fp32 beside a bf16 base.
+    assert all(p.dtype == torch.float32 for p in params)
+    assert all(v.dtype == torch.float32 for s in opt.state.values() for v in s.values() if v.is_floating_point())
+    # Two AdamW steps of lr 1e-5: about 2e-5 per weight. With bf16 adapters most of it rounds away
+    # (their spacing near 0.025 is 1.2e-4) and this relative difference is close to 1.
+    assert fp32_step.abs().mean() > 1e-5
+    relative = ((bf16_step - fp32_step).norm() / fp32_step.norm()).item()
+    print(f"relative difference of the bf16 step: {relative:.3f}")
+    assert relative < 0.25, relative
+
+
+def test_bf16_update_starts_on_policy():
+    # At the first inner step the learner's policy is the behaviour policy: every ratio is 1 to
+    # rounding, through the whole path (rebuilt cache, B anchors, a bf16 forward at another batch size).
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-4)):
+        _, _, _, stats = _one_update(dtype, inner_steps=1)
+        assert stats.ratio_max_dev < tolerance, (dtype, stats.ratio_max_dev)
+        assert stats.clip_fraction == 0.0
+
+
+def test_gradient_checkpointing_and_anchor_micro_batches_do_not_change_the_update():
+    plain, _, _, plain_stats = _one_update(torch.float32)
+    model, params, sampler, group, rewards, text, opt, settings = _real_path_setup(torch.float32, anchor_micro_batch=1)
+    model.enable_gradient_checkpointing()
+    before = [p.detach().clone() for p in params]
+    stats = arcopo_update(sampler, [group], [rewards], [text], params, opt, settings,
+                          anchor_generators=[torch.Generator().manual_seed(0)])
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)])
+    assert plain.abs().max() > 0
+    # Adam divides by |grad|, so weights with a near-zero gradient amplify the float reordering of
+    # micro-batched sums; the step as a whole agrees to rounding.
+    assert ((step - plain).norm() / plain.norm()).item() < 1e-3
+    assert abs(stats.loss - plain_stats.loss) < 1e-6
+    assert stats.clip_fraction == pytest.approx(plain_stats.clip_fraction)
+
+
+def test_every_inner_step_sees_the_cache_of_the_weights_the_update_started_with(monkeypatch):
+    # The cache is rebuilt per inner step to hold one group's cache at a time; it must be the
+    # constant h_{p-1} of the start weights, not of the weights after the first optimiser step.
+    model, params, sampler, group, rewards, text, opt, settings = _real_path_setup(torch.float32)
+    opt.param_groups[0]["lr"] = 1e-2  # a step large enough to change the cache visibly
+    rebuilt = []
+    original = sampler.rebuild_cache
+
+    def recording(*args, **kwargs):
+        cache = original(*args, **kwargs)
+        rebuilt.append([k.clone() for k in cache.chunks[0].keys])
+        return cache
+
+    monkeypatch.setattr(sampler, "rebuild_cache", recording)
+    arcopo_update(sampler, [group], [rewards], [text], params, opt, settings,
+                  anchor_generators=[torch.Generator().manual_seed(0)])
+    assert len(rebuilt) == 2  # one group, rebuilt for each of the 2 inner steps
+    for first, second in zip(*rebuilt):
+        assert torch.equal(first, second)
+    after = original(text, group.prefix_latents)  # the weights now: a different cache
+    assert any(not torch.equal(a, b) for a, b in zip(rebuilt[0], after.chunks[0].keys))

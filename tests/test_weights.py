@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from common import adapters
 from common.config import load_config
 from common.policy import Policy
 from learner.weights import pack, unpack
+from tests.conftest import DTYPES
 
 
 def test_pack_splits_into_bounded_buckets_and_unpacks_exactly():
@@ -25,8 +27,9 @@ def test_pack_splits_into_bounded_buckets_and_unpacks_exactly():
         assert out[k].dtype == tensors[k].dtype and torch.equal(out[k], tensors[k])
 
 
-def _policies():
-    cfg = load_config("configs/toy.yaml", ["model.diffusers_transformer=null"])
+def _policies(dtype=torch.float32):
+    cfg = load_config("configs/toy.yaml", ["model.diffusers_transformer=null",
+                                           f"model.dtype={str(dtype).removeprefix('torch.')}"])
     learner, worker = Policy.from_config(cfg), Policy.from_config(cfg.model_copy(
         update={"model": cfg.model.model_copy(update={"seed": 1})}))
     for p in learner.model.parameters():  # make every tensor differ between the two sides
@@ -34,24 +37,31 @@ def _policies():
     return learner, worker
 
 
-def test_adapter_sync_carries_both_adapters_and_nothing_else():
-    learner, worker = _policies()
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adapter_sync_carries_both_adapters_and_nothing_else(dtype):
+    learner, worker = _policies(dtype)
     params = adapters.train_adapter(learner.model, adapters.SEMI)
     for p in params:
         p.data.normal_()
     packet = pack(learner.synced_tensors("adapters"), 1, "adapters", 1 << 20)
     assert all(k.split("/")[0] in adapters.ADAPTERS for k, *_ in packet.table)
+    # The adapters are float32 master weights on a base of any dtype, and travel as such.
+    assert {dt for _, dt, *_ in packet.table} == {"torch.float32"}
     worker.load_synced_tensors(unpack(packet), "adapters")
     for name in adapters.ADAPTERS:
         got, want = adapters.adapter_state_dict(worker.model, name), adapters.adapter_state_dict(learner.model, name)
-        assert all(torch.equal(got[k], want[k]) for k in want)
+        assert all(got[k].dtype == torch.float32 and torch.equal(got[k], want[k]) for k in want)
     base = "blocks.0.attn1.to_q.base_layer.weight"
     assert not torch.equal(worker.model.state_dict()[base], learner.model.state_dict()[base])
 
 
-def test_full_sync_makes_the_worker_identical():
-    learner, worker = _policies()
-    worker.load_synced_tensors(unpack(pack(learner.synced_tensors("full"), 1, "full", 1 << 16)), "full")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_full_sync_makes_the_worker_identical(dtype):
+    learner, worker = _policies(dtype)
+    packet = pack(learner.synced_tensors("full"), 1, "full", 1 << 16)
+    # bf16: the base in bf16, diffusers' fp32 modules and the adapters in float32, all as they are.
+    assert {dt for _, dt, *_ in packet.table} == {str(dtype), "torch.float32"}
+    worker.load_synced_tensors(unpack(packet), "full")
     a, b = learner.model.state_dict(), worker.model.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     assert learner.base_fingerprint() == worker.base_fingerprint()
