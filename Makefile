@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PROMETHEUS := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null
 
-.PHONY: install test demo bench bench-pipeline clean
+.PHONY: install lint test test-fast demo bench bench-pipeline clean
 
 install: $(STAMP)
 
@@ -19,8 +19,20 @@ $(STAMP): pyproject.toml constraints.txt
 		echo "note: prometheus not installed; tests/test_metrics.py will be skipped"
 	touch $(STAMP)
 
-test: install
+# What `ruff check` covers (pyproject.toml [tool.ruff]); the other folders join once their findings are fixed.
+LINT_PATHS := tests deploy
+
+lint: install
+	$(BIN)/ruff check $(LINT_PATHS)
+
+# The whole suite: what .ci/run runs.
+test: lint
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the tests that start Ray, redis-server, `ray start` or Prometheus
+# (marker `cluster`) and the minute-long runs (marker `slow`).
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not cluster and not slow"
 
 # The main job on the embedded default: local Ray, embedded Redis, the toy model. Results: runs/demo/.
 demo: install

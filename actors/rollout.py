@@ -1,4 +1,4 @@
-"""What a rollout worker does for one prompt: fork, decode, score, package (METHOD.md section 2).
+"""What a rollout worker does for one prompt: fork, decode, score, package (docs/method.md section 2).
 
 Plain functions, no Ray: the Ray actor wraps them, the single-process toy loop calls them directly.
 """
@@ -9,14 +9,14 @@ from typing import Callable
 
 import torch
 
-from common.policy import pixels_as_video  # noqa: F401  (re-exported for callers)
-from common.records import RolloutGroup
-from common.sampler import StreamingSampler
+from common.dataflow.records import RolloutGroup
+from common.model.policy import pixels_as_video  # noqa: F401  (re-exported for callers)
+from common.model.sampler import StreamingSampler
 from rewards.combine import weighted_total
 
 # uint8 frames [B, F, H, W, 3] and their prompts -> reward components, one score per video
 RewardFn = Callable[[torch.Tensor, list[str]], dict[str, torch.Tensor]]
-# latent videos [B, C, F, h, w] -> uint8 frames [B, F', H, W, 3] on the CPU (common/policy.py)
+# latent videos [B, C, F, h, w] -> uint8 frames [B, F', H, W, 3] on the CPU (common/model/policy.py)
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 
 

@@ -5,8 +5,8 @@ asks a reward server for scores (actor to actor), and then either inserts the re
 replay buffer (reference groups) or returns it as an ObjectRef that the driver forwards to the
 learner without ever fetching it. The driver gets only a `GroupSummary`.
 
-Weights arrive through `sync_weights` (learner/weights.py) and every group records the version it
-was made with, so the learner can enforce `learner.max_staleness`.
+Weights arrive through `sync_weights` (common/dataflow/weights.py) and every group records the
+version it was made with, so the learner can enforce `learner.max_staleness`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import torch
 
 from actors.rollout import collect_group
-from common.jobs import GroupJob, GroupSummary
+from common.dataflow.jobs import GroupJob, GroupSummary
 
 
 class RolloutWorker:
@@ -25,7 +25,7 @@ class RolloutWorker:
 
     def __init__(self, config_dict: dict, name: str, replay: dict | None = None, record_key: bytes | None = None):
         from common.config import Config
-        from common.policy import Policy
+        from common.model.policy import Policy
 
         self.config = Config.model_validate(config_dict)
         torch.set_num_threads(max(1, int(self.config.rollout.num_cpus_per_worker)))
@@ -37,7 +37,7 @@ class RolloutWorker:
         self.record_key = record_key
         self.replay = None
         if replay is not None:
-            from common.replay import ReplayBuffer
+            from common.dataflow.replay import ReplayBuffer
 
             self.replay = ReplayBuffer.from_config(self.config.replay, replay["url"], replay["name"], key=record_key)
         self.weights = {t.name: t.weight for t in self.config.rewards.terms}
@@ -50,7 +50,7 @@ class RolloutWorker:
     def sync_weights(self, handle, payload) -> int:
         """The object-store transport: `payload` is the bucket list (Ray resolved the ObjectRef)."""
         self._check_base(handle)
-        from learner.weights import ObjectStoreTransport
+        from common.dataflow.weights import ObjectStoreTransport
 
         tensors = ObjectStoreTransport().receive(handle, payload)
         self.policy.load_synced_tensors(tensors, handle.what)
@@ -58,7 +58,7 @@ class RolloutWorker:
         return self.version
 
     def join_weights_group(self, host: str, port: int, generation: int, rank: int, world_size: int) -> int:
-        from learner.weights import CollectiveGroup
+        from common.dataflow.weights import CollectiveGroup
 
         backend = "nccl" if self.config.model.device.startswith("cuda") else "gloo"
         self._weights_group = CollectiveGroup(host, port, rank, world_size, generation, backend)

@@ -44,8 +44,8 @@ def run_with_faults(config_overrides: list[str], seed: int, kills: int, root: Pa
     from cluster.local import ray_env_defaults
     from cluster.train import RunFolder, run
     from common.config import load_config
-    from common.redis_server import EmbeddedRedis
-    from common.replay import ReplayBuffer
+    from common.dataflow.redis_server import EmbeddedRedis
+    from common.dataflow.replay import ReplayBuffer
 
     name = f"faults{uuid.uuid4().hex[:6]}"
     redis = EmbeddedRedis(root / "redis")

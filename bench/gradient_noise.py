@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from bench import load_toy_config, toy_bench_parser
 from bench.toy_alignment import ToyRun
-from common import adapters
+from common.model import adapters
 from learner.update import UpdateSettings, arcopo_update
 
 

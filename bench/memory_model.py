@@ -33,10 +33,10 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 
 def real_size_counts(rank: int = 64) -> dict[str, int]:
     """Parameter counts of the 30-block model and of one LoRA adapter, without allocating them."""
-    from common import adapters
-    from common.causal_wan import CausalWanTransformer3DModel
     from common.config import TransformerConfig
-    from common.loading import parameters_on_meta
+    from common.model import adapters
+    from common.model.causal_wan import CausalWanTransformer3DModel
+    from common.model.loading import parameters_on_meta
 
     with parameters_on_meta():
         model = CausalWanTransformer3DModel(**TransformerConfig().kwargs())
@@ -66,11 +66,11 @@ def _saved_bytes(fn, exclude: set[int]) -> int:
 def measure_activations(layers: int = 2, anchors: int = 2, threads: int | None = None) -> dict:
     """Saved-for-backward bytes per query token per block, at the real width, and the linear model's
     error at a second shape (with a cache of two chunks)."""
-    from common import adapters
-    from common.causal_wan import CausalWanTransformer3DModel
     from common.config import TransformerConfig
-    from common.sampler import StreamingSampler
-    from common.scheduler import FewStepFlowScheduler
+    from common.model import adapters
+    from common.model.causal_wan import CausalWanTransformer3DModel
+    from common.model.sampler import StreamingSampler
+    from common.model.scheduler import FewStepFlowScheduler
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,4 +1,4 @@
-"""Does the generator obey METHOD.md section 1's premise, chunk by chunk?
+"""Does the generator obey docs/method.md section 1's premise, chunk by chunk?
 
     python -m bench.noise_sensitivity                       # the committed toy generator
     python -m bench.noise_sensitivity --json sampler.shift=0.5 model.diffusers_transformer=PATH
@@ -21,16 +21,20 @@ import json
 import random
 import statistics
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
 from bench import load_toy_config, toy_bench_parser
-from common.loading import load_policy, load_text_encoder
-from common.noise import BranchNoise, NoisePlan, seeded_normal
-from common.sampler import StreamingSampler
-from common.toy_world import split_prompts
+from common.model.loading import load_policy, load_text_encoder
+from common.model.noise import BranchNoise, NoisePlan, seeded_normal
+from common.model.sampler import StreamingSampler
+from common.toy.world import split_prompts
 from rewards.combine import weighted_total
 from rewards.toy import score
+
+if TYPE_CHECKING:
+    from common.config import Config
 
 
 class SolverVaries:
@@ -65,7 +69,7 @@ def chunk_variants(plan: NoisePlan, chunk: int, kind: str, count: int, sigma: fl
 
 
 @torch.no_grad()
-def measure(cfg, variants: int, rollouts: int, seed: int) -> dict:
+def measure(cfg: Config, variants: int, rollouts: int, seed: int) -> dict:
     sampler = StreamingSampler.from_config(load_policy(cfg).eval(), cfg)
     encoder = load_text_encoder(cfg)
     prompts = [p.text for p in split_prompts(seed=0)[0]]

@@ -25,9 +25,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.config import Config
 
 
-def distributed(cfg, root: Path) -> dict:
+def distributed(cfg: Config, root: Path) -> dict:
     from cluster.train import RunFolder, run
 
     folder = RunFolder(root / "distributed")
@@ -43,14 +47,14 @@ def distributed(cfg, root: Path) -> dict:
             "weight_sync_bytes": summary["weight_sync_bytes"]}
 
 
-def sequential(cfg) -> dict:
+def sequential(cfg: Config) -> dict:
     import torch
 
     from actors.rollout import collect_group
     from cluster.prompts import load_prompts
-    from common import adapters
-    from common.jobs import make_job
-    from common.policy import Policy
+    from common.dataflow.jobs import make_job
+    from common.model import adapters
+    from common.model.policy import Policy
     from learner.update import UpdateSettings, arcopo_update
     from learner.worker import anchor_generator
     from rewards.server import build_reward_models, score_batch
@@ -85,14 +89,14 @@ def sequential(cfg) -> dict:
     return {"groups": groups, "seconds": seconds, "groups_per_s": groups / seconds}
 
 
-def replay_rates(cfg, root: Path, items: int) -> dict:
+def replay_rates(cfg: Config, root: Path, items: int) -> dict:
     import redis
     import torch
 
     from actors.rollout import collect_group
-    from common.policy import Policy
-    from common.redis_server import EmbeddedRedis
-    from common.replay import ReplayBuffer
+    from common.dataflow.redis_server import EmbeddedRedis
+    from common.dataflow.replay import ReplayBuffer
+    from common.model.policy import Policy
     from rewards.server import build_reward_models, score_batch
 
     policy = Policy.from_config(cfg)

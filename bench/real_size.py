@@ -9,7 +9,7 @@ reference, semi, on_policy, merge), with every model file written first, with se
 in the layout the real job reads:
 - the generator: Self-Forcing's causal Wan2.1-T2V-1.3B (30 blocks of 1536 = 12 heads x 128, FFN 8960,
   text dim 4096), written as Self-Forcing's DMD checkpoint ({generator_ema: {model.<Wan key>: tensor}},
-  common.loading.save_self_forcing_checkpoint) in bfloat16 and read by the real loader
+  common.model.loading.save_self_forcing_checkpoint) in bfloat16 and read by the real loader
   (model.self_forcing_checkpoint). Never built in memory to write it: parameters on the meta device,
   each filled in bfloat16 (rewards.tiny.random_tensor: std 1/sqrt(fan_in), norms one);
 - the Wan2.1 VAE: diffusers' AutoencoderKLWan() (its default config is Wan2.1's), a diffusers vae/ dir;
@@ -81,8 +81,8 @@ def write_transformer(path: Path, kwargs: dict, seed: int) -> int:
     """Self-Forcing's checkpoint layout, bfloat16, from meta shapes; returns the parameter count."""
     import torch
 
-    from common.causal_wan import CausalWanTransformer3DModel
-    from common.loading import original_key_map, parameters_on_meta, save_self_forcing_checkpoint
+    from common.model.causal_wan import CausalWanTransformer3DModel
+    from common.model.loading import original_key_map, parameters_on_meta, save_self_forcing_checkpoint
     from rewards.tiny import random_tensor
 
     with parameters_on_meta():

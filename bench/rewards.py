@@ -43,8 +43,9 @@ def server_throughput(root: Path, groups: int, group_size: int, frames: int, siz
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         server = RewardServer(cfg.model_dump(mode="json"))
-    from common.toy_world import render_batch, to_uint8
     from cluster.prompts import load_prompts
+    from common.toy.world import render_batch
+    from common.video import to_uint8
 
     prompts, _ = load_prompts(cfg)
     requests = []
@@ -78,8 +79,8 @@ def group_share(root: Path) -> dict:
 
     from actors.rollout import collect_group
     from cluster.prompts import load_prompts
-    from common.jobs import make_job
-    from common.policy import Policy
+    from common.dataflow.jobs import make_job
+    from common.model.policy import Policy
     from rewards.server import build_reward_models, score_batch
 
     cfg = _config(root, [])

@@ -10,7 +10,7 @@ placeholder) is ignored. Figures:
   whole context with a block-causal mask at every step (no cache), max |difference|.
 - kv_cache_speedup: time(no-cache rollout) / time(cached rollout), same config and noise.
 - fork_speedup: time(G independent rollouts, batched like the branches) / time(one fork into G
-  branches), the mean of the ratio over every pivot. fork_cost_model_ratio is what METHOD.md's cost
+  branches), the mean of the ratio over every pivot. fork_cost_model_ratio is what docs/method.md's cost
   model predicts when compute-bound; on the tiny config, CPU time is per-call overhead, not FLOPs,
   so batching is nearly free and the measured ratio stays near 1. fork_speedup_vs_sequential
   compares with G rollouts run one after another.
@@ -32,9 +32,9 @@ import time
 
 import torch
 
-from common.config import load_config_for_cli
-from common.loading import load_policy
-from common.sampler import StreamingSampler
+from common.config import Config, load_config_for_cli
+from common.model.loading import load_policy
+from common.model.sampler import StreamingSampler
 
 
 def _sync(device: torch.device) -> None:
@@ -99,7 +99,7 @@ def peak_memory_mb(fn, device: torch.device) -> float:
     return probe.growth_mb
 
 
-def run(cfg, config_path: str, repeats: int, skip_no_cache: bool) -> dict:
+def run(cfg: Config, config_path: str, repeats: int, skip_no_cache: bool) -> dict:
     device = torch.device(cfg.model.device)
     model = load_policy(cfg)  # random weights unless the command line names a checkpoint
     sampler = StreamingSampler.from_config(model, cfg)
@@ -132,7 +132,7 @@ def run(cfg, config_path: str, repeats: int, skip_no_cache: bool) -> dict:
             device, repeats,
         )
         fork_times.append(t)
-    # Chunk-passes weighted by batch, METHOD.md section 6: a fork runs the prefix once for all G.
+    # Chunk-passes weighted by batch, docs/method.md section 6: a fork runs the prefix once for all G.
     L = sampler.num_chunks
     cost_ratios = [group_size * L / (p + group_size * (L - p)) for p in range(L)]
     fork_memory = peak_memory_mb(

@@ -4,7 +4,7 @@
     python -m bench.toy_alignment --json --seeds 0 1 2   # on-policy on three seeds too
 
 Starting from the committed pre-trained toy generator (configs/toy.yaml), it runs, with fixed seeds:
-- on_policy: fork / score / update the `on_policy` adapter on fresh groups (METHOD.md sections 2-3);
+- on_policy: fork / score / update the `on_policy` adapter on fresh groups (docs/method.md sections 2-3);
 - semi: collect a fixed buffer of reference groups with pi_ref, train the `semi` adapter on batches
   drawn uniformly with replacement, pi_old = pi_ref, ratio clipping on (section 4);
 - semi_no_clip: the same with clipping off (the paper's "off-policy" ablation);
@@ -27,19 +27,23 @@ import random
 import statistics
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from actors.rollout import collect_group
 from bench import load_toy_config, toy_bench_parser
-from common import adapters
-from common.loading import load_policy
-from common.sampler import StreamingSampler
-from common.toy_world import ToyTextEncoder, split_prompts
+from common.model import adapters
+from common.model.loading import load_policy
+from common.model.sampler import StreamingSampler
+from common.toy.world import ToyTextEncoder, split_prompts
 from learner.merge import Scores, pick_merge_scale
 from learner.update import UpdateSettings, arcopo_update
 from rewards.toy import score
+
+if TYPE_CHECKING:
+    from common.config import Config
 
 NO_CLIP = 1e9  # a ratio clip so wide it never binds
 
@@ -47,14 +51,14 @@ NO_CLIP = 1e9  # a ratio clip so wide it never binds
 def unquantised_frames(latents: torch.Tensor) -> torch.Tensor:
     """The toy generator's frames [B, 3, F, H, W] in [-1, 1], not rounded to uint8 as the job's
     decoder (common/policy.pixels_as_video) rounds them: this bench has always scored them so, and
-    its numbers stay comparable with README's (rounding moves a pixel by up to half a grey level)."""
+    its numbers stay comparable with docs/results.md's (rounding moves a pixel by up to half a grey level)."""
     return latents.clamp(-1.0, 1.0)
 
 
 class ToyRun:
     """The toy world's policy, text encoder, rewards and evaluation set, shared by every variant."""
 
-    def __init__(self, cfg, eval_prompts: int, eval_seeds: int):
+    def __init__(self, cfg: Config, eval_prompts: int, eval_seeds: int):
         self.cfg = cfg
         model = load_policy(cfg)
         lora = cfg.learner.lora
@@ -145,7 +149,7 @@ class ToyRun:
         return curve
 
 
-def run(cfg, seed: int, iterations: int, buffer_size: int, eval_prompts: int, eval_seeds: int,
+def run(cfg: Config, seed: int, iterations: int, buffer_size: int, eval_prompts: int, eval_seeds: int,
         variants: list[str], diversity_groups: int = 0) -> dict:
     torch.manual_seed(seed)
     toy = ToyRun(cfg, eval_prompts, eval_seeds)

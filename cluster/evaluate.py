@@ -9,7 +9,7 @@ Writes <adapters>/eval/: report.md (tables), scores.json, merge_sweep.png (rewar
 the merge scale) and videos/<policy>_<i>.mp4 for the first prompts, so base and aligned samples sit
 side by side. In-process (no Ray): this is the tool for checking a finished run on one machine.
 
-The merged policy is W_base + dW_semi + s dW_on (METHOD.md section 5); `reference` is the base alone.
+The merged policy is W_base + dW_semi + s dW_on (docs/method.md section 5); `reference` is the base alone.
 The chosen scale is the largest that raises the in-domain reward without lowering the OOD score.
 """
 
@@ -19,8 +19,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from common.config import Config
 
 
 def _scores(policy, models, weights, prompts, seeds, batch: int) -> dict[str, float]:
@@ -58,11 +62,12 @@ def _plot(rows: list[dict], base: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def evaluate(config, run_dir: Path, prompts: list[str], seeds: int, scales: list[float], videos: int) -> dict:
-    from common import adapters
-    from common.policy import Policy
-    from common.prompt_cache import DEFAULT_NAME, with_cache_path
-    from common.video import encode_mp4, write_bytes_atomic
+def evaluate(config: Config, run_dir: Path, prompts: list[str], seeds: int, scales: list[float], videos: int) -> dict:
+    from common.durable import write_bytes_atomic
+    from common.model import adapters
+    from common.model.policy import Policy
+    from common.model.prompt_cache import DEFAULT_NAME, with_cache_path
+    from common.video import encode_mp4
     from learner.merge import Scores, pick_merge_scale
     from rewards.server import build_reward_models
 
@@ -150,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--videos", type=int, default=2, help="sample videos per policy")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
-    from common.adapters import AdapterError
-    from common.config import ConfigError, load_config_for_cli, preflight
     from cluster.prompts import PromptError, load_prompts, read_prompt_file
-    from common.prompt_cache import PromptCacheError
+    from common.config import ConfigError, load_config_for_cli, preflight
+    from common.model.adapters import AdapterError
+    from common.model.prompt_cache import PromptCacheError
 
     config = load_config_for_cli(args.config, args.overrides)
     if config is None:

@@ -14,8 +14,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from common.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ def ray_env_defaults() -> None:
 
 
 @contextlib.contextmanager
-def ray_session(config) -> Iterator[bool]:
+def ray_session(config: Config) -> Iterator[bool]:
     """Yields True when a local Ray was started here (and is shut down on exit)."""
     import ray
 
@@ -68,7 +71,7 @@ class RedisEndpoint:
 
 
 @contextlib.contextmanager
-def redis_session(config, run_dir: Path) -> Iterator[RedisEndpoint]:
+def redis_session(config: Config, run_dir: Path) -> Iterator[RedisEndpoint]:
     r = config.replay
     if r.redis_url:
         url = r.redis_url
@@ -79,7 +82,7 @@ def redis_session(config, run_dir: Path) -> Iterator[RedisEndpoint]:
             url = "rediss://" + url[len("redis://"):]
         yield RedisEndpoint(url, None)
         return
-    from common.redis_server import EmbeddedRedis
+    from common.dataflow.redis_server import EmbeddedRedis
 
     data_dir = Path(r.data_dir) if r.data_dir else run_dir / "redis"
     server = EmbeddedRedis(data_dir, binary=r.redis_binary, appendfsync=r.appendfsync, maxmemory_mb=r.maxmemory_mb)

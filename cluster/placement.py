@@ -5,14 +5,25 @@ The learner group is gang-scheduled in one placement group (its ranks must all s
 reward servers share another; rollout workers are single actors so they can come and go while the
 job runs. Every actor is named (`learner-<rank>`, `reward-<i>`, `rollout-<i>`, `controller`) in
 `cluster.namespace`, so `ray list actors` and `cluster.scale` find them.
+
+`RunRoles` holds them all and is what the driver (cluster/driver.py) talks to: it says what to do
+(publish and sync weights, train on groups, roll out jobs, evaluate, checkpoint) and never handles
+the actors itself.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cluster.driver import Controller, Counters, RolloutPool
+from cluster.checkpoints import write_checkpoint
+from cluster.controller import Controller, Counters
+from cluster.pool import RolloutPool
+
+if TYPE_CHECKING:
+    from common.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +32,7 @@ class PlacementError(RuntimeError):
     """The cluster cannot hold what the config asks for; says which role and resource."""
 
 
-def check_resources(config, available: dict) -> None:
+def check_resources(config: Config, available: dict) -> None:
     """Refuse, before any actor starts, a config that asks for more than the cluster has."""
     r, w, l = config.rollout, config.rewards, config.learner
     need = {
@@ -48,7 +59,7 @@ def check_resources(config, available: dict) -> None:
                 f"lower rollout/rewards/learner counts or set cluster.num_cpus for a local run")
 
 
-def encode_prompts(config, prompts: list[str]) -> dict:
+def encode_prompts(config: Config, prompts: list[str]) -> dict:
     """Make `model.prompt_cache` hold every prompt of `prompts`, once, before any role starts.
 
     A Ray task on the rollout role's resources (where a text encoder would otherwise live in every
@@ -63,7 +74,7 @@ def encode_prompts(config, prompts: list[str]) -> dict:
     import ray
     from ray.exceptions import GetTimeoutError, RayTaskError
 
-    from common.prompt_cache import PromptCacheError, build, build_in_task
+    from common.model.prompt_cache import PromptCacheError, build, build_in_task
 
     if config.model.text_encoder_kind == "toy":
         return build(config, prompts, config.model.prompt_cache)
@@ -86,10 +97,13 @@ def encode_prompts(config, prompts: list[str]) -> dict:
                              "rollout role's resources") from None
 
 
-class Actors:
-    """Every actor of a run, plus the weight broadcast and the sharding of learner batches."""
+class RunRoles:
+    """The roles of a run (learner group, reward servers, the rollout pool and its controller), plus
+    the weight broadcast and the sharding of learner batches. `counters` are the run's tallies
+    (the pool and the weight broadcast add to them); `metrics` (common.metrics.RunMetrics or None)
+    is what the pool exports to."""
 
-    def __init__(self, config, replay: dict | None, record_key: bytes):
+    def __init__(self, config: Config, replay: dict | None, record_key: bytes, counters: Counters, metrics=None):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -102,7 +116,7 @@ class Actors:
         check_resources(config, ray.cluster_resources())
         cfg = config.model_dump(mode="json")
         ns = config.cluster.namespace
-        self.counters = Counters()
+        self.counters = counters
         self.placement_groups = []
 
         l = config.learner
@@ -156,7 +170,7 @@ class Actors:
         self.last_packet = None
         c = config.cluster
         self.pool = RolloutPool(make_worker, self.sync_to, self.controller, self.reward_servers, self.counters,
-                                c.call_timeout_s, (c.heartbeat_s, c.heartbeat_timeout_s))
+                                c.call_timeout_s, (c.heartbeat_s, c.heartbeat_timeout_s), metrics=metrics)
         self.publish()
         self.pool.grow(r.num_workers)
 
@@ -208,7 +222,10 @@ class Actors:
             raise RuntimeError(f"weight broadcast: versions {versions}, expected {handle.version}")
         return handle.nbytes
 
-    def publish_and_sync(self, names) -> None:
+    def publish_and_sync(self, names=None) -> None:
+        """Publish the learner's weights once and deliver them to `names` (every rollout worker by
+        default); the packet's size and the time taken go to the counters."""
+        names = list(self.pool.workers) if names is None else names
         start = time.perf_counter()
         self.publish()
         self.counters.weight_sync_bytes = self.sync_to(list(names))
@@ -217,7 +234,72 @@ class Actors:
         self.counters.weight_sync_log.append({"version": version, "bytes": self.counters.weight_sync_bytes,
                                               "seconds": self.counters.weight_sync_seconds})
 
+    # -- rollout workers ----------------------------------------------------------------------
+
+    def rollout_workers(self) -> list[str]:
+        """Names of the rollout workers held now (retiring ones included)."""
+        return list(self.pool.workers)
+
+    def live_rollout_workers(self) -> list[str]:
+        """Names of the rollout workers that take new jobs."""
+        return self.pool.live()
+
+    def scaling_events(self) -> list[str]:
+        """Workers added (+name), retired (-name) or lost (lost name), in order."""
+        return self.pool.events
+
+    def collect(self, jobs, on_progress=None) -> list:
+        """Roll out `jobs` (unless already out) and wait for them all: (summary, record ref) in job
+        order, failed groups left out. `on_progress` is told how many have finished."""
+        return self.pool.run(jobs, on_progress=on_progress)
+
+    def prefetch(self, jobs) -> None:
+        """Send out `jobs` that are not out yet, without waiting for them."""
+        self.pool.submit([j for j in jobs if not self.pool.is_known(j.job_id)])
+
+    def evaluate(self, prompts: list[str], seeds: list[int], mode: str, merge_scale: float) -> list[dict[str, float]]:
+        """Every reward component of each (prompt, seed) video of a policy, shared over the live
+        rollout workers; a worker that dies mid-evaluation has its share redone by the others."""
+        pool, servers = self.pool, self.reward_servers
+        todo = list(range(len(prompts)))
+        results: dict[int, dict[str, float]] = {}
+        while todo:
+            pool.ensure_live()
+            names = pool.live()
+            shares = {n: todo[i::len(names)] for i, n in enumerate(names) if todo[i::len(names)]}
+            calls = {}
+            for k, (name, idx) in enumerate(shares.items()):
+                server = servers[k % len(servers)]
+                args = ([prompts[i] for i in idx], [seeds[i] for i in idx], mode, merge_scale, server)
+                calls[name] = lambda w, args=args: w.evaluate.remote(*args)
+            for name, out in pool.call_each(calls).items():
+                for j, i in enumerate(shares[name]):
+                    results[i] = {k: v[j] for k, v in out.items()}
+            todo = [i for i in todo if i not in results]
+        return [results[i] for i in range(len(prompts))]
+
+    def sample_videos(self, prompts: list[str], seeds: list[int], mode: str, scale: float, fps: float) -> list[bytes]:
+        """mp4 bytes of one video per prompt, made on whichever rollout worker is alive."""
+        videos = None
+        while videos is None:
+            self.pool.ensure_live()
+            name = self.pool.live()[0]
+            videos = self.pool.call_each(
+                {name: lambda w: w.sample_videos.remote(prompts, seeds, mode, scale, fps)}).get(name)
+        return videos
+
+    def worker_weight_versions(self) -> list[int]:
+        """The weight version each rollout worker holds."""
+        return list(self.pool.call_each({n: lambda w: w.weight_version.remote() for n in self.pool.workers}).values())
+
     # -- learning ---------------------------------------------------------------------------------
+
+    def train_from_replay(self, iteration: int, adapter: str, batch_size: int, seed: int) -> list[dict]:
+        """One update of `adapter` on every learner rank from a batch drawn from the replay buffer
+        (ratio clipping on); each rank's stats."""
+        import ray
+
+        return ray.get([x.train_from_replay.remote(iteration, adapter, batch_size, seed, True) for x in self.learners])
 
     def train_groups(self, iteration: int, refs: list) -> list[dict]:
         """Group i goes to learner rank i mod K; each rank gets its records straight from the object
@@ -231,6 +313,27 @@ class Actors:
             calls.append(learner.train_groups.remote(iteration, "on_policy", indices, len(refs),
                                                      *[refs[i] for i in indices]))
         return ray.get(calls, timeout=self.config.cluster.call_timeout_s)
+
+    # -- checkpoints and adapters -----------------------------------------------------------------
+
+    def save_checkpoint(self, root, state: dict) -> str:
+        """A complete checkpoint under `root` (cluster/checkpoints.py): learner rank 0's state and
+        adapters, plus the driver's `state`."""
+        return write_checkpoint(root, self.learners[0], state)
+
+    def load_checkpoint(self, checkpoint) -> None:
+        """Every learner rank loads the checkpoint's learner state (adapters, optimiser, version)."""
+        import ray
+
+        ray.get([x.load_state.remote(str(Path(checkpoint) / "learner.pt")) for x in self.learners])
+
+    def save_adapters(self, directory) -> list[str]:
+        """The trained adapters as diffusers Wan LoRA files in `directory`; their paths."""
+        import ray
+
+        return ray.get(self.learners[0].save.remote(str(directory)))
+
+    # -- accounting ---------------------------------------------------------------------------------
 
     def busy_ratios(self, wall: float) -> dict[str, float]:
         """Share of wall time each role spent working, averaged over its actors."""

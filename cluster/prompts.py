@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.config import Config
 
 MAX_PROMPT_CHARS = 2000
 
@@ -34,7 +38,7 @@ def read_prompt_file(path: Path) -> list[str]:
     return prompts
 
 
-def load_prompts(config) -> tuple[list[str], list[str]]:
+def load_prompts(config: Config) -> tuple[list[str], list[str]]:
     """(training prompts, held-out prompts). The held-out ones are never trained on."""
     if config.rollout.prompts is not None:
         prompts = read_prompt_file(config.rollout.prompts)
@@ -42,7 +46,7 @@ def load_prompts(config) -> tuple[list[str], list[str]]:
     from common.config import is_toy_world
 
     if is_toy_world(config.model):
-        from common.toy_world import split_prompts
+        from common.toy.world import split_prompts
 
         train, heldout = split_prompts(seed=0)
         return [p.text for p in train], [p.text for p in heldout]

@@ -33,10 +33,13 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from common.config import ConfigError, load_config_for_cli, preflight
-from common.video import write_bytes_atomic
+from common.config import Config, ConfigError, load_config_for_cli, preflight
+from common.durable import write_bytes_atomic
 
 log = logging.getLogger("arcopo")
+
+# The schedule itself is cluster.driver.Driver.fit; this module owns the command line, the Ray and
+# Redis sessions, the run folder, the plots and the summary.
 
 
 class RunFolder:
@@ -53,6 +56,15 @@ class RunFolder:
 
     def write_json(self, name: str, data: dict) -> None:
         write_bytes_atomic(self.root / name, (json.dumps(data, indent=2, allow_nan=True) + "\n").encode())
+
+    def save_samples(self, tag: str, prompts: list[str], videos: list[bytes]) -> list[str]:
+        """samples/<tag>_<i>.mp4 and samples/prompts.txt; the mp4 paths, relative to the run folder."""
+        paths = []
+        for i, (_, data) in enumerate(zip(prompts, videos)):
+            path = write_bytes_atomic(self.root / "samples" / f"{tag}_{i}.mp4", data)
+            paths.append(str(path.relative_to(self.root)))
+        (self.root / "samples" / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        return paths
 
 
 def plot_rewards(metrics_path: Path, out: Path, initial: float, final: float) -> None:
@@ -85,26 +97,7 @@ def plot_rewards(metrics_path: Path, out: Path, initial: float, final: float) ->
     plt.close(fig)
 
 
-def write_samples(actors, folder: RunFolder, prompts: list[str], tag: str, mode: str, scale: float, fps: float) -> list[str]:
-    import ray
-
-    if not prompts:
-        return []
-    videos = None
-    while videos is None:  # on whichever worker is alive
-        actors.pool.ensure_live()
-        name = actors.pool.live()[0]
-        videos = actors.pool.call_each({name: lambda w: w.sample_videos.remote(prompts, [7] * len(prompts), mode,
-                                                                                scale, fps)}).get(name)
-    paths = []
-    for i, (prompt, data) in enumerate(zip(prompts, videos)):
-        path = write_bytes_atomic(folder.root / "samples" / f"{tag}_{i}.mp4", data)
-        paths.append(str(path.relative_to(folder.root)))
-    (folder.root / "samples" / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    return paths
-
-
-def check_job(config) -> None:
+def check_job(config: Config) -> None:
     """Refuses, with ConfigError, a config this job cannot run: before Ray, Redis or any actor."""
     if not config.run.phases:
         # The job would still evaluate and sample the base model, which needs rewards and prompts
@@ -114,18 +107,17 @@ def check_job(config) -> None:
     preflight(config)
 
 
-def run(config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) -> dict:
+def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) -> dict:
     check_job(config)
-    import ray
-
-    from cluster.driver import Driver, latest_checkpoint
+    from cluster.checkpoints import latest_checkpoint, read_checkpoint_state
+    from cluster.controller import Counters
+    from cluster.driver import Driver
     from cluster.local import ray_session, redis_session
-    from cluster.placement import Actors, encode_prompts
+    from cluster.placement import RunRoles, encode_prompts
     from cluster.prompts import load_prompts
+    from common.dataflow.replay import ReplayBuffer, ReplayError
     from common.metrics import RunMetrics
-    from common.prompt_cache import with_cache_path
-    from common.replay import ReplayBuffer, ReplayError
-    from learner.merge import Scores
+    from common.model.prompt_cache import with_cache_path
 
     prompts, heldout = load_prompts(config)
     # Every role reads the prompt embeddings from this one file (config.yaml names it too).
@@ -148,7 +140,7 @@ def run(config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) 
         if resume and checkpoint is None:
             log.warning("--resume: no complete checkpoint in %s; starting from the beginning", folder.root / "checkpoints")
         monitor = ReplayBuffer(redis.url, config.run.name)  # counters only; records stay in Redis
-        completed = json.loads((checkpoint / "driver.json").read_text())["completed"] if checkpoint else []
+        completed = read_checkpoint_state(checkpoint)["completed"] if checkpoint else []
         leftover = monitor.size()
         if "reference" in config.run.phases and "reference" not in completed and leftover:
             if not resume:
@@ -164,91 +156,41 @@ def run(config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) 
         encoded = encode_prompts(config, [*prompts, *heldout])
         log.info("prompt embeddings: %d prompts in %s (%d encoded now, %.1f s)", encoded["prompts"],
                  encoded["path"], encoded["encoded"], encoded["seconds"])
-        actors = Actors(config, replay, record_key)
-        actors_started = time.perf_counter()
+        counters = Counters()
         metrics = RunMetrics()
+        roles = RunRoles(config, replay, record_key, counters, metrics=metrics)
+        roles_started = time.perf_counter()
         try:
             metrics.serve(config.metrics.host, config.metrics.port)
-            driver = Driver(config, actors, prompts, heldout, folder.log, checkpoint_dir=folder.root / "checkpoints")
-            driver.metrics = actors.pool.metrics = metrics
-            driver.replay_stats = monitor.stats
+            driver = Driver(config, roles, counters, prompts, log_metrics=folder.log, save_samples=folder.save_samples,
+                            metrics=metrics, replay_stats=monitor.stats, progress_bar=tqdm,
+                            checkpoint_dir=folder.root / "checkpoints")
+            result = driver.fit(resume_from=checkpoint)
+            saved = roles.save_adapters(folder.root / "adapters")
+            busy = roles.busy_ratios(time.perf_counter() - roles_started)
+            worker_versions = roles.worker_weight_versions()
             phases = config.run.phases
-            fps = 8.0
-            if checkpoint is not None:
-                state = json.loads((checkpoint / "driver.json").read_text())
-                ray.get([x.load_state.remote(str(checkpoint / "learner.pt")) for x in actors.learners])
-                driver.restore(state)
-                driver.broadcast()  # the workers continue from the checkpoint's weights
-                log.info("resumed from %s: phase %s, iteration %s, weight version %d", checkpoint.name,
-                         state.get("phase"), state.get("iteration"), driver.version)
-                folder.log({"phase": "resume", "checkpoint": checkpoint.name, "version": driver.version})
-            done = driver.progress_state["completed"]
-            if "before" not in driver.progress_state:
-                before, before_parts = driver.evaluate("reference")
-                folder.log({"phase": "eval", "policy": "reference", "reward": before.in_domain,
-                            "ood": before.out_of_domain, **{f"reward/{k}": v for k, v in before_parts.items()}})
-                driver.progress_state["before"] = [before.in_domain, before.out_of_domain, before_parts]
-                driver.progress_state["samples_start"] = write_samples(
-                    actors, folder, prompts[: config.run.sample_prompts], "start", "reference", 1.0, fps)
-            b = driver.progress_state["before"]
-            before, before_parts = Scores(b[0], b[1]), b[2]
-            samples = {"start": driver.progress_state["samples_start"]}
-            merge_info: dict = {}
-            if "reference" in phases and "reference" not in done:
-                with tqdm(total=config.replay.num_reference_groups, desc="reference buffer (groups)",
-                          leave=False) as bar:
-                    driver.progress = bar
-                    landed = driver.collect_reference()
-                driver.progress = None
-                log.info("reference buffer: %d groups", landed)
-                driver.phase_done("reference")
-            semi_iters = config.run.semi_iterations if config.run.semi_iterations is not None else config.run.iterations
-            if "semi" in phases and "semi" not in done:
-                with tqdm(total=semi_iters, initial=driver.start_iteration("semi"), desc="semi-on-policy") as bar:
-                    driver.progress = bar
-                    driver.train_semi()
-                driver.phase_done("semi")
-            if "on_policy" in phases and "on_policy" not in done:
-                with tqdm(total=config.run.iterations, initial=driver.start_iteration("on_policy"),
-                          desc="on-policy") as bar:
-                    driver.progress = bar
-                    driver.train_on_policy()
-                driver.phase_done("on_policy")
-            driver.progress = None
-            final_mode, scale = _final_policy(phases)
-            if "merge" in phases:
-                merge_info = driver.merge(before)
-                scale = merge_info["merge_scale"]
-                final_mode = "merged"
-            after, after_parts = driver.evaluate(final_mode, scale)
-            folder.log({"phase": "eval", "policy": final_mode, "merge_scale": scale, "reward": after.in_domain,
-                        "ood": after.out_of_domain, **{f"reward/{k}": v for k, v in after_parts.items()}})
-            samples["end"] = write_samples(actors, folder, prompts[: config.run.sample_prompts], "end",
-                                           final_mode, scale, fps)
-            saved = ray.get(actors.learners[0].save.remote(str(folder.root / "adapters")))
-            counters = actors.counters
-            busy = actors.busy_ratios(time.perf_counter() - actors_started)
-            worker_versions = list(actors.pool.call_each(
-                {n: lambda w: w.weight_version.remote() for n in actors.pool.workers}).values())
+            before, after = result.before, result.after
             summary = {
                 "reward_initial": before.in_domain, "reward_final": after.in_domain,
                 "ood_initial": before.out_of_domain, "ood_final": after.out_of_domain,
                 "iterations": config.run.iterations if "on_policy" in phases else 0,
                 "groups": counters.groups, "wall_seconds": time.perf_counter() - start,
-                "final_policy": final_mode, "merge_scale": scale, **merge_info,
+                "final_policy": result.final_policy, "merge_scale": result.merge_scale, **result.merge,
                 "weight_version": driver.version, "worker_weight_versions": worker_versions,
                 "weight_syncs": counters.weight_syncs, "weight_sync_bytes": counters.weight_sync_bytes,
                 "dropped_stale": counters.dropped_stale, "max_staleness_trained": counters.stale_trained_max,
                 "reward_failures": counters.reward_failures, "worker_failures": counters.worker_failures,
-                "jobs_redone": counters.jobs_redone, "heartbeats_missed": counters.heartbeats_missed, "rollout_workers_final": len(actors.pool.workers),
-                "scaling_events": actors.pool.events, "role_busy_ratio": busy,
+                "jobs_redone": counters.jobs_redone, "heartbeats_missed": counters.heartbeats_missed,
+                "rollout_workers_final": len(roles.rollout_workers()),
+                "scaling_events": roles.scaling_events(), "role_busy_ratio": busy,
                 "weight_sync_seconds": counters.weight_sync_seconds, "weight_sync_log": counters.weight_sync_log,
-                "role_peak_rss_bytes": actors.peak_rss_bytes(),
-                "components_initial": before_parts, "components_final": after_parts,
-                "adapters": [str(Path(p).relative_to(folder.root)) for p in saved], "samples": samples,
+                "role_peak_rss_bytes": roles.peak_rss_bytes(),
+                "components_initial": result.before_parts, "components_final": result.after_parts,
+                "adapters": [str(Path(p).relative_to(folder.root)) for p in saved], "samples": result.samples,
             }
         finally:
-            actors.shutdown()
+            roles.shutdown()
             time.sleep(linger_s)  # lets a scraper read the final values (tests, short demos)
             metrics.close()
     plot_rewards(folder.metrics_path, folder.root / "reward_curve.png", summary["reward_initial"], summary["reward_final"])
@@ -269,14 +211,6 @@ def _record_key(root: Path) -> bytes:
     with os.fdopen(fd, "w") as f:
         f.write(key.hex() + "\n")
     return key
-
-
-def _final_policy(phases: list[str]) -> tuple[str, float]:
-    if "on_policy" in phases:
-        return "on_policy", 1.0
-    if "semi" in phases:
-        return "semi", 1.0
-    return "reference", 1.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = RunFolder(root)
     from cluster.placement import PlacementError
     from cluster.prompts import PromptError
-    from common.prompt_cache import PromptCacheError
-    from common.replay import ReplayError
+    from common.dataflow.replay import ReplayError
+    from common.model.prompt_cache import PromptCacheError
 
     try:
         summary = run(config, folder, resume=args.resume)

@@ -6,7 +6,7 @@ from a YAML file in `configs/` and patched with dotted command-line overrides su
 path, before anything expensive starts. Job entry points (cluster.train, cluster.evaluate) then run
 `preflight`: no toy-world fallback on a real model, and every configured local file present.
 
-Values marked DEFAULT in METHOD.md are ours where the paper is silent; they live here so that they
+Values marked DEFAULT in docs/method.md are ours where the paper is silent; they live here so that they
 stay configurable.
 
     python -m common.config configs/tiny.yaml sampler.num_chunks=4    # print the resolved config
@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -64,12 +64,12 @@ class ModelConfig(_Section):
     vae: Path | None = None
     # "pixels": the generator works on RGB frames in [-1, 1] directly (the toy world), no VAE.
     latent_space: Literal["wan_vae", "pixels"] = "wan_vae"
-    # "toy": the toy world's seeded word embeddings (common/toy_world.py) instead of UMT5.
+    # "toy": the toy world's seeded word embeddings (common/toy/world.py) instead of UMT5.
     text_encoder_kind: Literal["umt5", "toy"] = "umt5"
     text_encoder: Path | None = None
     tokenizer: Path | None = None
     max_text_tokens: int = Field(512, ge=1)
-    # Prompt embeddings, encoded once by the job for every role (common/prompt_cache.py): learners
+    # Prompt embeddings, encoded once by the job for every role (common/model/prompt_cache.py): learners
     # read only this file and never load UMT5 (10.6 GiB in bf16); rollout workers load it only for a
     # prompt the file lacks. None = <run folder>/prompt_embeddings.safetensors.
     prompt_cache: Path | None = None
@@ -91,7 +91,7 @@ class ModelConfig(_Section):
 
 
 class SamplerConfig(_Section):
-    """The streaming few-step sampler (METHOD.md section 1)."""
+    """The streaming few-step sampler (docs/method.md section 1)."""
 
     num_chunks: int = Field(7, ge=1)
     frames_per_chunk: int = Field(3, ge=1, description="latent frames per chunk")
@@ -133,7 +133,7 @@ class SamplerConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    """AR-CoPO (METHOD.md sections 2-3)."""
+    """AR-CoPO (docs/method.md sections 2-3)."""
 
     group_size: int = Field(12, ge=2, description="G: neighbours per fork")
     fork_sigma: float = Field(0.5, ge=0.0, le=1.0, description="sigma of the neighbour noise")
@@ -163,6 +163,132 @@ class RolloutConfig(_Section):
     decode_batch_size: int = Field(2, ge=1, description="videos the VAE decodes at once")
 
 
+# -- reward models ---------------------------------------------------------------------------------
+# What one entry of `rewards.models` may say: which reward model, where its files are, what it needs.
+# One pydantic model per kind, each with only that kind's fields, tagged by `kind`. Validated when
+# the config loads (pydantic only; nothing heavy is imported here), so a typo in a reward entry
+# fails before Ray starts. Every path is local: nothing is downloaded.
+#
+#     rewards:
+#       models:
+#         - {kind: videoalign, path: /ckpt/VideoReward, base_model: /ckpt/Qwen2-VL-2B-Instruct,
+#            device: cuda, dtype: bfloat16, num_gpus: 1}
+#         - {kind: pickscore, path: /ckpt/PickScore_v1, processor: /ckpt/CLIP-ViT-H-14, prefix: ""}
+#         - {kind: clip, path: /ckpt/clip-vit-large-patch14, runtime_env: {pip: [...]}}
+
+class RewardModelBase(BaseModel):
+    """The fields of every kind: how its components are named and where it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: str = Field("", description="prepended to every component name (two CLIP models side by side)")
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(0.0, ge=0, description="only for a model in its own actor (runtime_env set)")
+    runtime_env: dict[str, Any] | None = Field(None, description="run this model in its own Ray actor with "
+                                              "this runtime_env (clashing dependencies)")
+
+    def check(self) -> "RewardModelBase":
+        """What pydantic cannot say field by field; raises ValueError."""
+        return self
+
+
+class ToyRewardSpec(RewardModelBase):
+    """The toy world's VQ/MQ/TA stand-ins and its held-out OOD score (rewards/toy.py)."""
+
+    kind: Literal["toy"]
+    components: list[str] | None = Field(None, description="which toy rewards (default vq, mq, ta, ood)")
+
+
+class CheckpointRewardSpec(RewardModelBase):
+    """A reward model read from a local checkpoint directory."""
+
+    path: Path | None = Field(None, description="checkpoint directory (required)")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N, or auto (cuda when available)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_prompt_tokens: int | None = Field(None, ge=1, description="longer prompts are truncated with a warning; "
+                                          "default: 512 for VideoAlign, the text tower's limit for CLIP")
+
+    def check(self) -> "CheckpointRewardSpec":
+        if self.path is None:
+            raise ValueError(f"a {self.kind} reward model needs `path` (a local checkpoint directory)")
+        return self
+
+
+class VideoAlignRewardSpec(CheckpointRewardSpec):
+    """VideoAlign's VideoReward on Qwen2-VL (rewards/videoalign.py)."""
+
+    kind: Literal["videoalign"]
+    base_model: Path | None = Field(None, description="local Qwen2-VL-2B-Instruct directory (config, tokenizer, "
+                                    "preprocessor, chat template); default: <path>/base or model_config.json's")
+    checkpoint_step: int | None = Field(None, description="checkpoint-<step> to load; default the latest")
+    fps: float = Field(2.0, gt=0, description="frames sampled per second of video (VideoAlign: 2)")
+    max_pixels: int = Field(448 * 448, ge=28 * 28, description="per sampled frame (VideoAlign: 200704)")
+    min_pixels: int = Field(128 * 28 * 28, ge=28 * 28)
+    normalize: bool = Field(True, description="published mean/std normalisation of VQ, MQ, TA")
+    prompt_template: Path | None = Field(None, description="text file with {text_prompt} and the three reward "
+                                         "tokens; default <path>/prompt_template.txt, else the built-in one")
+
+
+class ClipRewardSpec(CheckpointRewardSpec):
+    """A CLIP model's image-text similarity (rewards/clip.py)."""
+
+    kind: Literal["clip"]
+    processor: Path | None = Field(None, description="CLIP processor directory if not in `path` (PickScore)")
+    num_frames: int = Field(8, ge=1, description="frames sampled uniformly, scores averaged")
+
+
+class PickScoreRewardSpec(ClipRewardSpec):
+    """PickScore: a CLIP model trained on human preferences, read like CLIP (rewards/clip.py)."""
+
+    kind: Literal["pickscore"]
+
+
+RewardModelSpec = Annotated[ToyRewardSpec | VideoAlignRewardSpec | ClipRewardSpec | PickScoreRewardSpec,
+                            Field(discriminator="kind")]
+_REWARD_MODEL_SPEC: TypeAdapter = TypeAdapter(RewardModelSpec)
+_REWARD_SPEC_BY_KIND = {"toy": ToyRewardSpec, "videoalign": VideoAlignRewardSpec, "clip": ClipRewardSpec,
+                        "pickscore": PickScoreRewardSpec}
+REWARD_KINDS = tuple(_REWARD_SPEC_BY_KIND)
+
+
+def reward_model_spec(entry: dict[str, Any]) -> RewardModelSpec:
+    """One `rewards.models` entry as the model of its kind (raises pydantic's ValidationError)."""
+    return _REWARD_MODEL_SPEC.validate_python(entry)
+
+
+def _reward_entry_error(entry: dict[str, Any], error: dict[str, Any]) -> str:
+    """pydantic's first error of a tagged entry as "<field>: <message>" (the tag dropped from its path)."""
+    if error["type"] == "union_tag_not_found":
+        return "kind: Field required"
+    if error["type"] == "union_tag_invalid":
+        return "kind: Input should be " + ", ".join(repr(k) for k in REWARD_KINDS[:-1]) + f" or {REWARD_KINDS[-1]!r}"
+    loc = error["loc"][1:]  # loc[0] is the tag
+    where = ".".join(str(x) for x in loc)
+    if error["type"] == "extra_forbidden" and len(loc) == 1:
+        owners = [k for k, m in _REWARD_SPEC_BY_KIND.items() if loc[0] in m.model_fields]
+        if owners:
+            return f"{where}: kind {entry['kind']} takes no `{where}` (a field of {', '.join(owners)})"
+    return f"{where}: {error['msg']}"
+
+
+def check_reward_models(entries: list[dict[str, Any]], num_gpus_per_server: float) -> list[dict[str, Any]]:
+    """Validate every entry; returns them normalised (JSON-safe, defaults filled in)."""
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            spec = reward_model_spec(entry).check()
+        except ValidationError as exc:
+            raise ValueError(f"rewards.models[{i}].{_reward_entry_error(entry, exc.errors()[0])}") from None
+        except ValueError as exc:
+            raise ValueError(f"rewards.models[{i}]: {exc}") from None
+        out.append(spec.model_dump(mode="json", exclude_defaults=True) | {"kind": spec.kind})
+    in_server = sum(spec.num_gpus for spec in map(reward_model_spec, out) if not spec.runtime_env)
+    if in_server > num_gpus_per_server + 1e-9:
+        raise ValueError(f"rewards.models declare {in_server:g} GPU(s) inside a server but "
+                         f"rewards.num_gpus_per_server is {num_gpus_per_server:g}")
+    return out
+
+
 class RewardTerm(_Section):
     """One weighted term of the training reward: `name` is a component some reward model declares
     (toy: vq, mq, ta, ood; videoalign: vq, mq, ta, overall, vq_raw, ...; clip: clip_score;
@@ -182,7 +308,7 @@ class RewardsConfig(_Section):
     model_path: Path | None = None
     max_batch_videos: int = Field(48, ge=1, description="a reward server scores up to this many videos at once")
     batch_timeout_s: float = Field(0.02, ge=0, description="how long a server waits to fill a batch")
-    # The reward models a server owns (rewards/specs.py validates each entry: kind, path, device,
+    # The reward models a server owns, one reward-model spec each (above: kind, path, device,
     # num_gpus, runtime_env, ...). Empty: the toy world's rewards (vq, mq, ta and the held-out ood),
     # which only a toy-world model may use (Config refuses it for a real one).
     models: list[dict[str, Any]] = Field(default_factory=list)
@@ -192,9 +318,7 @@ class RewardsConfig(_Section):
 
     @model_validator(mode="after")
     def _check_models(self) -> "RewardsConfig":
-        from rewards.specs import check_model_entries  # pydantic only; no torch, no transformers
-
-        normalised = check_model_entries(self.models, self.num_gpus_per_server)
+        normalised = check_reward_models(self.models, self.num_gpus_per_server)
         if normalised != self.models:
             object.__setattr__(self, "models", normalised)
         return self
@@ -219,7 +343,7 @@ class LearnerConfig(_Section):
     max_staleness: int = Field(0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict,
                                         description="custom Ray resources per learner, e.g. {learner_gpu: 1}")
-    # Memory of the update (README, "Memory at 480x832"): checkpointing keeps one block's activations
+    # Memory of the update (docs/real_size.md at 480x832): checkpointing keeps one block's activations
     # instead of 30 blocks' during the backward; micro-batches bound how many anchors run at once.
     gradient_checkpointing: bool = Field(False, description="recompute each transformer block in the backward")
     anchor_micro_batch: int | None = Field(None, ge=1, description="anchors per forward+backward; None = all B")
@@ -289,6 +413,21 @@ class RunConfig(_Section):
 def is_toy_world(model: ModelConfig) -> bool:
     """The toy world's generator: RGB pixels and the toy text encoder (configs/toy.yaml)."""
     return model.latent_space == "pixels" and model.text_encoder_kind == "toy"
+
+
+def reward_model_specs(config: "Config") -> list[RewardModelSpec]:
+    """The spec of every configured reward model; none configured means the toy rewards, which only
+    a toy-world model may fall back to."""
+    from common.errors import RewardError
+
+    if not config.rewards.models and not is_toy_world(config.model):
+        # Config refuses this when it loads unless run.phases is empty (a model-only config such as
+        # configs/tiny.yaml); scoring with such a config must not quietly become the toy world.
+        raise RewardError(f"rewards.models: empty, which means the toy world's rewards, but model.latent_space="
+                          f"{config.model.latent_space} / model.text_encoder_kind={config.model.text_encoder_kind} "
+                          "is not the toy world; name the reward models")
+    entries = config.rewards.models or [{"kind": "toy"}]
+    return [reward_model_spec(e).check() for e in entries]
 
 
 def toy_fallback_problems(config: "Config") -> list[str]:

@@ -3,7 +3,7 @@
 Every role's figures reach the driver anyway (group summaries, learner stats, reward-server stats,
 weight versions, Redis counters), so one exporter on the driver serves them all, labelled by role
 and actor: in the embedded default everything is on one loopback port, and on a cluster one scrape
-target per job. The names are a contract (README "Metrics"); nothing secret is ever a label.
+target per job. The names are a contract (docs/operations.md, "Metrics"); nothing secret is ever a label.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 """How much Redis memory a replay buffer of N rollout groups needs (docs/redis.md explains every term).
 
 Standalone on purpose (no import of the project): the arithmetic below mirrors the byte layout of
-`common/records.py` (one group = one record) and the key layout of `common/replay.py` (a record is
-stored as parts of at most `replay.max_value_bytes` bytes, plus a meta hash and index entries), and
-Redis 6.2/7.x with jemalloc (every allocation is rounded up to a jemalloc size class).
+`common/dataflow/records.py` (one group = one record) and the key layout of
+`common/dataflow/replay.py` (a record is stored as parts of at most `replay.max_value_bytes` bytes,
+plus a meta hash and index entries), and Redis 6.2/7.x with jemalloc (every allocation is rounded up
+to a jemalloc size class).
 tests/test_deploy.py checks it against a real redis-server.
 
     python deploy/redis_sizing.py --config configs/self_forcing_wan1.3b.yaml --capacity 100
@@ -22,7 +23,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-# -- one record: common/records.py ------------------------------------------------------------------
+# -- one record: common/dataflow/records.py ---------------------------------------------------------
 
 _PREFIX = 7 + 2 + 1 + 4  # magic "ARCOPO\0", u16 schema version, u8 keyed, u32 header length
 _BLOB_LEN = 8            # u64 safetensors blob length
@@ -89,7 +90,7 @@ def record_bytes(shape: GroupShape) -> int:
     return _PREFIX + head + _BLOB_LEN + blob + _DIGEST
 
 
-# -- one item in Redis: common/replay.py ------------------------------------------------------------
+# -- one item in Redis: common/dataflow/replay.py ---------------------------------------------------
 
 
 def jemalloc_size(n: int) -> int:

@@ -1,4 +1,4 @@
-"""The AR-CoPO objective on the pivot chunk (METHOD.md sections 2.7 and 3), line by line.
+"""The AR-CoPO objective on the pivot chunk (docs/method.md sections 2.7 and 3), line by line.
 
 For one denoising step t of the pivot chunk, G candidates x0_hat_t^i from the behaviour policy and
 B anchors k (branch indices):

@@ -1,4 +1,4 @@
-"""Model selection for merged adapters (METHOD.md section 5): the "dual improvement" rule.
+"""Model selection for merged adapters (docs/method.md section 5): the "dual improvement" rule.
 
 A merge scale s (W = W_base + dW_semi + s dW_on) counts as aligned only if the in-domain reward
 improves over the base model AND the out-of-domain score does not fall; of the passing scales the

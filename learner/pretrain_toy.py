@@ -30,7 +30,7 @@ the initial noise), so at larger shifts a fork's branches at pivots 1-3 end alik
 (`python -m bench.noise_sensitivity`).
 
 What produced the committed assets/toy_generator (all at --threads 1 on a 2-core CPU). The toy
-world's data changed under it: since the per-chunk motion freedom (common/toy_world.py
+world's data changed under it: since the per-chunk motion freedom (common/toy/world.py
 `chunk_velocities`: at each chunk boundary the velocity is kept or re-drawn) the teacher and the
 generator are retrained on it, warm-started from the previous ones:
 
@@ -66,13 +66,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.causal_wan import CausalWanTransformer3DModel
-from common.config import load_config_for_cli
-from common.sampler import StreamingSampler
-from common.toy_world import ToyTextEncoder, all_prompts, render_batch, split_prompts, to_uint8
+from common.config import Config, load_config_for_cli
+from common.model.causal_wan import CausalWanTransformer3DModel
+from common.model.sampler import StreamingSampler
+from common.toy.world import ToyTextEncoder, all_prompts, render_batch, split_prompts
+from common.video import to_uint8
 
 
-def flow_matching_batch(cfg, sampler, prompts, seeds, generator, sigma_sampling: str = "sampler"):
+def flow_matching_batch(cfg: Config, sampler, prompts, seeds, generator, sigma_sampling: str = "sampler"):
     """Model input, per-frame timesteps, the flow target and a mask of the frames that count.
 
     sigma_sampling "sampler": the sampler's few sigmas only; "uniform": sigma ~ U(0, 1], the
@@ -123,7 +124,7 @@ def ode_endpoints(teacher, sampler, text, context, noise, ode_steps: int, shift:
 
 
 @torch.no_grad()
-def ode_pool(teacher, sampler, cfg, args, train_prompts, encoder, generator) -> list[dict]:
+def ode_pool(teacher, sampler, cfg: Config, args, train_prompts, encoder, generator) -> list[dict]:
     """Stage two's training pairs, computed once: per batch one chunk index, rendered clips of
     random training prompts (their earlier chunks are the clean context), noise e and x0*(e)."""
     s, pool = cfg.sampler, []
@@ -143,7 +144,7 @@ def ode_pool(teacher, sampler, cfg, args, train_prompts, encoder, generator) -> 
     return pool
 
 
-def distill(cfg, args, train_prompts, encoder, generator):
+def distill(cfg: Config, args, train_prompts, encoder, generator):
     """Stage two (see the module docstring): returns (student, sampler, loss log)."""
     teacher = CausalWanTransformer3DModel.from_pretrained(str(args.distill_from)).eval().requires_grad_(False)
     student = CausalWanTransformer3DModel.from_pretrained(str(args.distill_from)).train()
@@ -199,7 +200,7 @@ def save_samples(sampler, encoder, prompts, path: Path, seed: int = 0) -> None:
     Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(path)
 
 
-def pretrain_flow(cfg, args, train_prompts, encoder, generator):
+def pretrain_flow(cfg: Config, args, train_prompts, encoder, generator):
     """Stage one: flow matching from random weights (or --init-from); returns (model, sampler, loss log)."""
     if args.init_from is not None:
         model = CausalWanTransformer3DModel.from_pretrained(str(args.init_from)).train()

@@ -1,4 +1,4 @@
-"""One AR-CoPO update on a batch of forked groups (METHOD.md section 3), for any adapter.
+"""One AR-CoPO update on a batch of forked groups (docs/method.md section 3), for any adapter.
 
 The learner never receives a KV cache: it rebuilds h_{p-1} from each group's prefix latents by
 replaying the rollout's context passes without grad, then backpropagates only through the anchors' predictions on the pivot chunk. The
@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 import torch
 
-from common.sampler import StreamingSampler
+from common.model.sampler import StreamingSampler
 from learner.loss import arcopo_step_loss, group_advantages, symmetric_anchors
+
+if TYPE_CHECKING:
+    from common.config import Config
 
 
 class PivotData(Protocol):
@@ -51,7 +54,7 @@ class UpdateSettings:
     anchor_micro_batch: int | None = None
 
     @classmethod
-    def from_config(cls, config) -> "UpdateSettings":
+    def from_config(cls, config: Config) -> "UpdateSettings":
         a = config.algorithm
         return cls(
             num_anchors=a.num_anchors, tau=a.tau, clip_eps=a.clip_eps, distance_reduction=a.distance_reduction,

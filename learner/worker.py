@@ -9,29 +9,22 @@ batch. Rank 0 publishes weights and writes checkpoints.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import socket
 import time
 from pathlib import Path
 
 import torch
 
-from common import adapters
-from common.records import RolloutGroup
+from common.dataflow.records import RolloutGroup
+from common.dataflow.weights import CollectiveGroup, ObjectStoreTransport, pack
+from common.model import adapters
+from common.net import free_port
+from common.seeds import derive_seed
 from learner.update import UpdateSettings, arcopo_update
-from learner.weights import CollectiveGroup, ObjectStoreTransport, pack
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def anchor_generator(seed: int, iteration: int, index: int) -> torch.Generator:
-    digest = hashlib.blake2b(f"{seed}/{iteration}/{index}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return torch.Generator().manual_seed(derive_seed(f"{seed}/{iteration}/{index}"))
 
 
 class Learner:
@@ -40,7 +33,7 @@ class Learner:
     def __init__(self, config_dict: dict, rank: int, world_size: int, replay: dict | None = None,
                  record_key: bytes | None = None):
         from common.config import Config
-        from common.policy import Policy
+        from common.model.policy import Policy
 
         self.config = Config.model_validate(config_dict)
         torch.set_num_threads(max(1, int(self.config.learner.num_cpus_per_worker)))
@@ -59,7 +52,7 @@ class Learner:
         self.version = 0
         self.replay = None
         if replay is not None:
-            from common.replay import ReplayBuffer
+            from common.dataflow.replay import ReplayBuffer
 
             self.replay = ReplayBuffer.from_config(self.config.replay, replay["url"], replay["name"], key=record_key)
         self.busy_seconds = 0.0
@@ -216,14 +209,14 @@ class Learner:
 
     def save_state(self, path: str) -> str:
         """Rank 0: adapters, optimiser states and the weight version, for resuming (atomic)."""
-        from common.loading import atomic_torch_save
+        from common.durable import torch_save_atomic
 
         state = {"version": self.version,
                  "adapters": {n: adapters.adapter_state_dict(self.policy.model, n) for n in adapters.ADAPTERS},
                  "optimizers": {a: opt.state_dict() for a, opt in self.optimizers.items()}}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(state, path)
+        torch_save_atomic(state, path)
         return str(path)
 
     def load_state(self, path: str) -> int:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import torch
+from typing import TYPE_CHECKING
 
 from common.errors import RewardError
+
+if TYPE_CHECKING:
+    from common.config import Config
 
 
 def weighted_total(components: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
@@ -64,7 +68,7 @@ class RewardCombiner:
         self.weights = dict(weights)
 
     @classmethod
-    def from_config(cls, config) -> "RewardCombiner":
+    def from_config(cls, config: Config) -> "RewardCombiner":
         weights: dict[str, float] = {}
         for term in config.rewards.terms:
             if term.name in weights:

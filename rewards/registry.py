@@ -1,4 +1,4 @@
-"""Builds the reward models of a config (`rewards.models`, see rewards/specs.py).
+"""Builds the reward models of a config (`rewards.models`; their specs are in common/config.py).
 
     from rewards.registry import build_models
     models = build_models(config)            # list of RewardModel
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from common.config import Config, RewardModelSpec, reward_model_spec, reward_model_specs
 from common.errors import RewardError
 from rewards.base import RewardModel
-from rewards.specs import RewardModelSpec, specs
 
 
 class ToyReward(RewardModel):
@@ -29,7 +29,7 @@ class ToyReward(RewardModel):
         self.components = [prefix + n for n in names]
 
     def score(self, frames: torch.Tensor, prompts: list[str], fps: float) -> dict[str, torch.Tensor]:
-        from common.toy_world import from_uint8
+        from common.video import from_uint8
         from rewards.toy import score
 
         try:
@@ -83,7 +83,7 @@ class ModelHost:
     """Ray actor body hosting one reward model."""
 
     def __init__(self, spec: dict, term_names: list[str]):
-        self.model = build_model(RewardModelSpec.model_validate(spec), term_names)
+        self.model = build_model(reward_model_spec(spec), term_names)
 
     def describe(self):
         return self.model.components, self.model.name
@@ -92,11 +92,11 @@ class ModelHost:
         return self.model(frames, prompts, fps)
 
 
-def build_models(config, remote: bool = True) -> list[RewardModel]:
+def build_models(config: Config, remote: bool = True) -> list[RewardModel]:
     """Every configured model (the toy rewards if none are). Models with a runtime_env run in their
     own actor when `remote` and Ray is up. Every term must name a component some model declares."""
     term_names = [t.name for t in config.rewards.terms]
-    all_specs = specs(config)
+    all_specs = reward_model_specs(config)
     if len(all_specs) > 1:  # the toy model then takes only the terms that are toy rewards
         from rewards.toy import TOY_REWARDS
 

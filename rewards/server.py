@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,19 +21,23 @@ from common.errors import RewardError
 from rewards.base import RewardModel
 from rewards.registry import ToyReward, build_models
 
+if TYPE_CHECKING:
+    from common.config import Config
+
 
 class ToyRewardModel(ToyReward):
     """The toy world's VQ/MQ/TA stand-ins and its held-out OOD score (rewards/toy.py), behind the
     one reward-model interface (rewards/base.py)."""
 
 
-def build_reward_models(config) -> list:
-    """The models of `rewards.models` (rewards/specs.py); none configured (a toy-world config only):
-    the toy rewards of the configured terms plus the out-of-domain score (never trained on)."""
+def build_reward_models(config: Config) -> list:
+    """The models of `rewards.models` (their specs: common/config.py); none configured (a toy-world
+    config only): the toy rewards of the configured terms plus the out-of-domain score (never trained
+    on)."""
     return build_models(config)
 
 
-def server_options(config) -> dict:
+def server_options(config: Config) -> dict:
     """Extra Ray actor options of a reward server, beyond num_cpus/num_gpus/placement: the server's
     `rewards.runtime_env` and custom `rewards.resources`. The driver adds them with
     `server_cls.options(..., **server_options(config))`."""

@@ -117,7 +117,7 @@ def _write_videoalign_2b(root: Path, base: Path, step: int, output_dim: int, see
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
-    from common.loading import parameters_on_meta
+    from common.model.loading import parameters_on_meta
     from rewards.videoalign import FALLBACK_CHAT_TEMPLATE, REWARD_TOKENS
 
     tok = _qwen2_sized_tokenizer()

@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from common.toy_world import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, ToyPrompt, object_alpha
+from common.toy.world import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, ToyPrompt, object_alpha
 
 # MQ: a mean squared centroid acceleration of JERK_SCALE px^2/frame^4 costs a factor e. 0.1, not 0.5,
 # so one velocity change at a chunk boundary (the toy world's data has them) is clearly rougher
@@ -151,7 +151,7 @@ def ood_score(videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Held out, never trained on: does the clip look like the world's real clips? The object keeps
     its natural size (a reward hacker may grow or smear it) and travels at the world's mean speed of
     one pixel per frame (neither frozen nor teleporting; real clips vary by chunk around it, see
-    `common.toy_world.chunk_velocities`). 1 = like a real render at exactly that speed."""
+    `common.toy.world.chunk_velocities`). 1 = like a real render at exactly that speed."""
     _check(videos, prompts)
     alpha, _ = _decompose(videos, prompts)
     area, cx, cy = _moments(alpha)

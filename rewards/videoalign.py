@@ -254,7 +254,7 @@ class VideoAlignReward(RewardModel):
             # (no memory, no initialisation) and given the file's tensors in the serving dtype below.
             # Built in float32 and cast afterwards, the 2B model would take 8.8 GB for a moment beside
             # the checkpoint's own copy. The vocabulary is the resized one (len(tokenizer)).
-            from common.loading import parameters_on_meta
+            from common.model.loading import parameters_on_meta
 
             state = translate_keys(_load_state(full, mmap=True))
             config = copy.deepcopy(config)

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from common.causal_wan import CausalWanTransformer3DModel
 from common.config import load_config
-from common.sampler import StreamingSampler
+from common.model.causal_wan import CausalWanTransformer3DModel
+from common.model.sampler import StreamingSampler
 
 TINY = "configs/tiny.yaml"
 

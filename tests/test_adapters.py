@@ -6,15 +6,15 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from common import adapters
-from common.causal_wan import CausalWanTransformer3DModel
+from common.model import adapters
+from common.model.causal_wan import CausalWanTransformer3DModel
 from tests.conftest import BF16_ULP, DTYPES, cast_copy, tiny_config
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 
 
 def _model_with_adapters(seed=0, dtype=torch.float32):
-    # As common/policy.py builds it: the base in `dtype` (load_policy casts), then the adapters.
+    # As common/model/policy.py builds it: the base in `dtype` (load_policy casts), then the adapters.
     torch.manual_seed(seed)
     cfg = tiny_config()
     model = CausalWanTransformer3DModel(**cfg.model.transformer.kwargs()).eval().cast(dtype)

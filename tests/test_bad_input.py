@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from cluster.prompts import MAX_PROMPT_CHARS, PromptError, read_prompt_file
 from common.config import Config, ConfigError, load_config
-from common.records import RecordError, RolloutGroup
+from common.dataflow.records import RecordError, RolloutGroup
 
 SECTIONS = list(Config.model_fields)
 KEYS = {name: list(Config.model_fields[name].annotation.model_fields) for name in SECTIONS}
@@ -26,7 +26,8 @@ VALUES = st.one_of(
 def override(draw) -> str:
     section = draw(st.sampled_from(SECTIONS + ["nonsense"]))
     key = draw(st.sampled_from(KEYS.get(section, []) + ["not_a_key"]))
-    path = f"{section}.{key}" if draw(st.booleans()) else draw(st.sampled_from([section, f"{section}.{key}.deeper", key]))
+    path = (f"{section}.{key}" if draw(st.booleans())
+            else draw(st.sampled_from([section, f"{section}.{key}.deeper", key])))
     return f"{path}={draw(VALUES)}"
 
 

@@ -6,7 +6,7 @@ tiny VideoAlign. Smaller videos, groups and prompt token counts than the bench's
 minute: the Wan VAE decodes a 64x64, 33-frame clip in ~14 s on one core, and the reduced UMT5 takes
 ~4 s a prompt at 512 tokens.
 
-Marked `slow`: `pytest -m "not slow"` leaves it out of a fast loop.
+Marked `slow` and `cluster`: `make test-fast` (`pytest -m "not cluster and not slow"`) leaves it out.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 
 from bench.real_size import main
 
-pytestmark = pytest.mark.slow
+# The whole job on local Ray with an embedded redis-server, about a minute: both markers.
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 def test_real_width_job_trains_both_adapters_in_bf16(tmp_path, capsys):

@@ -1,35 +1,99 @@
-"""The toy alignment bench runs end to end (tiny budget) and prints the object the issue names.
-Whether alignment happens is the bench's own job at full budget; no timing or gain is asserted here."""
+"""The toy alignment bench runs end to end (tiny budget), and what it reports is what it claims to
+measure: the forks' spread, the merge sweep and its dual-improvement choice, the seed statistics. At
+that budget one update moves the eval reward by ~1e-3 either way, so the gain is asserted by a
+`slow` run of 10 on-policy updates; beyond seed noise is the bench's own job at full budget (docs/results.md)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import statistics
+
+import pytest
 
 from bench.toy_alignment import main
+from learner.merge import Scores, dual_improvement, pick_merge_scale
+
+SMOKE = ["--json", "--seeds", "0", "1", "--iterations", "1", "--buffer-size", "2", "--eval-prompts", "2",
+         "--eval-seeds", "1", "--diversity-groups", "1", "rollout.prompts_per_iteration=1", "algorithm.group_size=4",
+         "algorithm.num_anchors=2", "run.merge_scales=[0.0, 0.5, 1.0]", "run.merge_scale=0.5"]
 
 
-def test_toy_alignment_bench_smoke(capsys):
-    args = ["--json", "--seeds", "0", "1", "--iterations", "1", "--buffer-size", "2", "--eval-prompts", "2", "--eval-seeds", "1",
-            "--diversity-groups", "1",
-            "rollout.prompts_per_iteration=1",
-            "algorithm.group_size=4", "algorithm.num_anchors=2", "run.merge_scales=[0.0, 1.0]"]
-    assert main(args) == 0
-    result = json.loads(capsys.readouterr().out)
+@pytest.fixture(scope="module")
+def smoke() -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(SMOKE) == 0
+    return json.loads(out.getvalue())
+
+
+def test_toy_alignment_bench_reports_every_variant(smoke):
+    result = dict(smoke)
     assert list(result) == ["fork_diversity", "on_policy", "semi", "semi_no_clip", "merged", "on_policy_seeds"]
-    seeds = result.pop("on_policy_seeds")
-    assert seeds["seeds"] == [0, 1] and len(seeds["reward_gain"]) == 2
-    assert seeds["reward_gain"][0] == result["on_policy"]["reward_after"] - result["on_policy"]["reward_before"]
-    assert seeds["beyond_seed_noise"] == (min(seeds["reward_gain"]) > 0
-                                          and seeds["mean_gain"] > 2 * seeds["std_gain"] / 2 ** 0.5)
-    diversity = result.pop("fork_diversity")
-    assert diversity["groups"] == 1 and diversity["init_noise_spread"] > 0.3  # sigma 0.5 neighbours
-    for key in ("pivot_chunk_spread", "reward_std", "reward_std_median"):
-        assert diversity[key] >= 0
-    assert list(diversity["per_pivot"]) == ["0"] and diversity["per_pivot"]["0"]["groups"] == 1
-    for variant in result.values():
+    for name in ("on_policy", "semi", "semi_no_clip", "merged"):
+        variant = result[name]
         for key in ("reward_before", "reward_after", "ood_before", "ood_after", "iterations", "seconds"):
             assert key in variant
-    assert result["on_policy"]["iterations"] == 1
-    assert set(result["merged"]["sweep"]) == {"0.0", "1.0"}
+    assert result["on_policy"]["iterations"] == 1 and result["merged"]["iterations"] == 0
     # Everything starts from the same base policy and evaluation set.
-    assert len({v["reward_before"] for v in result.values()}) == 1
+    assert len({result[n]["reward_before"] for n in ("on_policy", "semi", "semi_no_clip", "merged")}) == 1
+
+
+def test_fork_diversity_measures_the_forks(smoke):
+    diversity = smoke["fork_diversity"]
+    assert diversity["groups"] == 1 and list(diversity["per_pivot"]) == ["0"]
+    # Branch initial noises e_i = sqrt(1 - sigma^2) e* + sigma d_i differ by sigma d_i: their std over
+    # 4 branches is sigma = 0.5 times c4 ~ 0.92 (measured 0.461). A fork that ignored sigma, or
+    # squared it, or shared one noise, lands far from it.
+    assert abs(diversity["init_noise_spread"] - 0.5 * 0.92) < 0.06, diversity
+    # The committed generator's pivot-0 forks end visibly apart (docs/results.md: ~0.05 per pixel, reward std
+    # ~0.05; measured here 0.053 and 0.042). Measuring a shared chunk, or the same branch twice, gives 0.
+    assert diversity["pivot_chunk_spread"] > 0.02 and diversity["reward_std"] > 0.01, diversity
+    # One group: the pivot-0 row, the mean and the median are that group's figures.
+    row = diversity["per_pivot"]["0"]
+    assert row == {"groups": 1, "pivot_chunk_spread": diversity["pivot_chunk_spread"],
+                   "reward_std": diversity["reward_std"]}
+    assert diversity["reward_std_median"] == diversity["reward_std"]
+
+
+def test_the_merge_sweep_and_its_choice(smoke):
+    merged, semi = smoke["merged"], smoke["semi"]
+    sweep = {float(s): Scores(*v) for s, v in merged["sweep"].items()}
+    assert sorted(sweep) == [0.0, 0.5, 1.0]
+    # s = 0 is W_base + dW_semi: the semi adapter alone, evaluated on the same set and noise.
+    assert sweep[0.0].in_domain == pytest.approx(semi["reward_after"], abs=1e-6)
+    assert sweep[0.0].out_of_domain == pytest.approx(semi["ood_after"], abs=1e-6)
+    # The choice is the dual-improvement rule over the reported sweep (else the configured 0.5), and
+    # the merged model reported is the sweep's point at that scale.
+    base = Scores(merged["reward_before"], merged["ood_before"])
+    chosen = pick_merge_scale(base, sweep)
+    assert merged["dual_improvement_passed"] == (chosen is not None)
+    assert merged["dual_improvement_passed"] == any(dual_improvement(base, v) for v in sweep.values())
+    assert merged["merge_scale"] == (chosen if chosen is not None else 0.5)
+    point = sweep[merged["merge_scale"]]
+    assert merged["reward_after"] == pytest.approx(point.in_domain, abs=1e-6)
+    assert merged["ood_after"] == pytest.approx(point.out_of_domain, abs=1e-6)
+
+
+def test_the_seed_statistics(smoke):
+    seeds = smoke["on_policy_seeds"]
+    gains = seeds["reward_gain"]
+    assert seeds["seeds"] == [0, 1] and len(gains) == 2
+    assert gains[0] == smoke["on_policy"]["reward_after"] - smoke["on_policy"]["reward_before"]
+    assert seeds["mean_gain"] == pytest.approx(statistics.mean(gains))
+    assert seeds["min_gain"] == min(gains) and seeds["std_gain"] == pytest.approx(statistics.stdev(gains))
+    # "Beyond seed noise": every seed gains and the mean is over two standard errors.
+    assert seeds["beyond_seed_noise"] == (min(gains) > 0 and seeds["mean_gain"] > 2 * seeds["std_gain"] / 2**0.5)
+
+
+@pytest.mark.slow
+def test_on_policy_training_raises_the_eval_reward(capsys):
+    # 10 on-policy updates of 16 groups from the committed generator (~1 min on 2 idle cores; the
+    # bench's full budget is 30): the eval reward (16 prompts x 2 seeds) rises from 0.997 to 1.030
+    # (measured), and so does the reward of the groups trained on (0.971 -> 1.041). The bench is
+    # seeded; the margin covers thread-count rounding, not a second seed.
+    assert main(["--json", "--variants", "on_policy", "--iterations", "10", "--diversity-groups", "0"]) == 0
+    run = json.loads(capsys.readouterr().out)["on_policy"]
+    assert run["reward_after"] - run["reward_before"] > 0.01, run
+    assert run["group_reward_last"] > run["group_reward_first"], run

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from common.causal_wan import CausalWanTransformer3DModel, KVCache, block_causal_mask
+from common.model.causal_wan import KVCache, block_causal_mask
 from tests.conftest import BF16_ULP, DTYPES, cast_copy, make_sampler, tiny_config
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from common.causal_wan import CausalWanTransformer3DModel
 from common.config import Config, ConfigError, load_config, main, missing_paths, preflight
+from common.model.causal_wan import CausalWanTransformer3DModel
 
 
 def test_shipped_configs_load():
@@ -130,16 +130,16 @@ def test_the_defaults_are_refused_for_a_job():
 
 def test_scoring_and_prompts_of_a_model_only_config_are_not_the_toy_world():
     from cluster.prompts import PromptError, load_prompts
+    from common.config import reward_model_specs
     from common.errors import RewardError
-    from rewards.specs import specs
 
     tiny = load_config("configs/tiny.yaml")
     with pytest.raises(RewardError, match="rewards.models: empty"):
-        specs(tiny)
+        reward_model_specs(tiny)
     with pytest.raises(PromptError, match="rollout.prompts"):
         load_prompts(load_config("configs/tiny.yaml", ["model.text_encoder_kind=toy"]))
     toy = load_config(TOY)
-    assert [s.kind for s in specs(toy)] == ["toy"] and load_prompts(toy)[1]
+    assert [s.kind for s in reward_model_specs(toy)] == ["toy"] and load_prompts(toy)[1]
 
 
 def test_preflight_names_every_missing_path(tmp_path):
@@ -186,8 +186,8 @@ def test_train_cli_refuses_missing_files_before_ray_starts():
     import time
 
     # Ray not even imported: the refusal comes before anything starts.
-    code = ("import sys; from cluster.train import main; rc = main(['--config', %r]); "
-            "print('ray imported' if 'ray' in sys.modules else 'no ray'); sys.exit(rc)" % REAL)
+    code = (f"import sys; from cluster.train import main; rc = main(['--config', {REAL!r}]); "
+            "print('ray imported' if 'ray' in sys.modules else 'no ray'); sys.exit(rc)")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     took = time.perf_counter() - start

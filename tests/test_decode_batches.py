@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 
 from common.config import load_config
-from common.loading import decode_latents, load_vae
-from common.policy import Policy, pixels_as_video
-from common.toy_world import split_prompts, to_uint8
+from common.model.loading import decode_latents, load_vae
+from common.model.policy import Policy, pixels_as_video
+from common.toy.world import split_prompts
+from common.video import to_uint8
 from tests.conftest import tiny_config
 
 PROMPTS = [p.text for p in split_prompts(seed=0)[0][:5]]

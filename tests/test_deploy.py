@@ -1,9 +1,10 @@
 """The deployment files in deploy/: KubeRay manifests, the cluster-launcher YAML, the Ray runtime env,
 the Dockerfile, and the Redis sizing formula of docs/redis.md against a real redis-server.
 
-No cluster, no Docker and no Kubernetes are needed: the KubeRay manifests go through a structural
-validator written from KubeRay's v1 CRD and its admission rules (ray-operator/controllers/ray/utils/
-validation.go), the launcher YAML through Ray's own JSON schema and `validate_config`, the runtime env
+No cluster, no Docker and no Kubernetes are needed: the KubeRay manifests go through deploy/validate.py
+(`python -m deploy.validate FILE...`, a structural validator written from KubeRay's v1 CRD and its
+admission rules, ray-operator/controllers/ray/utils/validation.go, plus the entrypoint and capacity
+checks), the launcher YAML through Ray's own JSON schema and `validate_config`, the runtime env
 through `ray.runtime_env.RuntimeEnv`, and every entrypoint through the project's own config loader.
 Each validator is shown to reject broken input (the `test_*_rejects_*` tests).
 """
@@ -14,7 +15,6 @@ import copy
 import importlib.util
 import json
 import re
-import shlex
 import sys
 import time
 import tomllib
@@ -24,6 +24,22 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deploy.validate import (
+    IMAGE_ROOT,
+    ROLE_LABEL,
+    ROLE_RESOURCE,
+    ManifestError,
+    check_capacity,
+    group_capacity,
+    load_entrypoint_config,
+    main,
+    parse_entrypoint,
+    role_demand,
+    validate_file,
+    validate_raycluster,
+    validate_rayjob,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 RAYCLUSTER = DEPLOY / "kuberay" / "raycluster.yaml"
@@ -31,10 +47,7 @@ RAYJOB = DEPLOY / "kuberay" / "rayjob.yaml"
 LAUNCHER = DEPLOY / "cluster-launcher" / "aws.yaml"
 RUNTIME_ENV = DEPLOY / "runtime_env.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
-IMAGE_ROOT = "/app"  # where deploy/Dockerfile puts this repository
 TORCH_PIN = "torch==2.13.0"
-ROLE_LABEL = "arcopo.io/role"
-ROLE_RESOURCE = {"rollout": "rollout_gpu", "reward": "reward_gpu", "learner": "learner_gpu"}
 
 
 def load(path: Path):
@@ -47,333 +60,6 @@ def sizing():
     sys.modules["redis_sizing"] = module
     spec.loader.exec_module(module)
     return module
-
-
-# == a structural validator for KubeRay v1 RayCluster / RayJob ======================================
-
-# Field names of ray.io/v1 (KubeRay 1.5+ CRDs); an unknown key is a typo that the API server would
-# drop (or refuse under strict field validation), so it is an error here.
-CLUSTER_SPEC_KEYS = {"authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
-                     "headGroupSpec", "headServiceAnnotations", "historyServerOptions", "managedBy",
-                     "networkPolicy", "rayVersion", "suspend", "tlsOptions", "upgradeStrategy", "workerGroupSpecs"}
-HEAD_KEYS = {"enableIngress", "headService", "ingressOptions", "labels", "rayStartParams", "resources",
-             "serviceType", "template"}
-WORKER_KEYS = {"groupName", "idleTimeoutSeconds", "labels", "maxReplicas", "minReplicas", "numOfHosts",
-               "priority", "rayStartParams", "replicas", "resources", "scaleStrategy", "suspend", "template"}
-JOB_SPEC_KEYS = {"activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy", "entrypoint",
-                 "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId", "managedBy", "metadata",
-                 "preRunningDeadlineSeconds", "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes",
-                 "submissionMode", "submitterConfig", "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished"}
-SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
-MAX_CLUSTER_NAME, MAX_JOB_NAME = 53, 47  # KubeRay's MaxRayClusterNameLength, MaxRayJobNameLength
-DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-K8S_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
-RAY_START_RESOURCE_PARAMS = ("num-cpus", "num-gpus", "memory", "resources")
-
-
-class ManifestError(ValueError):
-    pass
-
-
-def _quantity(value, where: str) -> float:
-    """A Kubernetes quantity (int or string such as "64", "480Gi", "500m") as a number of units."""
-    text = str(value)
-    if isinstance(value, bool) or not QUANTITY.match(text):
-        raise ManifestError(f"{where}: {value!r} is not a Kubernetes quantity")
-    number, suffix = re.match(r"^([0-9.]+)(.*)$", text).groups()
-    scale = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-             "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50, "Ei": 2 ** 60}[suffix]
-    return float(number) * scale
-
-
-def _labels(labels, where: str, errors: list[str]) -> None:
-    from ray._private.label_utils import validate_label_key, validate_label_value
-
-    if not isinstance(labels, dict):
-        errors.append(f"{where}: must be a map of strings")
-        return
-    for key, value in labels.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            errors.append(f"{where}.{key}: keys and values must be strings")
-            continue
-        if key.startswith("ray.io/"):
-            errors.append(f"{where}.{key}: the ray.io/ prefix is reserved for Ray's own labels")
-        if (why := validate_label_key(key)) is not None:
-            errors.append(f"{where}.{key}: {why}")
-        try:
-            validate_label_value(value)
-        except ValueError as exc:
-            errors.append(f"{where}.{key}: {exc}")
-
-
-def _group(group: dict, where: str, errors: list[str], keys: set[str], *, autoscaling: bool, v2: bool) -> None:
-    if not isinstance(group, dict):
-        errors.append(f"{where}: must be a map")
-        return
-    for key in sorted(set(group) - keys):
-        errors.append(f"{where}.{key}: unknown field")
-    params = group.get("rayStartParams", {})
-    if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
-        errors.append(f"{where}.rayStartParams: must be a map of strings (quote numbers: \"1\")")
-        params = {}
-    if "labels" in params:
-        errors.append(f"{where}.rayStartParams.labels: not supported, use the group's labels field")
-    resources = group.get("resources", {})
-    if resources:
-        if not isinstance(resources, dict) or not all(isinstance(v, str) for v in resources.values()):
-            errors.append(f"{where}.resources: must be a map of strings")
-        else:
-            for name, value in resources.items():
-                try:
-                    _quantity(value, f"{where}.resources.{name}")
-                except ManifestError as exc:
-                    errors.append(str(exc))
-        if any(params.get(k) for k in RAY_START_RESOURCE_PARAMS):
-            errors.append(f"{where}: resources set both in rayStartParams and in the resources field")
-    if "labels" in group:
-        _labels(group["labels"], f"{where}.labels", errors)
-
-    template = group.get("template")
-    pod = template.get("spec") if isinstance(template, dict) else None
-    if not isinstance(pod, dict):
-        errors.append(f"{where}.template.spec: required")
-        return
-    containers = pod.get("containers")
-    if not isinstance(containers, list) or not containers:
-        errors.append(f"{where}.template.spec.containers: at least one container is required")
-        return
-    names = set()
-    for i, c in enumerate(containers):
-        cw = f"{where}.template.spec.containers[{i}]"
-        if not isinstance(c, dict):
-            errors.append(f"{cw}: must be a map")
-            continue
-        if not isinstance(c.get("name"), str) or not DNS1123.match(c["name"]):
-            errors.append(f"{cw}.name: required, a DNS-1123 label")
-        elif c["name"] in names:
-            errors.append(f"{cw}.name: duplicate container name {c['name']!r}")
-        names.add(c.get("name"))
-        if not isinstance(c.get("image"), str) or not c["image"].strip():
-            errors.append(f"{cw}.image: required")
-    ray = containers[0]  # KubeRay's RayContainerIndex
-    limits = (ray.get("resources") or {}).get("limits") or {}
-    requests = (ray.get("resources") or {}).get("requests") or {}
-    for key in ("cpu", "memory"):
-        if key not in limits:
-            errors.append(f"{where}: the Ray container needs resources.limits.{key} (Ray sizes itself from it)")
-    for key, value in {**limits, **{f"requests.{k}": v for k, v in requests.items()}}.items():
-        try:
-            _quantity(value, f"{where}: resources {key}")
-        except ManifestError as exc:
-            errors.append(str(exc))
-    for key in limits:
-        if "/" in key and key in requests and str(requests[key]) != str(limits[key]):
-            errors.append(f"{where}: extended resource {key} must have requests == limits")
-    if "nvidia.com/gpu" in limits:
-        gpus = str(limits["nvidia.com/gpu"])
-        if not gpus.isdigit():
-            errors.append(f"{where}: nvidia.com/gpu must be a whole number, got {gpus!r}")
-    if v2 and pod.get("restartPolicy") not in (None, "", "Never"):
-        errors.append(f"{where}: restartPolicy must be Never or unset with autoscaler v2")
-
-
-def validate_cluster_spec(spec, where: str = "spec") -> list[str]:
-    """Every problem KubeRay (CRD schema + admission rules) or Ray would have with this RayClusterSpec."""
-    errors: list[str] = []
-    if not isinstance(spec, dict):
-        return [f"{where}: must be a map"]
-    for key in sorted(set(spec) - CLUSTER_SPEC_KEYS):
-        errors.append(f"{where}.{key}: unknown field")
-    version = spec.get("rayVersion")
-    if not isinstance(version, str) or not re.match(r"^\d+\.\d+\.\d+$", version):
-        errors.append(f"{where}.rayVersion: required here, e.g. \"2.60.0\"")
-        version = None
-    auth = spec.get("authOptions")
-    if auth is not None:
-        mode = auth.get("mode") if isinstance(auth, dict) else None
-        if mode not in ("disabled", "token"):
-            errors.append(f"{where}.authOptions.mode: must be 'disabled' or 'token'")
-        if mode == "token" and version and tuple(map(int, version.split("."))) < (2, 52, 0):
-            errors.append(f"{where}.authOptions.mode=token needs rayVersion >= 2.52.0")
-    autoscaling = bool(spec.get("enableInTreeAutoscaling"))
-    v2 = autoscaling and (spec.get("autoscalerOptions") or {}).get("version") == "v2"
-    if not isinstance(spec.get("headGroupSpec"), dict):
-        errors.append(f"{where}.headGroupSpec: required")
-    else:
-        _group(spec["headGroupSpec"], f"{where}.headGroupSpec", errors, HEAD_KEYS, autoscaling=autoscaling, v2=v2)
-    groups = spec.get("workerGroupSpecs", [])
-    if not isinstance(groups, list):
-        return errors + [f"{where}.workerGroupSpecs: must be a list"]
-    seen = set()
-    for i, g in enumerate(groups):
-        gw = f"{where}.workerGroupSpecs[{i}]"
-        if not isinstance(g, dict):
-            errors.append(f"{gw}: must be a map")
-            continue
-        name = g.get("groupName")
-        if not isinstance(name, str) or not DNS1123.match(name):
-            errors.append(f"{gw}.groupName: required, a DNS-1123 label")
-        elif name in seen:
-            errors.append(f"{gw}.groupName: duplicate {name!r}")
-        seen.add(name)
-        counts = {}
-        for key in ("replicas", "minReplicas", "maxReplicas", "numOfHosts"):
-            value = g.get(key)
-            if value is not None and (type(value) is not int or value < 0):
-                errors.append(f"{gw}.{key}: must be a non-negative integer, got {value!r}")
-            elif value is not None:
-                counts[key] = value
-        for key in ("minReplicas", "maxReplicas"):  # required by the v1 CRD
-            if key not in g:
-                errors.append(f"{gw}.{key}: required")
-        lo, hi = counts.get("minReplicas"), counts.get("maxReplicas")
-        if lo is not None and hi is not None and lo > hi:
-            errors.append(f"{gw}: minReplicas {lo} > maxReplicas {hi}")
-        n = counts.get("replicas")
-        if n is not None and lo is not None and hi is not None and not lo <= n <= hi:
-            errors.append(f"{gw}: replicas {n} outside [minReplicas {lo}, maxReplicas {hi}]")
-        if g.get("numOfHosts", 1) == 0:
-            errors.append(f"{gw}.numOfHosts: must be >= 1")
-        if autoscaling and g.get("suspend"):
-            errors.append(f"{gw}: cannot be suspended with the autoscaler enabled")
-        _group(g, gw, errors, WORKER_KEYS, autoscaling=autoscaling, v2=v2)
-    return errors
-
-
-def _metadata(doc: dict, kind: str, max_len: int) -> list[str]:
-    name = (doc.get("metadata") or {}).get("name")
-    if not isinstance(name, str) or not name:
-        return ["metadata.name: required"]
-    errors = []
-    if len(name) > max_len:
-        errors.append(f"metadata.name: a {kind} name has at most {max_len} characters")
-    if not DNS1035.match(name):
-        errors.append(f"metadata.name: {name!r} is not a DNS-1035 label")
-    return errors
-
-
-def validate_raycluster(doc) -> list[str]:
-    if not isinstance(doc, dict):
-        return ["the document must be a map"]
-    errors = []
-    if doc.get("apiVersion") != "ray.io/v1":
-        errors.append(f"apiVersion: must be ray.io/v1, got {doc.get('apiVersion')!r}")
-    if doc.get("kind") != "RayCluster":
-        errors.append(f"kind: must be RayCluster, got {doc.get('kind')!r}")
-    return errors + _metadata(doc, "RayCluster", MAX_CLUSTER_NAME) + validate_cluster_spec(doc.get("spec"))
-
-
-def validate_rayjob(doc) -> list[str]:
-    if not isinstance(doc, dict):
-        return ["the document must be a map"]
-    errors = []
-    if doc.get("apiVersion") != "ray.io/v1":
-        errors.append(f"apiVersion: must be ray.io/v1, got {doc.get('apiVersion')!r}")
-    if doc.get("kind") != "RayJob":
-        errors.append(f"kind: must be RayJob, got {doc.get('kind')!r}")
-    errors += _metadata(doc, "RayJob", MAX_JOB_NAME)
-    spec = doc.get("spec")
-    if not isinstance(spec, dict):
-        return errors + ["spec: required"]
-    for key in sorted(set(spec) - JOB_SPEC_KEYS):
-        errors.append(f"spec.{key}: unknown field")
-    if not isinstance(spec.get("entrypoint"), str) or not spec["entrypoint"].strip():
-        errors.append("spec.entrypoint: required")
-    if spec.get("submissionMode", "K8sJobMode") not in SUBMISSION_MODES:
-        errors.append(f"spec.submissionMode: one of {sorted(SUBMISSION_MODES)}")
-    for key in ("ttlSecondsAfterFinished", "backoffLimit"):
-        if key in spec and (type(spec[key]) is not int or spec[key] < 0):
-            errors.append(f"spec.{key}: must be a non-negative integer")
-    if spec.get("suspend") and not spec.get("shutdownAfterJobFinishes"):
-        errors.append("spec.suspend needs shutdownAfterJobFinishes")
-    if "runtimeEnvYAML" in spec:
-        try:
-            env = yaml.safe_load(spec["runtimeEnvYAML"])
-            if not isinstance(env, dict):
-                errors.append("spec.runtimeEnvYAML: must be a YAML map")
-        except yaml.YAMLError as exc:
-            errors.append(f"spec.runtimeEnvYAML: not YAML ({exc})")
-    if "rayClusterSpec" in spec:
-        errors += validate_cluster_spec(spec["rayClusterSpec"], "spec.rayClusterSpec")
-    elif not spec.get("clusterSelector"):
-        errors.append("spec: one of rayClusterSpec or clusterSelector is required")
-    return errors
-
-
-# == entrypoints and capacity ========================================================================
-
-
-def parse_entrypoint(entrypoint: str, env: dict[str, str] | None = None) -> tuple[Path, list[str]]:
-    """(config path in this repository, overrides) of a `python -m cluster.train ...` entrypoint."""
-    env = {"ARCOPO_REDIS_PASSWORD": "0123456789abcdef", **(env or {})}
-    words = shlex.split(entrypoint)
-    words = [re.sub(r"\$\{?([A-Z_][A-Z0-9_]*)\}?", lambda m: env.get(m.group(1), m.group(0)), w) for w in words]
-    if words[:3] != ["python", "-m", "cluster.train"]:
-        raise ManifestError(f"the entrypoint must start with `python -m cluster.train`, got {words[:3]}")
-    rest = words[3:]
-    if "--config" not in rest or rest.index("--config") + 1 >= len(rest):
-        raise ManifestError("the entrypoint has no --config")
-    at = rest.index("--config")
-    config = rest[at + 1]
-    overrides = [w for i, w in enumerate(rest) if i not in (at, at + 1) and not w.startswith("--")]
-    path = ROOT / config.removeprefix(IMAGE_ROOT + "/")
-    if not (path.is_file() and path.parent == ROOT / "configs"):
-        raise ManifestError(f"the entrypoint's config {config!r} is not a file in configs/")
-    return path, overrides
-
-
-def load_entrypoint_config(entrypoint: str):
-    from common.config import load_config
-
-    path, overrides = parse_entrypoint(entrypoint)
-    return load_config(path, overrides)  # raises ConfigError naming the bad key
-
-
-def group_capacity(spec: dict) -> dict[str, dict[str, float]]:
-    """Per worker group (by its arcopo.io/role label): CPU, GPU and custom resources at `replicas` pods."""
-    out = {}
-    for g in spec["workerGroupSpecs"]:
-        role = (g.get("labels") or {}).get(ROLE_LABEL, g["groupName"])
-        limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
-        pods = g.get("replicas", g["minReplicas"]) * g.get("numOfHosts", 1)
-        res = {"CPU": _quantity(limits["cpu"], "cpu"), "GPU": float(limits.get("nvidia.com/gpu", 0))}
-        res.update({k: _quantity(v, k) for k, v in (g.get("resources") or {}).items()})
-        out[role] = {k: v * pods for k, v in res.items()}
-    return out
-
-
-def role_demand(config) -> dict[str, dict[str, float]]:
-    r, w, l = config.rollout, config.rewards, config.learner
-    return {"rollout": {"CPU": r.num_workers * r.num_cpus_per_worker, "GPU": r.num_workers * r.num_gpus_per_worker},
-            "reward": {"CPU": w.num_servers * w.num_cpus_per_server, "GPU": w.num_servers * w.num_gpus_per_server},
-            "learner": {"CPU": l.num_workers * l.num_cpus_per_worker, "GPU": l.num_workers * l.num_gpus_per_worker}}
-
-
-def check_capacity(capacity: dict, config) -> list[str]:
-    """Each role fits its own group, the custom resource counts that group's GPUs one for one, and the
-    whole cluster passes the job's own pre-flight check (cluster.placement.check_resources)."""
-    from cluster.placement import PlacementError, check_resources
-
-    errors = []
-    for role, need in role_demand(config).items():
-        have = capacity.get(role)
-        if have is None:
-            errors.append(f"no worker group labelled {ROLE_LABEL}={role}")
-            continue
-        for resource in ("CPU", "GPU"):
-            if need[resource] > have[resource] + 1e-9:
-                errors.append(f"{role}: the job asks for {need[resource]:g} {resource}, its group has {have[resource]:g}")
-        if need["GPU"] and have.get(ROLE_RESOURCE[role]) != have["GPU"]:
-            errors.append(f"{role}: custom resource {ROLE_RESOURCE[role]} ({have.get(ROLE_RESOURCE[role])}) must equal "
-                          f"the group's GPUs ({have['GPU']:g})")
-    total = {k: sum(c.get(k, 0) for c in capacity.values()) for k in ("CPU", "GPU")}
-    try:
-        check_resources(config, total)
-    except PlacementError as exc:
-        errors.append(str(exc))
-    return errors
 
 
 # == KubeRay: the real manifests ======================================================================
@@ -514,6 +200,74 @@ def test_validator_rejects_broken_rayjob(name):
     mutate, expected = BROKEN_JOBS[name]
     errors = validate_rayjob(mutate(copy.deepcopy(load(RAYJOB))))
     assert any(expected in e for e in errors), errors
+
+
+# == KubeRay: `python -m deploy.validate`, what a user runs on edited manifests ========================
+
+
+def _append_to_entrypoint(words: str):
+    def apply(doc):
+        doc["spec"]["entrypoint"] += " " + words
+        return doc
+    return apply
+
+
+def test_command_line_passes_the_shipped_manifests(capsys):
+    assert main([str(RAYCLUSTER), str(RAYJOB)]) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and out.out.splitlines() == [f"{RAYCLUSTER}: ok", f"{RAYJOB}: ok"]
+
+
+@pytest.mark.parametrize("source, mutate, message", [
+    (RAYCLUSTER, BROKEN_CLUSTERS["min > max"][0], "spec.workerGroupSpecs[0]: minReplicas 9 > maxReplicas 4"),
+    (RAYCLUSTER, BROKEN_CLUSTERS["typo in group"][0], "spec.workerGroupSpecs[0].maxReplica: unknown field"),
+    (RAYJOB, BROKEN_JOBS["broken nested cluster"][0], "spec.rayClusterSpec.workerGroupSpecs[0]: minReplicas 7 >"),
+    # A structurally valid RayJob whose entrypoint's config is wrong, or does not fit its groups.
+    (RAYJOB, _append_to_entrypoint("sampler.num_chunk=4"), "spec.entrypoint: sampler.num_chunk: unknown key"),
+    (RAYJOB, _append_to_entrypoint("rollout.num_workers=17"), "spec.rayClusterSpec: rollout: the job asks for 17 GPU"),
+    (RAYJOB, _mutate("spec.entrypoint", "python -m cluster.train --config configs/nope.yaml"),
+     "spec.entrypoint: the entrypoint's config 'configs/nope.yaml' is not a file in configs/"),
+])
+def test_command_line_names_the_file_and_field_and_exits_1(tmp_path, capsys, source, mutate, message):
+    good, edited = tmp_path / "good.yaml", tmp_path / "edited.yaml"
+    good.write_text(source.read_text())
+    edited.write_text(yaml.safe_dump(mutate(load(source))))
+    assert main([str(good), str(edited)]) == 1
+    out = capsys.readouterr()
+    assert f"{edited}: {message}" in out.err, out.err
+    assert str(good) not in out.err and out.out == f"{good}: ok\n"
+    assert out.err.splitlines()[-1] == "1 of 2 file(s) invalid"
+
+
+def test_command_line_numbers_documents_and_refuses_what_it_cannot_check(tmp_path):
+    both = tmp_path / "both.yaml"  # kubectl's multi-document form: the second document is broken
+    broken = BROKEN_CLUSTERS["no image"][0](load(RAYCLUSTER))
+    both.write_text(yaml.safe_dump(load(RAYJOB)) + "---\n" + yaml.safe_dump(broken))
+    errors = validate_file(both)
+    assert errors and all(e.startswith(f"{both}#2: spec.workerGroupSpecs[0].template.spec.containers[0].image")
+                          for e in errors), errors
+    service = tmp_path / "service.yaml"
+    service.write_text(yaml.safe_dump({**load(RAYCLUSTER), "kind": "RayService"}))
+    assert validate_file(service) == [f"{service}: kind: 'RayService' is not checked here (RayCluster or RayJob)"]
+    garbled = tmp_path / "garbled.yaml"
+    garbled.write_text("spec: [unclosed\n")
+    assert validate_file(garbled)[0].startswith(f"{garbled}: not YAML")
+    assert validate_file(tmp_path / "missing.yaml")[0].startswith(f"{tmp_path / 'missing.yaml'}: cannot read")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    assert validate_file(empty) == [f"{empty}: no document"]
+
+
+def test_python_dash_m_deploy_validate_runs_from_the_checkout(tmp_path):
+    import subprocess
+
+    edited = tmp_path / "raycluster.yaml"
+    edited.write_text(yaml.safe_dump(BROKEN_CLUSTERS["bad quantity"][0](load(RAYCLUSTER))))
+    proc = subprocess.run([sys.executable, "-m", "deploy.validate", str(RAYJOB), str(edited)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert f"{edited}: spec.workerGroupSpecs[2]: resources memory: 'lots' is not a Kubernetes quantity" in proc.stderr
+    assert proc.stdout == f"{RAYJOB}: ok\n"
 
 
 @pytest.mark.parametrize("entrypoint, expected", [
@@ -669,7 +423,7 @@ def check_dockerfile(text: str) -> list[str]:
     pin = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
     if args.get("TORCH_VERSION") != pin:
         errors.append(f"ARG TORCH_VERSION must default to constraints.txt's torch pin {pin}")
-    base = next((l for l in lines if l.startswith("FROM ")), "")
+    base = next((line for line in lines if line.startswith("FROM ")), "")
     base = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), base)
     if not re.match(r"^FROM python:3\.11[-.]", base):
         errors.append(f"the base image must be python:3.11, got {base!r}")
@@ -687,7 +441,7 @@ def check_dockerfile(text: str) -> list[str]:
                     errors.append("constraints.txt is installed from before it is copied in")
     if installs == 0:
         errors.append("no pip install at all")
-    if not any("torch.__version__" in l and "assert" in l for l in lines):
+    if not any("torch.__version__" in line and "assert" in line for line in lines):
         errors.append("no build-time check that the installed torch is the pinned one")
     return errors
 
@@ -718,7 +472,7 @@ def test_dockerfile_check_rejects(edit, expected):
 def _rollout_group(seed: int, G: int, T: int, C: int, f: int, H: int, W: int, pivot: int, prompt: str):
     import torch
 
-    from common.records import RolloutGroup
+    from common.dataflow.records import RolloutGroup
 
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
@@ -745,7 +499,7 @@ def test_record_bytes_formula_matches_the_codec(dims, pivot):
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
-    from common.redis_server import EmbeddedRedis
+    from common.dataflow.redis_server import EmbeddedRedis
 
     with EmbeddedRedis(tmp_path_factory.mktemp("redis-sizing")) as server:
         client = server.client()
@@ -757,7 +511,7 @@ def redis_server(tmp_path_factory):
 
 
 def _measure(server, client, groups, max_value_bytes: int) -> float:
-    from common.replay import ReplayBuffer
+    from common.dataflow.replay import ReplayBuffer
 
     def used() -> int:
         while client.info("persistence")["aof_rewrite_in_progress"]:
@@ -783,6 +537,7 @@ SIZING_CASES = [  # G, T, C, f, H, W, pivot, max_value_bytes, items
 ]
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("dims, pivot, max_value_bytes, items", SIZING_CASES)
 def test_redis_memory_formula_matches_a_real_redis(redis_server, dims, pivot, max_value_bytes, items):
     rs = sizing()
@@ -799,6 +554,7 @@ def test_redis_memory_formula_matches_a_real_redis(redis_server, dims, pivot, ma
     assert abs(predicted - measured) <= 0.10 * measured
 
 
+@pytest.mark.cluster
 def test_part_size_one_byte_past_a_size_class_costs_a_quarter_more(redis_server):
     """The effect docs/redis.md warns about: a part of exactly 2^k bytes takes the next jemalloc class."""
     rs = sizing()

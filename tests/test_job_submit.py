@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,21 +11,19 @@ from pathlib import Path
 
 import pytest
 
+from common.net import free_port
+
+pytestmark = pytest.mark.cluster  # `ray start --head`, then `ray job submit`
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
 def ray_head(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                PATH=f"{BIN}:{os.environ.get('PATH', '')}")
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     temp = Path("/tmp") / f"ray_t{os.getpid()}"  # Ray's socket paths must stay short
     start = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -47,9 +44,10 @@ def test_toy_job_runs_through_ray_job_submit(ray_head, tmp_path):
     env, dashboard, _ = ray_head
     out = tmp_path / "runs"
     cmd = [str(BIN / "ray"), "job", "submit", f"--address={dashboard}", "--working-dir", str(ROOT), "--",
-           sys.executable, "-m", "cluster.train", "--config", "configs/toy.yaml", "run.name=submitted", "metrics.port=0",
-           f"run.output_dir={out}", "run.phases=[on_policy]", "run.iterations=2", "rollout.prompts_per_iteration=1", "run.eval_prompts=2",
-           "run.eval_seeds=1", "run.sample_prompts=1", "algorithm.group_size=4", "algorithm.num_anchors=2",
+           sys.executable, "-m", "cluster.train", "--config", "configs/toy.yaml", "run.name=submitted",
+           "metrics.port=0", f"run.output_dir={out}", "run.phases=[on_policy]", "run.iterations=2",
+           "rollout.prompts_per_iteration=1", "run.eval_prompts=2", "run.eval_seeds=1", "run.sample_prompts=1",
+           "algorithm.group_size=4", "algorithm.num_anchors=2",
            "rollout.num_cpus_per_worker=0.5", "rewards.num_cpus_per_server=0.5", "learner.num_cpus_per_worker=0.5"]
     for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

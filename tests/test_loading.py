@@ -1,7 +1,7 @@
 """Real on-disk formats with tiny random models: Self-Forcing .pt, diffusers dirs, Wan VAE, UMT5.
 
 Every model here is built from a config with random weights, written in the format the real
-weights come in, and loaded back through common.loading; nothing is mocked.
+weights come in, and loaded back through common.model.loading; nothing is mocked.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-from common.causal_wan import CausalWanTransformer3DModel
 from common.config import load_config
-from common.loading import (
+from common.model.causal_wan import CausalWanTransformer3DModel
+from common.model.loading import (
     CheckpointError,
     TextEncoder,
     decode_latents,
@@ -486,12 +486,12 @@ def test_text_encoder_pads_with_zeros_like_wan(umt5_dirs):
     prompts = ["a red circle", "a blue square moving left"]  # 3 and 5 words, + </s>
     out = enc.encode(prompts)
     assert out.shape == (2, 8, 16) and out.dtype == torch.float32
-    for row, n in zip(out, (4, 6)):
+    for row, n in zip(out, (4, 6), strict=True):
         assert (row[:n].abs().sum(-1) > 0).all()
         assert torch.equal(row[n:], torch.zeros(8 - n, 16))
     # The kept positions are each prompt's own tokens, in order: the encoder run on the prompt alone,
     # unpadded, gives the same embeddings (the mask hides the padding, as in WanPipeline).
-    for row, prompt in zip(out, prompts):
+    for row, prompt in zip(out, prompts, strict=True):
         ids = torch.tensor([enc.tokenizer(prompt)["input_ids"]])
         assert ids[0, -1].item() == 1  # </s> appended
         with torch.no_grad():
@@ -521,10 +521,10 @@ def test_text_encoder_caches(umt5_dirs):
 
 def test_text_encoder_warns_on_truncation(umt5_dirs, caplog):
     enc = TextEncoder(umt5_dirs / "text_encoder", umt5_dirs / "tokenizer", max_length=8)
-    with caplog.at_level(logging.WARNING, logger="common.loading"):
+    with caplog.at_level(logging.WARNING, logger="common.model.loading"):
         short = enc.encode(["a red circle moving left"])
     assert "truncated" not in caplog.text
-    with caplog.at_level(logging.WARNING, logger="common.loading"):
+    with caplog.at_level(logging.WARNING, logger="common.model.loading"):
         out = enc.encode(["a red circle moving left on a black background a red circle"])
     assert "truncated from 13 to 8 tokens" in caplog.text
     assert out.shape == (1, 8, 16) and (out[0].abs().sum(-1) > 0).all()
@@ -556,7 +556,7 @@ def test_text_encoder_refusals(tmp_path, umt5_dirs):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_load_policy_follows_the_config(tmp_path, writer, dtype):
-    from common.loading import load_policy, load_text_encoder
+    from common.model.loading import load_policy, load_text_encoder
 
     model_dtype = f"model.dtype={str(dtype).removeprefix('torch.')}"
     # Float32 files loaded as model.dtype says: the very model `cast` makes of the writer.

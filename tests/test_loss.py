@@ -1,4 +1,4 @@
-"""The AR-CoPO loss against hand computation and METHOD.md section 3's gradient identity."""
+"""The AR-CoPO loss against hand computation and docs/method.md section 3's gradient identity."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def test_gradient_at_rho_one_is_the_method_identity(reduction, tau):
     loss.backward()
     assert stats.ratio_max_dev < 1e-6
 
-    # METHOD.md: grad J = -(1/(G tau)) sum_i A_i grad d_i, so grad loss = +(1/(G tau)) sum_i A_i grad d_i,
+    # docs/method.md: grad J = -(1/(G tau)) sum_i A_i grad d_i, so grad loss = +(1/(G tau)) sum_i A_i grad d_i,
     # averaged over the B anchors.
     expected = torch.zeros_like(anchor_pred)
     for b in range(len(anchors)):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -17,9 +16,11 @@ import pytest
 import yaml
 
 from common.config import load_config
+from common.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.cluster  # a toy run on local Ray, scraped by a real Prometheus
 PROMETHEUS = shutil.which("prometheus")
 CONTRACT = ["arcopo_rollout_groups_total", "arcopo_rollout_seconds_bucket", "arcopo_reward",
             "arcopo_reward_failures_total", "arcopo_reward_seconds_bucket", "arcopo_learner_step_seconds_bucket",
@@ -27,12 +28,6 @@ CONTRACT = ["arcopo_rollout_groups_total", "arcopo_rollout_seconds_bucket", "arc
             "arcopo_weight_sync_bytes", "arcopo_staleness_bucket", "arcopo_dropped_stale_total", "arcopo_replay_size",
             "arcopo_replay_inserts_total", "arcopo_replay_samples_total", "arcopo_queue_depth",
             "arcopo_role_busy_ratio", "arcopo_rollout_workers"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _query(port: int, expr: str) -> list:
@@ -47,7 +42,7 @@ def _query(port: int, expr: str) -> list:
 def prometheus(tmp_path):
     if PROMETHEUS is None:
         pytest.skip("Debian's prometheus is not installed (make install installs it where apt-get can)")
-    target, web = _free_port(), _free_port()
+    target, web = free_port(), free_port()
     config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     config["global"]["scrape_interval"] = "1s"
     config["scrape_configs"] = [c for c in config["scrape_configs"] if c["job_name"] == "arcopo"]

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from common import loading
-from common.loading import TextEncoder
-from common.prompt_cache import (
+from common.model import loading
+from common.model.loading import TextEncoder
+from common.model.prompt_cache import (
     DEFAULT_NAME,
     FORMAT,
     CachedTextEncoder,
@@ -18,7 +18,7 @@ from common.prompt_cache import (
     build,
     with_cache_path,
 )
-from common.toy_world import ToyTextEncoder
+from common.toy.world import ToyTextEncoder
 from tests.conftest import make_umt5_dirs, tiny_config
 
 PROMPTS = ["a red circle", "a blue square moving left", "  a red   circle ", "a green square on black background"]
@@ -75,7 +75,8 @@ def test_a_file_is_keyed_by_encoder_content_not_path(umt5_dirs, tmp_path):
     before = path.read_bytes()
     for cfg, what in ((umt5_config(other, path), "fingerprint"),
                       (umt5_config(umt5_dirs, path, "model.max_text_tokens=6"), "tokens: file 8, configured 6")):
-        for make in (lambda: CachedTextEncoder(cfg, encoder_on_miss=True), lambda: build(cfg, PROMPTS, path)):
+        for make in (lambda cfg=cfg: CachedTextEncoder(cfg, encoder_on_miss=True),
+                     lambda cfg=cfg: build(cfg, PROMPTS, path)):
             with pytest.raises(PromptCacheError, match=f"{path}: prompt embeddings of another text encoder.*{what}"):
                 make()
     assert path.read_bytes() == before

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from common.records import MAGIC, SCHEMA_VERSION, RecordError, RolloutGroup
+from common.dataflow.records import MAGIC, SCHEMA_VERSION, RecordError, RolloutGroup
 from tests.conftest import make_sampler
 
 PROMPT = "a red circle moving left on a black background"

@@ -19,10 +19,22 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from common.config import ReplayConfig
-from common.records import RolloutGroup
-from common.redis_server import EmbeddedRedis, EmbeddedRedisError
-from common.replay import (BufferFull, CorruptItem, ItemNotFound, NotEnoughData, RateLimited, ReplayBuffer,
-                           ReplayError, ReplayMemoryError)
+from common.dataflow.records import RolloutGroup
+from common.dataflow.redis_server import EmbeddedRedis, EmbeddedRedisError
+from common.dataflow.replay import (
+    BufferFull,
+    CorruptItem,
+    ItemNotFound,
+    NotEnoughData,
+    RateLimited,
+    ReplayBuffer,
+    ReplayError,
+    ReplayMemoryError,
+)
+from tests.helpers import group
+
+# Every test here runs against a real redis-server (the module fixture `server`, or its own).
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +56,9 @@ def make_buffer(server):
         buf.close()
 
 
-def group(seed: int, *, G: int = 2, C: int = 2, H: int = 2, W: int = 2, policy_version: int = 0) -> RolloutGroup:
-    gen = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
-    comps = {"vq": torch.rand(G, generator=gen), "ta": torch.rand(G, generator=gen)}
-    return RolloutGroup(prompt=f"prompt {seed}", pivot=1, sigma=0.5, plan_seed=seed, fork_seed=seed + 1,
-                        policy_version=policy_version, prefix_latents=r(1, C, 1, H, W),
-                        pivot_inputs=r(G, 2, C, 1, H, W), pivot_predictions=r(G, 2, C, 1, H, W),
-                        pivot_latents=r(G, C, 1, H, W), rewards=comps["vq"] + 0.5 * comps["ta"],
-                        reward_components=comps, extra={"worker": "rollout-0", "seed": seed},
-                        group_id=f"group-{seed}")
-
-
 def assert_same(a: RolloutGroup, b: RolloutGroup) -> None:
-    for name in ("prompt", "pivot", "sigma", "plan_seed", "fork_seed", "policy_version", "adapter", "group_id", "extra"):
+    for name in ("prompt", "pivot", "sigma", "plan_seed", "fork_seed", "policy_version", "adapter", "group_id",
+                 "extra"):
         assert getattr(a, name) == getattr(b, name), name
     for name in ("prefix_latents", "pivot_inputs", "pivot_predictions", "pivot_latents", "rewards"):
         x, y = getattr(a, name), getattr(b, name)

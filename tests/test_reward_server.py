@@ -9,7 +9,8 @@ import torch
 
 from common.config import load_config
 from common.errors import RewardError
-from common.toy_world import render_batch, to_uint8
+from common.toy.world import render_batch
+from common.video import to_uint8
 from rewards.server import RewardServer, check_videos
 
 PROMPTS = ["a red circle moving left on a black background", "a green square moving up on a gray background",
@@ -42,7 +43,7 @@ def test_concurrent_requests_are_batched_and_answered_with_their_own_scores():
 
     answers = asyncio.run(main())
     alone = [server().models[0](videos([p]), [p]) for p in PROMPTS]
-    for got, want in zip(answers, alone):
+    for got, want in zip(answers, alone, strict=True):
         assert set(got) == {"vq", "mq", "ta", "ood"}
         for k in want:
             torch.testing.assert_close(got[k], want[k].float())

@@ -12,8 +12,8 @@ import torch
 
 from common.config import ConfigError, load_config
 from common.errors import RewardError
-from common.toy_world import render_batch, to_uint8
-from common.video import encode_mp4, read_mp4, write_mp4
+from common.toy.world import render_batch
+from common.video import encode_mp4, read_mp4, to_uint8, write_mp4
 from rewards.combine import RewardCombiner
 from rewards.score import main as score_main
 from rewards.server import RewardServer, server_options
@@ -106,7 +106,8 @@ def real_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     va, clip = make_tiny_videoalign(root / "videoalign"), make_tiny_clip(root / "clip")
     cfg = load_config("configs/toy.yaml", [
-        f"rewards.models=[{{kind: videoalign, path: {va}}}, {{kind: clip, path: {clip}, num_frames: 2}}, {{kind: toy, prefix: toy_, components: [vq, ood]}}]",
+        f"rewards.models=[{{kind: videoalign, path: {va}}}, {{kind: clip, path: {clip}, num_frames: 2}}, "
+        "{kind: toy, prefix: toy_, components: [vq, ood]}]",
         "rewards.terms=[{name: overall}, {name: clip_score, weight: 0.01}, {name: toy_vq, weight: 0}]",
         "rewards.batch_timeout_s=0.2", "rewards.video_fps=8"])
     with warnings.catch_warnings():
@@ -120,7 +121,8 @@ def test_server_with_real_models_batches_and_reports_per_model_latency(real_serv
 
     async def main():
         good = [s.score(toy_videos([p]), [p]) for p in PROMPTS]
-        bad = [s.score(torch.zeros(1, 8, 16, 16, 3), ["x"]), s.score(torch.zeros(1, 8, 0, 16, 3, dtype=torch.uint8), ["x"])]
+        bad = [s.score(torch.zeros(1, 8, 16, 16, 3), ["x"]),
+               s.score(torch.zeros(1, 8, 0, 16, 3, dtype=torch.uint8), ["x"])]
         first = await asyncio.gather(*good, *bad, return_exceptions=True)
         # The server still answers after the bad requests (one event loop, as in the Ray actor).
         return first, await s.score(toy_videos(PROMPTS[:1]), PROMPTS[:1])

@@ -7,11 +7,11 @@ import torch
 
 from actors.rollout import collect_group, pixels_as_video
 from common.config import load_config
+from common.dataflow.records import RolloutGroup
 from common.errors import RewardError
-from common.loading import load_policy, load_text_encoder
-from common.records import RolloutGroup
-from common.sampler import StreamingSampler
-from common.toy_world import from_uint8
+from common.model.loading import load_policy, load_text_encoder
+from common.model.sampler import StreamingSampler
+from common.video import from_uint8
 from rewards.toy import score
 
 PROMPT = "a green circle moving right on a gray background"

@@ -1,4 +1,4 @@
-"""The streaming sampler, the noise plan and forking (METHOD.md sections 1-2)."""
+"""The streaming sampler, the noise plan and forking (docs/method.md sections 1-2)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from common.noise import BranchNoise
-from common.scheduler import FewStepFlowScheduler
+from common.model.noise import BranchNoise
+from common.model.scheduler import FewStepFlowScheduler
 from tests.conftest import BF16_ULP, DTYPES, make_sampler
 
 
@@ -61,7 +61,7 @@ def test_recorded_trajectory_is_the_consistency_loop(tiny_model_in, text, dtype)
 
 def test_noise_plan_is_deterministic_and_distinct():
     sampler_shape = (4, 2, 8, 8)
-    from common.noise import NoisePlan
+    from common.model.noise import NoisePlan
 
     a, b = NoisePlan((1, 2), sampler_shape), NoisePlan((1, 2), sampler_shape)
     assert torch.equal(a.initial(0), b.initial(0))
@@ -73,7 +73,7 @@ def test_noise_plan_is_deterministic_and_distinct():
 
 
 def test_branch_noise_shares_everything_but_the_pivot_start():
-    from common.noise import NoisePlan
+    from common.model.noise import NoisePlan
 
     plan = NoisePlan((9,), (4, 2, 8, 8))
     noise = BranchNoise(plan, pivot=1, sigma=0.5, fork_seed=3, branches=(0, 1, 2))
@@ -206,7 +206,7 @@ def test_rebuilt_cache_matches_the_streamed_one(tiny_model, text, window, dtype)
     tolerance = 1e-4 if dtype == torch.float32 else BF16_ULP
     assert [c.start_frame for c in rebuilt.chunks] == [c.start_frame for c in streamed.chunks]
     assert [c.start_frame for c in one_pass.chunks] == [c.start_frame for c in streamed.chunks]
-    for a, b, c in zip(streamed.chunks, rebuilt.chunks, one_pass.chunks):
+    for a, b, c in zip(streamed.chunks, rebuilt.chunks, one_pass.chunks, strict=True):
         for block in range(len(model.blocks)):
             # Replaying the rollout's own context passes at the rollout's batch gives its very bits.
             assert torch.equal(a.keys[block], b.keys[block]) and torch.equal(a.values[block], b.values[block])

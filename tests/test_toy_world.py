@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.toy_world import (ToyPrompt, ToyTextEncoder, all_prompts, chunk_velocities, render, render_batch,
-                              split_prompts, to_uint8)
+from common.toy.world import (
+    ToyPrompt,
+    ToyTextEncoder,
+    all_prompts,
+    chunk_velocities,
+    render,
+    render_batch,
+    split_prompts,
+)
+from common.video import to_uint8
 from rewards.toy import TOY_REWARDS, score
 
 PROMPTS = [p.text for p in all_prompts()[::5]]
@@ -60,8 +68,8 @@ def test_later_chunks_keep_or_change_their_velocity():
     for seed in range(200):
         v = chunk_velocities(prompt, 4, 1.0, random.Random(seed))
         assert all(0.7 - 1e-6 <= vx <= 1.3 + 1e-6 and abs(vy) <= 0.3 + 1e-6 for vx, vy in v)
-        kept += sum(a == b for a, b in zip(v, v[1:]))
-        changed += sum(a != b for a, b in zip(v, v[1:]))
+        kept += sum(a == b for a, b in zip(v, v[1:], strict=False))
+        changed += sum(a != b for a, b in zip(v, v[1:], strict=False))
     assert 200 < kept < 400 and 200 < changed < 400  # keep probability 0.5 over 600 boundaries
     # The rendered path follows them: frame 1 moves by chunk 0's velocity, frames 2-3 by chunk 1's, ...
     for seed in range(5):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common import adapters
 from common.config import load_config
-from common.policy import Policy
-from learner.weights import pack, unpack
+from common.dataflow.weights import pack, unpack
+from common.model import adapters
+from common.model.policy import Policy
 from tests.conftest import DTYPES
 
 

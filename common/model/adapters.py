@@ -1,4 +1,4 @@
-"""Named LoRA adapters on the policy, through peft as diffusers integrates it (METHOD.md 3-5).
+"""Named LoRA adapters on the policy, through peft as diffusers integrates it (docs/method.md sections 3-5).
 
 Two adapters live side by side on one base model: `on_policy` (trained on fresh forked groups) and
 `semi` (trained on the fixed reference buffer). Which of them is active decides the policy:
@@ -15,7 +15,6 @@ Adapters are saved in the safetensors layout diffusers' Wan LoRA loaders read
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 import warnings
@@ -26,6 +25,8 @@ import torch
 from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from common.durable import fsync_file, replace_directory
 
 ON_POLICY = "on_policy"
 SEMI = "semi"
@@ -94,7 +95,7 @@ def use_adapter(model, name: str) -> None:
 
 
 def merge_adapters(model, scale: float, semi: str = SEMI, on_policy: str = ON_POLICY) -> None:
-    """W = W_base + dW_semi + scale * dW_on (METHOD.md section 5), applied on the fly by peft."""
+    """W = W_base + dW_semi + scale * dW_on (docs/method.md section 5), applied on the fly by peft."""
     _check(model, semi, on_policy)
     model.enable_adapters()
     model.set_adapters([semi, on_policy], [1.0, scale])
@@ -156,11 +157,8 @@ def save_adapter(model, name: str, directory: str | Path) -> Path:
         layers = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, name).items()}
         WanLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=layers,
                                              transformer_lora_adapter_metadata=config)
-        with open(tmp / LORA_FILE, "rb") as f:
-            os.fsync(f.fileno())
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        fsync_file(tmp / LORA_FILE)
+        replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,4 +1,4 @@
-"""Streaming few-step sampling, forking, and the cache rebuild: METHOD.md sections 1 and 2.
+"""Streaming few-step sampling, forking, and the cache rebuild: docs/method.md sections 1 and 2.
 
 The sampling loop is written out in `StreamingSampler.stream` the way diffusers pipelines write
 theirs: for each chunk, T consistency steps (predict x0, re-noise with solver noise), then one
@@ -8,20 +8,23 @@ as soon as it is done, so a caller can decode and show it while the next one is 
 `fork` is AR-CoPO's exploration: one shared prefix, then G branches that differ only in the pivot
 chunk's initial noise, each recording its pivot chunk's per-step inputs x_t and predictions x0_hat.
 
-Chunk indices are 0-based here (METHOD.md counts from 1).
+Chunk indices are 0-based here (docs/method.md counts from 1).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from common.causal_wan import CausalWanTransformer3DModel, KVCache
-from common.noise import BranchNoise, NoisePlan
-from common.scheduler import FewStepFlowScheduler
+from common.model.causal_wan import CausalWanTransformer3DModel, KVCache
+from common.model.noise import BranchNoise, NoisePlan
+from common.model.scheduler import FewStepFlowScheduler
+
+if TYPE_CHECKING:
+    from common.config import Config
 
 
 class NoiseSource(Protocol):
@@ -43,7 +46,7 @@ class ChunkOutput:
 
 @dataclass
 class ForkedGroup:
-    """G neighbours of one rollout, forked at `pivot` (METHOD.md section 2, steps 1-5)."""
+    """G neighbours of one rollout, forked at `pivot` (docs/method.md section 2, steps 1-5)."""
 
     pivot: int
     sigma: float
@@ -88,7 +91,8 @@ class StreamingSampler:
         self.progress = progress
 
     @classmethod
-    def from_config(cls, model: CausalWanTransformer3DModel, config, progress: bool = False) -> "StreamingSampler":
+    def from_config(cls, model: CausalWanTransformer3DModel, config: Config,
+                    progress: bool = False) -> "StreamingSampler":
         s = config.sampler
         _, h, w = config.latent_shape
         scheduler = FewStepFlowScheduler(s.denoising_steps, s.shift, s.num_train_timesteps, s.context_noise)

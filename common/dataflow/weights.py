@@ -31,7 +31,7 @@ class WeightPacket:
     table: list[tuple[str, str, tuple[int, ...], int, int]]  # name, dtype, shape, bucket, byte offset
     bucket_sizes: list[int]
     buckets: list[torch.Tensor] | None = field(default=None, repr=False)  # uint8, absent in a handle
-    base_fingerprint: str = ""  # the base weights the adapters belong to (common/policy.py)
+    base_fingerprint: str = ""  # the base weights the adapters belong to (common/model/policy.py)
 
     @property
     def nbytes(self) -> int:

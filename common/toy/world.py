@@ -12,12 +12,13 @@ Videos are float tensors in [-1, 1], [B, 3, F, H, W], like the generator's pixel
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import random
 from dataclasses import dataclass
 
 import torch
+
+from common.seeds import derive_seed
 
 # RGB in [0, 1]. Object colours and backgrounds never coincide.
 COLOURS = {
@@ -159,24 +160,8 @@ def render_batch(prompts, num_frames: int = 8, size: int = 16, speed: float = 1.
     return torch.stack([render(p, num_frames, size, speed, s, **motion) for p, s in zip(prompts, seeds)])
 
 
-def to_uint8(videos: torch.Tensor) -> torch.Tensor:
-    """[B, 3, F, H, W] in [-1, 1] -> uint8 [B, F, H, W, 3]."""
-    return ((videos.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
-
-
-def from_uint8(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, F, H, W, 3] (what decoders and mp4 files give) -> [B, 3, F, H, W] in [-1, 1], the
-    layout the toy rewards (rewards/toy.py) read.
-
-    Frames are made contiguous first, as a reward server's batching (torch.cat) makes them: the toy
-    rewards' float sums run in memory order, so another layout would move scores in the last bit
-    between the job and an in-process caller."""
-    return frames.contiguous().permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
-
-
 def _word_vector(seed: int, slot: int, word: str, dim: int) -> torch.Tensor:
-    digest = hashlib.blake2b(f"{seed}/{slot}/{word}".encode(), digest_size=8).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    gen = torch.Generator().manual_seed(derive_seed(f"{seed}/{slot}/{word}"))
     return torch.randn(dim, generator=gen)
 
 
@@ -204,5 +189,5 @@ class ToyTextEncoder:
 
     def token_embeddings(self, prompts: list[str]) -> list[torch.Tensor]:
         """Each prompt's [num_tokens, dim] (every toy prompt fills all its tokens), as a prompt-embedding
-        file stores them (common/prompt_cache.py)."""
+        file stores them (common/model/prompt_cache.py)."""
         return list(self.encode(prompts))

@@ -1,7 +1,7 @@
 """The policy every role holds: the causal generator with its two LoRA adapters, the streaming
 sampler, the prompt embeddings and the decoder, built from the config alone.
 
-Prompt embeddings come from the job's prompt-embedding file (common/prompt_cache.py): a learner
+Prompt embeddings come from the job's prompt-embedding file (common/model/prompt_cache.py): a learner
 never builds the text encoder; a rollout worker builds it only for a prompt the file lacks.
 The decoder gives uint8 frames [B, F, H, W, 3] on the CPU, converted on the device in sub-batches of
 `rollout.decode_batch_size`, which is what reward servers, evaluation and sample videos take.
@@ -13,17 +13,20 @@ tensors (or, with `cluster.weight_sync=full`, every tensor) and both sides agree
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from common import adapters
-from common.loading import decode_latents, load_policy, load_vae
-from common.prompt_cache import CachedTextEncoder
-from common.sampler import StreamingSampler
-from common.toy_world import to_uint8
+from common.model import adapters
+from common.model.loading import decode_latents, load_policy, load_vae
+from common.model.prompt_cache import CachedTextEncoder
+from common.model.sampler import StreamingSampler
+from common.video import to_uint8
 
-# What a rollout runs as: pi_ref, one adapter, or the merged model (METHOD.md sections 4-5).
+if TYPE_CHECKING:
+    from common.config import Config
+
+# What a rollout runs as: pi_ref, one adapter, or the merged model (docs/method.md sections 4-5).
 MODES = ("reference", adapters.ON_POLICY, adapters.SEMI, "merged")
 
 
@@ -35,7 +38,7 @@ class Policy:
     decode: Callable[[torch.Tensor], torch.Tensor]  # latents -> uint8 frames [B, F, H, W, 3] on the CPU
 
     @classmethod
-    def from_config(cls, config, role: str = "rollout") -> "Policy":
+    def from_config(cls, config: Config, role: str = "rollout") -> "Policy":
         """`role="rollout"` (rollout workers, in-process tools): prompt embeddings from
         model.prompt_cache, the text encoder built on a miss, and the decoder. `role="learner"`:
         embeddings from the file only, and no decoder (a learner never sees pixels), so neither the

@@ -34,9 +34,12 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from common.config import Config
 
 FORMAT = "arcopo-prompt-embeddings/1"
 DEFAULT_NAME = "prompt_embeddings.safetensors"
@@ -95,23 +98,23 @@ def _toy_fingerprint(encoder) -> str:
     return h.hexdigest()
 
 
-def layout(config) -> dict:
+def layout(config: Config) -> dict:
     """kind, tokens, dim and dtype of the configured encoder's output: `encode` gives
     [B, tokens, dim] of dtype (UMT5 pads to model.max_text_tokens; the toy encoder has four tokens)."""
     m = config.model
     if m.text_encoder_kind == "toy":
-        from common.toy_world import ToyTextEncoder
+        from common.toy.world import ToyTextEncoder
 
         return {"kind": "toy", "tokens": ToyTextEncoder.num_tokens, "dim": m.transformer.text_dim, "dtype": "float32"}
     return {"kind": "umt5", "tokens": m.max_text_tokens, "dim": m.transformer.text_dim, "dtype": m.dtype}
 
 
-def encoder_identity(config) -> tuple[dict, dict]:
+def encoder_identity(config: Config) -> tuple[dict, dict]:
     """(identity, source) of the configured text encoder, without loading it. Two files hold
     interchangeable embeddings exactly when their identities are equal; `source` names the paths."""
     m = config.model
     if m.text_encoder_kind == "toy":
-        from common.toy_world import ToyTextEncoder
+        from common.toy.world import ToyTextEncoder
 
         return {**layout(config), "fingerprint": _toy_fingerprint(ToyTextEncoder(dim=m.transformer.text_dim))}, {}
     if m.text_encoder is None:
@@ -124,12 +127,12 @@ def encoder_identity(config) -> tuple[dict, dict]:
     return {**layout(config), "fingerprint": h.hexdigest()}, source
 
 
-def key_function(config) -> Callable[[str], str]:
+def key_function(config: Config) -> Callable[[str], str]:
     """What an encoder reads of a prompt: UMT5 cleans it (two prompts that clean alike are one entry);
     the toy encoder parses it as written."""
     if config.model.text_encoder_kind == "toy":
         return str
-    from common.loading import TextEncoder
+    from common.model.loading import TextEncoder
 
     return TextEncoder._clean
 
@@ -138,14 +141,14 @@ def tensor_name(key: str) -> str:
     return "p" + hashlib.blake2b(key.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def cache_path(config, run_root: Path) -> Path:
+def cache_path(config: Config, run_root: Path) -> Path:
     """The file `config` names: model.prompt_cache, or the run folder's default; absolute, so every
     role finds the same file whatever its working directory."""
     m = config.model
     return Path(m.prompt_cache if m.prompt_cache is not None else Path(run_root) / DEFAULT_NAME).resolve()
 
 
-def with_cache_path(config, run_root: Path):
+def with_cache_path(config: Config, run_root: Path):
     """`config` with model.prompt_cache resolved (what the job hands every role)."""
     model = config.model.model_copy(update={"prompt_cache": cache_path(config, run_root)})
     return config.model_copy(update={"model": model})
@@ -214,7 +217,7 @@ def write_file(path: Path, embeddings: dict[str, torch.Tensor], identity: dict, 
     """{key text: [length, dim]} -> the file, replaced atomically (readers see the old or the new one)."""
     from safetensors.torch import save
 
-    from common.video import write_bytes_atomic
+    from common.durable import write_bytes_atomic
 
     # clone: an encoder's rows can be views of one batch tensor, which safetensors refuses to save.
     tensors = {tensor_name(k): v.detach().to("cpu").contiguous().clone() for k, v in embeddings.items()}
@@ -224,11 +227,11 @@ def write_file(path: Path, embeddings: dict[str, torch.Tensor], identity: dict, 
     return write_bytes_atomic(path, save(tensors, metadata=metadata))
 
 
-def build(config, prompts: list[str], path: Path) -> dict:
+def build(config: Config, prompts: list[str], path: Path) -> dict:
     """Make the file at `path` hold every prompt of `prompts`: what it already holds (from the same
     encoder) is kept, the rest encoded with the configured encoder, built only if something is
     missing. Returns {path, prompts, encoded, seconds}."""
-    from common.loading import load_text_encoder
+    from common.model.loading import load_text_encoder
 
     start = time.perf_counter()
     path = Path(path)
@@ -271,7 +274,7 @@ class CachedTextEncoder:
     in-memory cache. With no model.prompt_cache every prompt is a miss.
     """
 
-    def __init__(self, config, *, encoder_on_miss: bool):
+    def __init__(self, config: Config, *, encoder_on_miss: bool):
         self.config = config
         self.encoder_on_miss = encoder_on_miss
         self.path = None if config.model.prompt_cache is None else Path(config.model.prompt_cache)
@@ -289,7 +292,7 @@ class CachedTextEncoder:
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """[len(prompts), tokens, dim] on the CPU; zeros after each prompt's own tokens."""
-        from common.loading import load_text_encoder, pad_tokens
+        from common.model.loading import load_text_encoder, pad_tokens
 
         if isinstance(prompts, str):
             raise TypeError("encode takes a list of prompts, not a single string")

@@ -58,7 +58,7 @@ import redis
 import redis.backoff
 import redis.retry
 
-from common.records import RecordError, RolloutGroup
+from common.dataflow.records import RecordError, RolloutGroup
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

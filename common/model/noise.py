@@ -1,6 +1,6 @@
 """Every random tensor of a rollout, owned by one object and derived from seeds.
 
-METHOD.md is precise about which noise the G branches of a fork share: everything except the pivot
+docs/method.md (section 2) is precise about which noise the G branches of a fork share: everything except the pivot
 chunk's initial noise, which is perturbed per branch as e_i = sqrt(1 - sigma^2) e* + sigma d_i.
 Deriving each tensor from (seed, kind, chunk, step) rather than from one running generator makes
 that sharing exact by construction, lets any tensor be regenerated on demand (a learner or a
@@ -9,20 +9,16 @@ replay entry needs only the seeds), and gives the same numbers on CPU and GPU.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
 
-
-def _derived_seed(*parts: object) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+from common.seeds import derive_seed
 
 
 def seeded_normal(shape: tuple[int, ...], *parts: object) -> torch.Tensor:
-    generator = torch.Generator(device="cpu").manual_seed(_derived_seed(*parts))
+    generator = torch.Generator(device="cpu").manual_seed(derive_seed(repr(parts)))
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 

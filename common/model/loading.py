@@ -30,17 +30,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-from common.causal_wan import CausalWanTransformer3DModel
+from common.durable import torch_save_atomic
+from common.model.causal_wan import CausalWanTransformer3DModel
+
+if TYPE_CHECKING:
+    from common.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -364,32 +367,6 @@ def _target_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torc
             for name, value in model.state_dict().items() if value.is_floating_point()}
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """Write through a temporary file in the same directory, so a crash never leaves a torn file
-    where a checkpoint was (os.replace is atomic only within one file system)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories; the data itself is already synced
-    finally:
-        os.close(dir_fd)
-
-
 def save_self_forcing_checkpoint(model: torch.nn.Module, path, key: str = "generator_ema") -> Path:
     """Write `model` as Self-Forcing does: `{key: {"model.<original Wan key>": tensor}}`, atomically.
 
@@ -400,7 +377,7 @@ def save_self_forcing_checkpoint(model: torch.nn.Module, path, key: str = "gener
     names = original_key_map(model)
     state = {SELF_FORCING_PREFIX + names[k]: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
-    atomic_torch_save({key: state}, path)
+    torch_save_atomic({key: state}, path)
     return path
 
 
@@ -595,7 +572,7 @@ class TextEncoder:
 
     def token_embeddings(self, prompts: list[str]) -> list[torch.Tensor]:
         """Each prompt's own tokens' embeddings [length_i, dim] on CPU, through the LRU cache: what
-        `encode` pads, and what a prompt-embedding file stores (common/prompt_cache.py)."""
+        `encode` pads, and what a prompt-embedding file stores (common/model/prompt_cache.py)."""
         if isinstance(prompts, str):
             raise TypeError("encode takes a list of prompts, not a single string")
         keys = [self._clean(p) for p in prompts]
@@ -626,7 +603,7 @@ class TextEncoder:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_policy(config) -> CausalWanTransformer3DModel:
+def load_policy(config: Config) -> CausalWanTransformer3DModel:
     """The generator the config names: a Self-Forcing checkpoint, a diffusers directory, or (neither
     set) random weights of the configured size, seeded by `model.seed` (benchmarks, tests)."""
     m = config.model
@@ -645,11 +622,11 @@ def load_policy(config) -> CausalWanTransformer3DModel:
     return model.to(m.device).eval().requires_grad_(False)
 
 
-def load_text_encoder(config):
+def load_text_encoder(config: Config):
     """An object with `encode(prompts) -> [B, tokens, text_dim]`: UMT5, or the toy world's encoder."""
     m = config.model
     if m.text_encoder_kind == "toy":
-        from common.toy_world import ToyTextEncoder
+        from common.toy.world import ToyTextEncoder
 
         return ToyTextEncoder(dim=m.transformer.text_dim)
     if m.text_encoder is None:

@@ -7,9 +7,10 @@ version yields the same group.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field
+
+from common.seeds import derive_seed
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,7 @@ class GroupSummary:
 
 def job_rng(run_seed: int, phase: str, job_id: int) -> random.Random:
     """A generator that depends only on (seed, phase, job), never on who asks or in which order."""
-    digest = hashlib.blake2b(f"{run_seed}/{phase}/{job_id}".encode(), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "little"))
+    return random.Random(derive_seed(f"{run_seed}/{phase}/{job_id}", bits=64))
 
 
 def make_job(run_seed: int, phase: str, job_id: int, prompts: list[str], num_chunks: int, mode: str) -> GroupJob:

@@ -13,7 +13,7 @@ the diffusers model without copying it:
   cross-attention reuses the prompt's keys/values from the cache.
 
 The cache never holds a chunk during its own denoising: each chunk's keys/values are appended once,
-by the "context" pass on the finished chunk (METHOD.md section 1). A forked cache shares its parent's
+by the "context" pass on the finished chunk (docs/method.md section 1). A forked cache shares its parent's
 chunks read-only and appends its own, which is what lets G branches share one prefix.
 
 Latents are laid out as diffusers does: [batch, channels, frames, height, width].
@@ -203,7 +203,7 @@ class CausalSelfAttnProcessor:
         k = _apply_rotary(k, ctx.freqs_cos, ctx.freqs_sin)
 
         if ctx.write is not None:
-            # Later chunks never backpropagate into this one (METHOD.md: the cache is a constant).
+            # Later chunks never backpropagate into this one (docs/method.md section 3: the cache is a constant).
             ctx.write.keys[self.block_index] = k.detach()
             ctx.write.values[self.block_index] = v.detach()
 

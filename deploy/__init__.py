@@ -1,0 +1,2 @@
+"""Deployment files (KubeRay, cluster launcher, Docker, Prometheus, Grafana) and their checks:
+`python -m deploy.validate FILE...` for KubeRay manifests."""
