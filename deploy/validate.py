@@ -246,26 +246,26 @@ def _metadata(doc: dict, kind: str, max_len: int) -> list[str]:
     return errors
 
 
-def validate_raycluster(doc) -> list[str]:
-    if not isinstance(doc, dict):
-        return ["the document must be a map"]
+def _header(doc: dict, kind: str, max_name_len: int) -> list[str]:
+    """apiVersion, kind and metadata.name, as every KubeRay document has them."""
     errors = []
     if doc.get("apiVersion") != "ray.io/v1":
         errors.append(f"apiVersion: must be ray.io/v1, got {doc.get('apiVersion')!r}")
-    if doc.get("kind") != "RayCluster":
-        errors.append(f"kind: must be RayCluster, got {doc.get('kind')!r}")
-    return errors + _metadata(doc, "RayCluster", MAX_CLUSTER_NAME) + validate_cluster_spec(doc.get("spec"))
+    if doc.get("kind") != kind:
+        errors.append(f"kind: must be {kind}, got {doc.get('kind')!r}")
+    return errors + _metadata(doc, kind, max_name_len)
+
+
+def validate_raycluster(doc) -> list[str]:
+    if not isinstance(doc, dict):
+        return ["the document must be a map"]
+    return _header(doc, "RayCluster", MAX_CLUSTER_NAME) + validate_cluster_spec(doc.get("spec"))
 
 
 def validate_rayjob(doc) -> list[str]:
     if not isinstance(doc, dict):
         return ["the document must be a map"]
-    errors = []
-    if doc.get("apiVersion") != "ray.io/v1":
-        errors.append(f"apiVersion: must be ray.io/v1, got {doc.get('apiVersion')!r}")
-    if doc.get("kind") != "RayJob":
-        errors.append(f"kind: must be RayJob, got {doc.get('kind')!r}")
-    errors += _metadata(doc, "RayJob", MAX_JOB_NAME)
+    errors = _header(doc, "RayJob", MAX_JOB_NAME)
     spec = doc.get("spec")
     if not isinstance(spec, dict):
         return errors + ["spec: required"]
