@@ -5,7 +5,7 @@ Plain functions, no Ray: the Ray actor wraps them, the single-process toy loop c
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -40,10 +40,17 @@ def collect_group(
 
     Non-finite or missing rewards raise RewardError: the group is dropped loudly, never averaged.
     """
-    group = sampler.fork(text, sampler.noise_plan(plan_seed), pivot=pivot, group_size=group_size,
-                         sigma=sigma, fork_seed=fork_seed)
+    group = sampler.fork(
+        text, sampler.noise_plan(plan_seed), pivot=pivot, group_size=group_size, sigma=sigma, fork_seed=fork_seed
+    )
     frames = decode(group.videos)
     components = {k: v.float().cpu() for k, v in reward_fn(frames, [prompt] * group_size).items()}
     total = weighted_total(components, weights)
-    return RolloutGroup.from_fork(group, prompt=prompt, rewards=total, reward_components=components,
-                                  policy_version=policy_version, adapter=adapter)
+    return RolloutGroup.from_fork(
+        group,
+        prompt=prompt,
+        rewards=total,
+        reward_components=components,
+        policy_version=policy_version,
+        adapter=adapter,
+    )

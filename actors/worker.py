@@ -74,8 +74,10 @@ class RolloutWorker:
 
     def _check_base(self, handle) -> None:
         if handle.base_fingerprint and handle.base_fingerprint != self.fingerprint:
-            raise RuntimeError(f"{self.name}: base weights {self.fingerprint} differ from the learner's "
-                               f"{handle.base_fingerprint}; was the checkpoint replaced while the job started?")
+            raise RuntimeError(
+                f"{self.name}: base weights {self.fingerprint} differ from the learner's "
+                f"{handle.base_fingerprint}; was the checkpoint replaced while the job started?"
+            )
 
     def weight_version(self) -> int:
         return self.version
@@ -83,9 +85,15 @@ class RolloutWorker:
     def ping(self) -> dict:
         from common.metrics import peak_rss_bytes
 
-        return {"name": self.name, "pid": os.getpid(), "version": self.version, "groups": self.groups,
-                "busy_seconds": self.busy_seconds, "uptime": time.time() - self.started,
-                "peak_rss_bytes": peak_rss_bytes()}
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "version": self.version,
+            "groups": self.groups,
+            "busy_seconds": self.busy_seconds,
+            "uptime": time.time() - self.started,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
 
     # -- work --------------------------------------------------------------------------------
 
@@ -113,18 +121,33 @@ class RolloutWorker:
             return out
 
         group = collect_group(
-            self.policy.sampler, self.policy.text([job.prompt]), job.prompt, pivot=job.pivot,
-            group_size=a.group_size, sigma=a.fork_sigma, plan_seed=job.plan_seed, fork_seed=job.fork_seed,
-            decode=self.policy.decode, reward_fn=reward_fn, weights=self.weights,
-            policy_version=self.version, adapter=job.mode,
+            self.policy.sampler,
+            self.policy.text([job.prompt]),
+            job.prompt,
+            pivot=job.pivot,
+            group_size=a.group_size,
+            sigma=a.fork_sigma,
+            plan_seed=job.plan_seed,
+            fork_seed=job.fork_seed,
+            decode=self.policy.decode,
+            reward_fn=reward_fn,
+            weights=self.weights,
+            policy_version=self.version,
+            adapter=job.mode,
         )
         group.extra.update(job_id=job.job_id, phase=job.phase, worker=self.name)
         seconds = time.perf_counter() - start
         summary = GroupSummary(
-            job_id=job.job_id, phase=job.phase, group_id=group.group_id, policy_version=self.version,
-            worker=self.name, reward_mean=group.rewards.mean().item(), reward_std=group.rewards.std().item(),
+            job_id=job.job_id,
+            phase=job.phase,
+            group_id=group.group_id,
+            policy_version=self.version,
+            worker=self.name,
+            reward_mean=group.rewards.mean().item(),
+            reward_std=group.rewards.std().item(),
             components={k: v.mean().item() for k, v in group.reward_components.items()},
-            rollout_seconds=seconds - reward_seconds, reward_seconds=reward_seconds,
+            rollout_seconds=seconds - reward_seconds,
+            reward_seconds=reward_seconds,
         )
         data = b""
         if job.phase == "reference":
@@ -140,8 +163,9 @@ class RolloutWorker:
         return summary, data
 
     @torch.no_grad()
-    def evaluate(self, prompts: list[str], seeds: list[int], mode: str, merge_scale: float,
-                 reward_server) -> dict[str, list[float]]:
+    def evaluate(
+        self, prompts: list[str], seeds: list[int], mode: str, merge_scale: float, reward_server
+    ) -> dict[str, list[float]]:
         """Per-video scores of every reward component for fixed prompts and noise seeds."""
         start = time.perf_counter()
         self.policy.set_mode(mode, merge_scale)
@@ -153,8 +177,9 @@ class RolloutWorker:
         return out
 
     @torch.no_grad()
-    def sample_videos(self, prompts: list[str], seeds: list[int], mode: str, merge_scale: float = 1.0,
-                      fps: float = 8.0) -> list[bytes]:
+    def sample_videos(
+        self, prompts: list[str], seeds: list[int], mode: str, merge_scale: float = 1.0, fps: float = 8.0
+    ) -> list[bytes]:
         """mp4 bytes of each prompt's video (small: what a person watches, not training data)."""
         from common.video import encode_mp4
 

@@ -11,8 +11,9 @@ from common.config import load_config_for_cli
 def toy_bench_parser(name: str, doc: str) -> argparse.ArgumentParser:
     """The command line every toy-world bench shares: --config, --json and dotted overrides; the
     bench adds its own options."""
-    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m bench.{name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/toy.yaml")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sampler.shift=1.0")
@@ -24,7 +25,10 @@ def load_toy_config(name: str, path: str, overrides: list[str]):
     stderr) when it is invalid or not a toy-world config."""
     cfg = load_config_for_cli(path, overrides)
     if cfg is not None and cfg.model.text_encoder_kind != "toy":
-        print(f"{path}: model.text_encoder_kind is {cfg.model.text_encoder_kind!r}; {name} scores with the toy "
-              f"rewards and needs a toy-world config (model.text_encoder_kind: toy)", file=sys.stderr)
+        print(
+            f"{path}: model.text_encoder_kind is {cfg.model.text_encoder_kind!r}; {name} scores with the toy "
+            f"rewards and needs a toy-world config (model.text_encoder_kind: toy)",
+            file=sys.stderr,
+        )
         return None
     return cfg

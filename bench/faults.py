@@ -39,7 +39,6 @@ def _kill_one(prefix: str, namespace: str, count: int = 8) -> str | None:
 
 
 def run_with_faults(config_overrides: list[str], seed: int, kills: int, root: Path, config_path: str) -> dict:
-    import ray
 
     from cluster.local import ray_env_defaults
     from cluster.train import RunFolder, run
@@ -50,8 +49,16 @@ def run_with_faults(config_overrides: list[str], seed: int, kills: int, root: Pa
     name = f"faults{uuid.uuid4().hex[:6]}"
     redis = EmbeddedRedis(root / "redis")
     redis.start()
-    cfg = load_config(config_path, [*config_overrides, f"run.name={name}", f"run.output_dir={root}",
-                                    f"cluster.namespace={name}", f"replay.redis_url={redis.url}"])
+    cfg = load_config(
+        config_path,
+        [
+            *config_overrides,
+            f"run.name={name}",
+            f"run.output_dir={root}",
+            f"cluster.namespace={name}",
+            f"replay.redis_url={redis.url}",
+        ],
+    )
     folder = root / name
     rng = random.Random(seed)
     events: list[str] = []
@@ -111,30 +118,50 @@ def run_with_faults(config_overrides: list[str], seed: int, kills: int, root: Pa
     expected |= {("on_policy", offset + i) for i in range(cfg.run.iterations * per_iter)}
     produced = Counter((phase, j) for phase in ("reference", "on_policy") for r in rows(phase) for j in r["job_ids"])
     return {
-        "faults_injected": len(events), "events": events,
-        "groups_expected": len(expected), "groups_produced": sum(produced.values()),
-        "groups_lost": len(expected - set(produced)), "groups_duplicated": sum(n - 1 for n in produced.values() if n > 1),
-        "buffer_items_before_restart": buffer_counts.get("before"), "buffer_items_after_restart": buffer_counts.get("after"),
-        "buffer_items_final": final_items, "finished": finished, "error": error,
-        "worker_failures": summary.get("worker_failures"), "jobs_redone": summary.get("jobs_redone"),
-        "reward_failures": summary.get("reward_failures"), "wall_seconds": summary.get("wall_seconds"),
+        "faults_injected": len(events),
+        "events": events,
+        "groups_expected": len(expected),
+        "groups_produced": sum(produced.values()),
+        "groups_lost": len(expected - set(produced)),
+        "groups_duplicated": sum(n - 1 for n in produced.values() if n > 1),
+        "buffer_items_before_restart": buffer_counts.get("before"),
+        "buffer_items_after_restart": buffer_counts.get("after"),
+        "buffer_items_final": final_items,
+        "finished": finished,
+        "error": error,
+        "worker_failures": summary.get("worker_failures"),
+        "jobs_redone": summary.get("jobs_redone"),
+        "reward_failures": summary.get("reward_failures"),
+        "wall_seconds": summary.get("wall_seconds"),
         "weight_version": summary.get("weight_version"),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.faults", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/toy.yaml")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments and victims")
     parser.add_argument("--kills", type=int, default=3, help="actors killed during on-policy training")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
-    defaults = ["run.phases=[reference,on_policy]", "run.iterations=8", "replay.num_reference_groups=4",
-                "rollout.num_workers=2", "rollout.prompts_per_iteration=2", "run.eval_prompts=2", "run.eval_seeds=1",
-                "run.sample_prompts=0", "algorithm.group_size=4", "algorithm.num_anchors=2", "cluster.num_cpus=4",
-                "metrics.port=0", "run.checkpoint_every=1000"]
+    defaults = [
+        "run.phases=[reference,on_policy]",
+        "run.iterations=8",
+        "replay.num_reference_groups=4",
+        "rollout.num_workers=2",
+        "rollout.prompts_per_iteration=2",
+        "run.eval_prompts=2",
+        "run.eval_seeds=1",
+        "run.sample_prompts=0",
+        "algorithm.group_size=4",
+        "algorithm.num_anchors=2",
+        "cluster.num_cpus=4",
+        "metrics.port=0",
+        "run.checkpoint_every=1000",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         result = run_with_faults(defaults + args.overrides, args.seed, args.kills, Path(tmp), args.config)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))

@@ -64,8 +64,16 @@ def group_gradients(toy: ToyRun, num_groups: int, seed: int) -> tuple[torch.Tens
     for i in tqdm(range(num_groups), desc="group gradients"):
         with torch.no_grad():
             group = toy.collect(rng.choice(toy.train_prompts), rng, 0, adapters.ON_POLICY)
-        arcopo_update(toy.sampler, [group], [group.rewards], [toy.text(group.prompt)], params, optimizer, settings,
-                      torch.Generator().manual_seed(seed + i))
+        arcopo_update(
+            toy.sampler,
+            [group],
+            [group.rewards],
+            [toy.text(group.prompt)],
+            params,
+            optimizer,
+            settings,
+            torch.Generator().manual_seed(seed + i),
+        )
         rows.append(torch.cat([p.grad.flatten() for p in params]))
         pivots.append(group.pivot)
     toy.model.requires_grad_(False)
@@ -95,13 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     r = signal_to_noise(largest, cosines[largest])
     r_unit = signal_to_noise(largest, unit[largest])
     mean_norm = {str(p): norms[[i for i, q in enumerate(pivots) if q == p]].mean().item() for p in sorted(set(pivots))}
-    result = dict(groups=args.groups, pivots={str(p): pivots.count(p) for p in sorted(set(pivots))},
-                  mean_grad_norm_by_pivot=mean_norm,
-                  batch_cosine={str(n): c for n, c in cosines.items()}, signal_to_noise_per_group=r,
-                  batch_for_cosine_half=(1 / r) if r > 0 else None,
-                  unit_batch_cosine={str(n): c for n, c in unit.items()}, unit_signal_to_noise_per_group=r_unit,
-                  unit_batch_for_cosine_half=(1 / r_unit) if r_unit > 0 else None,
-                  configured_batch=cfg.rollout.prompts_per_iteration)
+    result = dict(
+        groups=args.groups,
+        pivots={str(p): pivots.count(p) for p in sorted(set(pivots))},
+        mean_grad_norm_by_pivot=mean_norm,
+        batch_cosine={str(n): c for n, c in cosines.items()},
+        signal_to_noise_per_group=r,
+        batch_for_cosine_half=(1 / r) if r > 0 else None,
+        unit_batch_cosine={str(n): c for n, c in unit.items()},
+        unit_signal_to_noise_per_group=r_unit,
+        unit_batch_for_cosine_half=(1 / r_unit) if r_unit > 0 else None,
+        configured_batch=cfg.rollout.prompts_per_iteration,
+    )
     if args.json:
         print(json.dumps(result))
     else:
@@ -111,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  batch {n:>4}: {cosines[n]:+.3f} / {unit[n]:+.3f}")
         for name, value in (("raw", r), ("unit", r_unit)):
             half = f"{1 / value:.0f}" if value > 0 else "inf"
-            print(f"{name}: per-group signal/noise r = {value:.4f} (from batch {largest}); two batches agree at "
-                  f"cosine 0.5 from ~{half} groups")
+            print(
+                f"{name}: per-group signal/noise r = {value:.4f} (from batch {largest}); two batches agree at "
+                f"cosine 0.5 from ~{half} groups"
+            )
         print(f"configured rollout.prompts_per_iteration = {cfg.rollout.prompts_per_iteration}")
     return 0
 

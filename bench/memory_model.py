@@ -80,8 +80,14 @@ def measure_activations(layers: int = 2, anchors: int = 2, threads: int | None =
     adapters.add_adapters(model, 64, 128, TARGETS, names=(adapters.ON_POLICY,))
     adapters.train_adapter(model, adapters.ON_POLICY)
     latent = 8  # 8x8 latents: 16 tokens a frame, 48 a chunk of 3 frames
-    sampler = StreamingSampler(model, FewStepFlowScheduler([1000, 750, 500, 250]), num_chunks=3, frames_per_chunk=3,
-                               latent_height=latent, latent_width=latent)
+    sampler = StreamingSampler(
+        model,
+        FewStepFlowScheduler([1000, 750, 500, 250]),
+        num_chunks=3,
+        frames_per_chunk=3,
+        latent_height=latent,
+        latent_width=latent,
+    )
     text = torch.randn(1, 16, TEXT_DIM)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     tokens = 3 * (latent // 2) ** 2
@@ -100,17 +106,39 @@ def measure_activations(layers: int = 2, anchors: int = 2, threads: int | None =
     # Each block's attention saves the concatenated keys and values: cache tokens x dim x 2 x bf16.
     kv_per_cache_token_block = 2 * DIM * 2
     predicted = no_cache + anchors * cache_tokens * layers * kv_per_cache_token_block
-    return {"per_query_token_block_bytes": per_token_block,
-            "kv_per_cache_token_block_bytes": kv_per_cache_token_block,
-            "check_with_cache": {"measured_bytes": with_cache, "predicted_bytes": predicted,
-                                 "relative_error": abs(predicted - with_cache) / with_cache},
-            "measured_at": {"layers": layers, "anchors": anchors, "query_tokens": tokens, "dtype": "bfloat16",
-                            "lora_rank": 64}}
+    return {
+        "per_query_token_block_bytes": per_token_block,
+        "kv_per_cache_token_block_bytes": kv_per_cache_token_block,
+        "check_with_cache": {
+            "measured_bytes": with_cache,
+            "predicted_bytes": predicted,
+            "relative_error": abs(predicted - with_cache) / with_cache,
+        },
+        "measured_at": {
+            "layers": layers,
+            "anchors": anchors,
+            "query_tokens": tokens,
+            "dtype": "bfloat16",
+            "lora_rank": 64,
+        },
+    }
 
 
-def predict(counts: dict, act: dict, *, height: int = 480, width: int = 832, num_chunks: int = 7,
-            frames_per_chunk: int = 3, group_size: int = 12, anchors: int = 4, fork_batch: int = 4,
-            decode_batch: int = 1, eval_batch: int = 2, anchor_micro_batch: int | None = None) -> dict:
+def predict(
+    counts: dict,
+    act: dict,
+    *,
+    height: int = 480,
+    width: int = 832,
+    num_chunks: int = 7,
+    frames_per_chunk: int = 3,
+    group_size: int = 12,
+    anchors: int = 4,
+    fork_batch: int = 4,
+    decode_batch: int = 1,
+    eval_batch: int = 2,
+    anchor_micro_batch: int | None = None,
+) -> dict:
     """Bytes per role at the given size, worst pivot, from the counts and the measured activations."""
     tokens_chunk = frames_per_chunk * (height // 16) * (width // 16)
     latent_chunk = 16 * frames_per_chunk * (height // 8) * (width // 8)
@@ -127,9 +155,14 @@ def predict(counts: dict, act: dict, *, height: int = 480, width: int = 832, num
     rollout_weights = base + 2 * lora + 127e6 * 2  # both adapters, the Wan VAE in bf16
     fork_peak = rollout_weights + branch_cache + gather + ffn_transient
     eval_peak = rollout_weights + eval_batch * written * kv_chunk + gather
-    rollout = {"weights": rollout_weights, "fork_kv_cache": branch_cache, "fork_transient": gather + ffn_transient,
-               "decode": decode, "eval_kv_cache": eval_batch * written * kv_chunk,
-               "peak": max(fork_peak, eval_peak, rollout_weights + decode)}
+    rollout = {
+        "weights": rollout_weights,
+        "fork_kv_cache": branch_cache,
+        "fork_transient": gather + ffn_transient,
+        "decode": decode,
+        "eval_kv_cache": eval_batch * written * kv_chunk,
+        "peak": max(fork_peak, eval_peak, rollout_weights + decode),
+    }
 
     m = anchor_micro_batch or anchors
     q = m * tokens_chunk
@@ -141,29 +174,51 @@ def predict(counts: dict, act: dict, *, height: int = 480, width: int = 832, num
     without = LAYERS * per_block
     # Checkpointed: each block keeps its input (bf16 hidden states) and recomputes one block at a time.
     with_ckpt = LAYERS * q * DIM * 2 + per_block
-    learner = {"weights_adapters_optimiser": learner_weights, "prefix_cache": prefix_cache, "records": records,
-               "activations_without_checkpointing": without, "activations_with_checkpointing": with_ckpt,
-               "peak_without_checkpointing": learner_weights + prefix_cache + records + without,
-               "peak_with_checkpointing": learner_weights + prefix_cache + records + with_ckpt}
+    learner = {
+        "weights_adapters_optimiser": learner_weights,
+        "prefix_cache": prefix_cache,
+        "records": records,
+        "activations_without_checkpointing": without,
+        "activations_with_checkpointing": with_ckpt,
+        "peak_without_checkpointing": learner_weights + prefix_cache + records + without,
+        "peak_with_checkpointing": learner_weights + prefix_cache + records + with_ckpt,
+    }
     gib = lambda d: {k: round(v / GIB, 2) for k, v in d.items()}  # noqa: E731
-    return {"resolution": [height, width], "tokens_per_chunk": tokens_chunk, "kv_cache_per_chunk_gib": round(kv_chunk / GIB, 3),
-            "anchors_per_pass": m, "fork_batch_size": fork_batch, "decode_batch_size": decode_batch,
-            "eval_batch_size": eval_batch, "rollout_gib": gib(rollout), "learner_gib": gib(learner)}
+    return {
+        "resolution": [height, width],
+        "tokens_per_chunk": tokens_chunk,
+        "kv_cache_per_chunk_gib": round(kv_chunk / GIB, 3),
+        "anchors_per_pass": m,
+        "fork_batch_size": fork_batch,
+        "decode_batch_size": decode_batch,
+        "eval_batch_size": eval_batch,
+        "rollout_gib": gib(rollout),
+        "learner_gib": gib(learner),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.memory_model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.memory_model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--layers", type=int, default=2, help="blocks in the measured model (real width)")
     args = parser.parse_args(argv)
     counts = real_size_counts()
     act = measure_activations(layers=args.layers)
-    out = {"params_billion": round(counts["base"] / 1e9, 3), "lora_params_million_per_adapter":
-           round(counts["lora_per_adapter"] / 1e6, 1), "activations": act,
-           "assumptions": ["fused SDPA kernel (no score matrix)", "VAE decode 3.9 GB per 81-frame video (quoted)",
-                           "worst pivot for each role", "Qwen2-VL-2B reward server not modelled: 4.4 GB of bf16 weights"],
-           "learner_micro_batch_4": predict(counts, act), "learner_micro_batch_1": predict(counts, act, anchor_micro_batch=1)}
+    out = {
+        "params_billion": round(counts["base"] / 1e9, 3),
+        "lora_params_million_per_adapter": round(counts["lora_per_adapter"] / 1e6, 1),
+        "activations": act,
+        "assumptions": [
+            "fused SDPA kernel (no score matrix)",
+            "VAE decode 3.9 GB per 81-frame video (quoted)",
+            "worst pivot for each role",
+            "Qwen2-VL-2B reward server not modelled: 4.4 GB of bf16 weights",
+        ],
+        "learner_micro_batch_4": predict(counts, act),
+        "learner_micro_batch_1": predict(counts, act, anchor_micro_batch=1),
+    }
     if args.json:
         print(json.dumps(out))
     else:

@@ -50,8 +50,9 @@ class SolverVaries:
     def solver(self, chunk, step, device=None, dtype=torch.float32):
         if chunk != self.chunk:
             return self.plan.solver(chunk, step, device, dtype)
-        variants = [seeded_normal(self.plan.chunk_shape, self.seed, "solver", chunk, step, i)
-                    for i in range(self.batch_size)]
+        variants = [
+            seeded_normal(self.plan.chunk_shape, self.seed, "solver", chunk, step, i) for i in range(self.batch_size)
+        ]
         return torch.stack(variants).to(device=device, dtype=dtype)
 
     def context(self, chunk, device=None, dtype=torch.float32):
@@ -81,10 +82,16 @@ def measure(cfg: Config, variants: int, rollouts: int, seed: int) -> dict:
             spreads, reward_stds = [], []
             for _ in range(rollouts):
                 prompt = rng.choice(prompts)
-                noise = chunk_variants(sampler.noise_plan(rng.randrange(2**31)), chunk, kind, variants,
-                                       cfg.algorithm.fork_sigma, rng.randrange(2**31))
+                noise = chunk_variants(
+                    sampler.noise_plan(rng.randrange(2**31)),
+                    chunk,
+                    kind,
+                    variants,
+                    cfg.algorithm.fork_sigma,
+                    rng.randrange(2**31),
+                )
                 latents = sampler.generate(encoder.encode([prompt]), noise)
-                spreads.append(latents[:, :, chunk * f:(chunk + 1) * f].std(0).mean().item())
+                spreads.append(latents[:, :, chunk * f : (chunk + 1) * f].std(0).mean().item())
                 # The unquantised frames, as this bench has always scored them.
                 scores = score(latents.clamp(-1.0, 1.0), [prompt] * variants, list(terms))
                 reward_stds.append(weighted_total(scores, terms).std().item())
@@ -108,11 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows))
     else:
-        print(f"{'chunk':>5} {'initial spread':>15} {'solver spread':>14} {'ratio':>7} {'reward std (init)':>18} "
-              f"{'reward std (solver)':>20}")
+        print(
+            f"{'chunk':>5} {'initial spread':>15} {'solver spread':>14} {'ratio':>7} {'reward std (init)':>18} "
+            f"{'reward std (solver)':>20}"
+        )
         for chunk, r in rows.items():
-            print(f"{chunk:>5} {r['initial_spread']:>15.4f} {r['solver_spread']:>14.4f} {r['initial_over_solver']:>7.3f} "
-                  f"{r['initial_reward_std']:>18.4f} {r['solver_reward_std']:>20.4f}")
+            print(
+                f"{chunk:>5} {r['initial_spread']:>15.4f} {r['solver_spread']:>14.4f} {r['initial_over_solver']:>7.3f} "
+                f"{r['initial_reward_std']:>18.4f} {r['solver_reward_std']:>20.4f}"
+            )
     return 0
 
 

@@ -42,9 +42,14 @@ def distributed(cfg: Config, root: Path) -> dict:
     start = evals[0]["time"]  # the on-policy phase starts after the first evaluation
     seconds = on[-1]["time"] - start
     groups = sum(r["groups"] for r in on)
-    return {"groups": groups, "seconds": seconds, "groups_per_s": groups / seconds,
-            "role_busy_ratio": summary["role_busy_ratio"], "weight_sync_seconds": summary["weight_sync_seconds"],
-            "weight_sync_bytes": summary["weight_sync_bytes"]}
+    return {
+        "groups": groups,
+        "seconds": seconds,
+        "groups_per_s": groups / seconds,
+        "role_busy_ratio": summary["role_busy_ratio"],
+        "weight_sync_seconds": summary["weight_sync_seconds"],
+        "weight_sync_bytes": summary["weight_sync_bytes"],
+    }
 
 
 def sequential(cfg: Config) -> dict:
@@ -75,15 +80,34 @@ def sequential(cfg: Config) -> dict:
         for _ in range(per_iter):
             job = make_job(cfg.run.seed, "on_policy", job_id, prompts, cfg.sampler.num_chunks, "on_policy")
             job_id += 1
-            batch.append(collect_group(
-                policy.sampler, policy.text([job.prompt]), job.prompt, pivot=job.pivot, group_size=a.group_size,
-                sigma=a.fork_sigma, plan_seed=job.plan_seed, fork_seed=job.fork_seed, decode=policy.decode,
-                reward_fn=lambda v, ps: score_batch(models, v, ps), weights=weights,
-                policy_version=it, adapter="on_policy"))
+            batch.append(
+                collect_group(
+                    policy.sampler,
+                    policy.text([job.prompt]),
+                    job.prompt,
+                    pivot=job.pivot,
+                    group_size=a.group_size,
+                    sigma=a.fork_sigma,
+                    plan_seed=job.plan_seed,
+                    fork_seed=job.fork_seed,
+                    decode=policy.decode,
+                    reward_fn=lambda v, ps: score_batch(models, v, ps),
+                    weights=weights,
+                    policy_version=it,
+                    adapter="on_policy",
+                )
+            )
         params = adapters.train_adapter(policy.model, adapters.ON_POLICY)
-        arcopo_update(policy.sampler, batch, [g.rewards for g in batch], [policy.text([g.prompt]) for g in batch],
-                      params, optimizer, settings,
-                      anchor_generators=[anchor_generator(cfg.run.seed, it, i) for i in range(len(batch))])
+        arcopo_update(
+            policy.sampler,
+            batch,
+            [g.rewards for g in batch],
+            [policy.text([g.prompt]) for g in batch],
+            params,
+            optimizer,
+            settings,
+            anchor_generators=[anchor_generator(cfg.run.seed, it, i) for i in range(len(batch))],
+        )
         groups += len(batch)
     seconds = time.perf_counter() - start
     return {"groups": groups, "seconds": seconds, "groups_per_s": groups / seconds}
@@ -103,10 +127,21 @@ def replay_rates(cfg: Config, root: Path, items: int) -> dict:
     models = build_reward_models(cfg)
     weights = {t.name: t.weight for t in cfg.rewards.terms}
     prompt = "a red circle moving left on a black background"
-    group = collect_group(policy.sampler, policy.text([prompt]), prompt, pivot=1, group_size=cfg.algorithm.group_size,
-                          sigma=cfg.algorithm.fork_sigma, plan_seed=1, fork_seed=2, decode=policy.decode,
-                          reward_fn=lambda v, ps: score_batch(models, v, ps), weights=weights,
-                          policy_version=0, adapter="semi")
+    group = collect_group(
+        policy.sampler,
+        policy.text([prompt]),
+        prompt,
+        pivot=1,
+        group_size=cfg.algorithm.group_size,
+        sigma=cfg.algorithm.fork_sigma,
+        plan_seed=1,
+        fork_seed=2,
+        decode=policy.decode,
+        reward_fn=lambda v, ps: score_batch(models, v, ps),
+        weights=weights,
+        policy_version=0,
+        adapter="semi",
+    )
     key = b"bench-key-0123456789abcdef012345"
     payload = group.to_bytes(key=key)
     with EmbeddedRedis(root / "redis") as server:
@@ -131,15 +166,21 @@ def replay_rates(cfg: Config, root: Path, items: int) -> dict:
         raw.close()
         buffer.close()
     del torch
-    return {"record_bytes": len(payload), "replay_insert_per_s": items / insert_s,
-            "replay_sample_per_s": items / sample_s, "redis_raw_set_per_s": items / set_s,
-            "redis_raw_get_per_s": items / get_s,
-            "insert_overhead_vs_raw": set_s and insert_s / set_s, "sample_overhead_vs_raw": get_s and sample_s / get_s}
+    return {
+        "record_bytes": len(payload),
+        "replay_insert_per_s": items / insert_s,
+        "replay_sample_per_s": items / sample_s,
+        "redis_raw_set_per_s": items / set_s,
+        "redis_raw_get_per_s": items / get_s,
+        "insert_overhead_vs_raw": set_s and insert_s / set_s,
+        "sample_overhead_vs_raw": get_s and sample_s / get_s,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/toy.yaml")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--iterations", type=int, default=6)
@@ -148,10 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     from common.config import load_config_for_cli
 
-    defaults = ["run.phases=[on_policy]", f"run.iterations={args.iterations}", "rollout.num_workers=2",
-                "rollout.prompts_per_iteration=4", "run.eval_prompts=2", "run.eval_seeds=1", "run.sample_prompts=0",
-                "rollout.num_cpus_per_worker=0.5", "rewards.num_cpus_per_server=0.5", "learner.num_cpus_per_worker=0.5",
-                "cluster.num_cpus=4", "metrics.port=0"]
+    defaults = [
+        "run.phases=[on_policy]",
+        f"run.iterations={args.iterations}",
+        "rollout.num_workers=2",
+        "rollout.prompts_per_iteration=4",
+        "run.eval_prompts=2",
+        "run.eval_seeds=1",
+        "run.sample_prompts=0",
+        "rollout.num_cpus_per_worker=0.5",
+        "rewards.num_cpus_per_server=0.5",
+        "learner.num_cpus_per_worker=0.5",
+        "cluster.num_cpus=4",
+        "metrics.port=0",
+    ]
     cfg = load_config_for_cli(args.config, defaults + args.overrides)
     if cfg is None:
         return 2
@@ -162,11 +213,14 @@ def main(argv: list[str] | None = None) -> int:
         seq = sequential(cfg)
         replay = replay_rates(cfg, root, args.replay_items)
     result = {
-        "rollout_workers": cfg.rollout.num_workers, "groups": dist["groups"],
-        "distributed_groups_per_s": dist["groups_per_s"], "sequential_groups_per_s": seq["groups_per_s"],
+        "rollout_workers": cfg.rollout.num_workers,
+        "groups": dist["groups"],
+        "distributed_groups_per_s": dist["groups_per_s"],
+        "sequential_groups_per_s": seq["groups_per_s"],
         "speedup": dist["groups_per_s"] / seq["groups_per_s"],
         "role_busy_ratio": dist["role_busy_ratio"],
-        "weight_sync_seconds": dist["weight_sync_seconds"], "weight_sync_bytes": dist["weight_sync_bytes"],
+        "weight_sync_seconds": dist["weight_sync_seconds"],
+        "weight_sync_bytes": dist["weight_sync_bytes"],
         **replay,
     }
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))

@@ -62,13 +62,23 @@ PROMPTS = [
     "a cat jumping onto a wooden table in a sunny kitchen",
     "rain falling on a neon-lit city street at night",
 ]
-REWARD_TEMPLATE = ("Rate this AI-generated video. Textual prompt - {text_prompt}\n"
-                   "Visual Quality: <|VQ_reward|>\nMotion Quality: <|MQ_reward|>\nText Alignment: <|TA_reward|>\n")
+REWARD_TEMPLATE = (
+    "Rate this AI-generated video. Textual prompt - {text_prompt}\n"
+    "Visual Quality: <|VQ_reward|>\nMotion Quality: <|MQ_reward|>\nText Alignment: <|TA_reward|>\n"
+)
 HEIGHT = WIDTH = 64
 NUM_CHUNKS, FRAMES_PER_CHUNK = 3, 3
 REWARD_PIXELS = 56 * 56
-UMT5 = dict(d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=2, feed_forward_proj="gated-gelu",
-            relative_attention_num_buckets=32, relative_attention_max_distance=128)
+UMT5 = dict(
+    d_model=4096,
+    d_kv=64,
+    num_heads=64,
+    d_ff=10240,
+    num_layers=2,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+)
 GB = 1e9
 
 
@@ -118,8 +128,9 @@ def write_text_encoder(root: Path, prompts: list[str], seed: int) -> int:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = split
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(str(root / "tokenizer"))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(str(root / "tokenizer"))
     torch.manual_seed(seed)
     config = UMT5Config(vocab_size=len(vocab), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **UMT5)
     model = UMT5EncoderModel._from_config(config, dtype=torch.bfloat16)  # 0.8 GB: no need for meta here
@@ -149,8 +160,7 @@ def write_weights(out: str, layers: int, reward: str, seed: int, manifest: str) 
     from common.metrics import peak_rss_bytes
     from rewards.tiny import make_tiny_videoalign
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     torch.set_num_threads(2)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,8 +171,12 @@ def write_weights(out: str, layers: int, reward: str, seed: int, manifest: str) 
         ("transformer", lambda: write_transformer(out / "self_forcing_dmd.pt", kwargs, seed)),
         ("vae", lambda: write_vae(out / "vae", seed)),
         ("text_encoder", lambda: write_text_encoder(out, PROMPTS, seed)),
-        ("reward", lambda: count_checkpoint(
-            make_tiny_videoalign(out / "videoalign", size=reward, seed=seed) / "checkpoint-11352" / "model.pth")),
+        (
+            "reward",
+            lambda: count_checkpoint(
+                make_tiny_videoalign(out / "videoalign", size=reward, seed=seed) / "checkpoint-11352" / "model.pth"
+            ),
+        ),
     ]
     for name, step in steps:
         t0 = time.perf_counter()
@@ -171,11 +185,23 @@ def write_weights(out: str, layers: int, reward: str, seed: int, manifest: str) 
         log.info("wrote %s: %.3fB parameters in %.1f s", name, counts[name] / 1e9, seconds[name])
     (out / "videoalign" / "prompt_template.txt").write_text(REWARD_TEMPLATE)
     (out / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    sizes = {"transformer": (out / "self_forcing_dmd.pt").stat().st_size, "vae": _tree_bytes(out / "vae"),
-             "text_encoder": _tree_bytes(out / "text_encoder"), "reward": _tree_bytes(out / "videoalign")}
-    Path(manifest).write_text(json.dumps({"params": counts, "file_bytes": sizes, "seconds": seconds,
-                                          "total_seconds": time.perf_counter() - start,
-                                          "peak_rss_bytes": peak_rss_bytes()}))
+    sizes = {
+        "transformer": (out / "self_forcing_dmd.pt").stat().st_size,
+        "vae": _tree_bytes(out / "vae"),
+        "text_encoder": _tree_bytes(out / "text_encoder"),
+        "reward": _tree_bytes(out / "videoalign"),
+    }
+    Path(manifest).write_text(
+        json.dumps(
+            {
+                "params": counts,
+                "file_bytes": sizes,
+                "seconds": seconds,
+                "total_seconds": time.perf_counter() - start,
+                "peak_rss_bytes": peak_rss_bytes(),
+            }
+        )
+    )
 
 
 def _tree_bytes(path: Path) -> int:
@@ -192,28 +218,56 @@ def job_overrides(weights: Path, root: Path, layers: int, threads: int, sample_p
         cpus, total = {"rollout": 0.5, "rewards": 0.5, "learner": 1.0}, 2
     else:
         cpus, total = {"rollout": threads, "rewards": threads, "learner": threads}, 3 * threads
-    reward = {"kind": "videoalign", "path": str(weights / "videoalign"), "base_model": str(weights / "videoalign" / "base"),
-              "prompt_template": str(weights / "videoalign" / "prompt_template.txt"), "device": "cpu",
-              "dtype": "bfloat16", "num_gpus": 0, "min_pixels": REWARD_PIXELS, "max_pixels": REWARD_PIXELS}
+    reward = {
+        "kind": "videoalign",
+        "path": str(weights / "videoalign"),
+        "base_model": str(weights / "videoalign" / "base"),
+        "prompt_template": str(weights / "videoalign" / "prompt_template.txt"),
+        "device": "cpu",
+        "dtype": "bfloat16",
+        "num_gpus": 0,
+        "min_pixels": REWARD_PIXELS,
+        "max_pixels": REWARD_PIXELS,
+    }
     return [
         f"model.transformer.num_layers={layers}",
-        f"model.self_forcing_checkpoint={weights / 'self_forcing_dmd.pt'}", "model.checkpoint_key=generator_ema",
-        f"model.vae={weights / 'vae'}", f"model.text_encoder={weights / 'text_encoder'}",
-        f"model.tokenizer={weights / 'tokenizer'}", "model.dtype=bfloat16", "model.device=cpu",
-        f"sampler.num_chunks={NUM_CHUNKS}", f"sampler.frames_per_chunk={FRAMES_PER_CHUNK}",
-        f"sampler.height={HEIGHT}", f"sampler.width={WIDTH}", "sampler.fork_batch_size=12",
-        "algorithm.group_size=12", "algorithm.num_anchors=4",
-        "learner.lora.rank=64", "learner.lora.alpha=128", "learner.gradient_checkpointing=true",
+        f"model.self_forcing_checkpoint={weights / 'self_forcing_dmd.pt'}",
+        "model.checkpoint_key=generator_ema",
+        f"model.vae={weights / 'vae'}",
+        f"model.text_encoder={weights / 'text_encoder'}",
+        f"model.tokenizer={weights / 'tokenizer'}",
+        "model.dtype=bfloat16",
+        "model.device=cpu",
+        f"sampler.num_chunks={NUM_CHUNKS}",
+        f"sampler.frames_per_chunk={FRAMES_PER_CHUNK}",
+        f"sampler.height={HEIGHT}",
+        f"sampler.width={WIDTH}",
+        "sampler.fork_batch_size=12",
+        "algorithm.group_size=12",
+        "algorithm.num_anchors=4",
+        "learner.lora.rank=64",
+        "learner.lora.alpha=128",
+        "learner.gradient_checkpointing=true",
         f"learner.num_cpus_per_worker={cpus['learner']}",
-        "rollout.num_workers=1", f"rollout.num_cpus_per_worker={cpus['rollout']}",
-        "rollout.prompts_per_iteration=1", f"rollout.prompts={weights / 'prompts.txt'}",
-        f"rewards.models={json.dumps([reward])}", "rewards.num_gpus_per_server=0",
+        "rollout.num_workers=1",
+        f"rollout.num_cpus_per_worker={cpus['rollout']}",
+        "rollout.prompts_per_iteration=1",
+        f"rollout.prompts={weights / 'prompts.txt'}",
+        f"rewards.models={json.dumps([reward])}",
+        "rewards.num_gpus_per_server=0",
         f"rewards.num_cpus_per_server={cpus['rewards']}",
         "replay.num_reference_groups=2",
-        "run.iterations=2", "run.semi_iterations=1", "run.eval_prompts=1", "run.eval_seeds=1",
-        "run.merge_scales=[0.0, 1.0]", f"run.sample_prompts={sample_prompts}",
-        f"run.output_dir={root}", "run.name=job",
-        f"cluster.num_cpus={total}", "cluster.call_timeout_s=3600", "metrics.port=0",
+        "run.iterations=2",
+        "run.semi_iterations=1",
+        "run.eval_prompts=1",
+        "run.eval_seeds=1",
+        "run.merge_scales=[0.0, 1.0]",
+        f"run.sample_prompts={sample_prompts}",
+        f"run.output_dir={root}",
+        "run.name=job",
+        f"cluster.num_cpus={total}",
+        "cluster.call_timeout_s=3600",
+        "metrics.port=0",
     ]
 
 
@@ -222,13 +276,19 @@ def phase_seconds(rows: list[dict], wall: float) -> dict:
     `startup` ends with the first evaluation (Ray, Redis, prompt embeddings, every role loading its
     models, pi_ref evaluated); each phase's checkpoint is written at its end, inside the next span;
     `merge` is the sweep, the on-policy adapter alone and the final evaluation."""
+
     def last(phase):
         times = [r["time"] for r in rows if r.get("phase") == phase]
         return times[-1] if times else None
 
     evals = [r["time"] for r in rows if r.get("phase") == "eval"]
-    marks = [("startup", evals[0] if evals else None), ("reference", last("reference")), ("semi", last("semi")),
-             ("on_policy", last("on_policy")), ("merge", evals[-1] if len(evals) > 1 else None)]
+    marks = [
+        ("startup", evals[0] if evals else None),
+        ("reference", last("reference")),
+        ("semi", last("semi")),
+        ("on_policy", last("on_policy")),
+        ("merge", evals[-1] if len(evals) > 1 else None),
+    ]
     out, previous = {}, 0.0
     for name, t in marks:
         if t is not None:
@@ -287,56 +347,79 @@ def run_job(args, root: Path, weights: Path) -> dict:
         "adapter_update_norm": adapters["norms"],
         "peak_rss_gb": {**{k: round(v / GB, 2) for k, v in rss.items()}, "driver": round(peak_rss_bytes() / GB, 2)},
         "seconds": phase_seconds(rows, wall),
-        "weight_sync": [{"version": s["version"], "bytes": s["bytes"], "seconds": round(s["seconds"], 3)}
-                        for s in summary.get("weight_sync_log", [])],
+        "weight_sync": [
+            {"version": s["version"], "bytes": s["bytes"], "seconds": round(s["seconds"], 3)}
+            for s in summary.get("weight_sync_log", [])
+        ],
         "weight_sync_bytes": [s["bytes"] for s in summary.get("weight_sync_log", [])],
         "weight_sync_seconds": [round(s["seconds"], 3) for s in summary.get("weight_sync_log", [])],
         "record_bytes": [b for r in rows for b in r.get("record_bytes", [])],
         "checkpoint_bytes": _tree_bytes(checkpoints[-1]) if checkpoints else 0,
         "checkpoints": len(checkpoints),
-        "reward_initial": summary["reward_initial"], "reward_final": summary["reward_final"],
+        "reward_initial": summary["reward_initial"],
+        "reward_final": summary["reward_final"],
         "loss": [r["loss"] for r in updates],
         "resolution": [config.sampler.height, config.sampler.width],
         "latent_shape": list(config.latent_shape),
-        "num_chunks": config.sampler.num_chunks, "frames_per_chunk": config.sampler.frames_per_chunk,
+        "num_chunks": config.sampler.num_chunks,
+        "frames_per_chunk": config.sampler.frames_per_chunk,
         "video_frames": 1 + config.model.vae_temporal_stride * (config.sampler.num_frames - 1),
         "max_text_tokens": config.model.max_text_tokens,
-        "group_size": config.algorithm.group_size, "num_anchors": config.algorithm.num_anchors,
-        "lora_rank": config.learner.lora.rank, "lora_alpha": config.learner.lora.alpha,
+        "group_size": config.algorithm.group_size,
+        "num_anchors": config.algorithm.num_anchors,
+        "lora_rank": config.learner.lora.rank,
+        "lora_alpha": config.learner.lora.alpha,
         "gradient_checkpointing": config.learner.gradient_checkpointing,
-        "transformer": {"num_layers": tf.num_layers, "dim": tf.num_attention_heads * tf.attention_head_dim,
-                        "heads": tf.num_attention_heads, "head_dim": tf.attention_head_dim, "ffn_dim": tf.ffn_dim,
-                        "text_dim": tf.text_dim},
+        "transformer": {
+            "num_layers": tf.num_layers,
+            "dim": tf.num_attention_heads * tf.attention_head_dim,
+            "heads": tf.num_attention_heads,
+            "head_dim": tf.attention_head_dim,
+            "ffn_dim": tf.ffn_dim,
+            "text_dim": tf.text_dim,
+        },
         "threads_per_role": args.threads,
         "cluster_cpus": config.cluster.num_cpus,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.real_size", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.real_size", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object (the default prints it indented)")
-    parser.add_argument("--layers", type=int, default=30, help="transformer blocks (default %(default)s, the real 1.3B)")
-    parser.add_argument("--reward", choices=["2b", "tiny"], default="2b",
-                        help="VideoAlign at Qwen2-VL-2B-Instruct's size, or a tiny one (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads (and Ray CPUs) per role (default %(default)s; see above)")
+    parser.add_argument(
+        "--layers", type=int, default=30, help="transformer blocks (default %(default)s, the real 1.3B)"
+    )
+    parser.add_argument(
+        "--reward",
+        choices=["2b", "tiny"],
+        default="2b",
+        help="VideoAlign at Qwen2-VL-2B-Instruct's size, or a tiny one (default %(default)s)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (and Ray CPUs) per role (default %(default)s; see above)"
+    )
     parser.add_argument("--sample-prompts", type=int, default=1, help="sample videos at the start and the end")
-    parser.add_argument("--root", type=Path, default=Path("runs/real_size"),
-                        help="where weights and the run go (default %(default)s); replaced if the bench made it")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("runs/real_size"),
+        help="where weights and the run go (default %(default)s); replaced if the bench made it",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the weight files, checkpoints and adapters (GBs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, applied last")
     args = parser.parse_intermixed_args(argv)
     if args.layers < 1 or args.threads < 1:
         parser.error("--layers and --threads must be at least 1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     root = args.root.resolve()
     if root.exists() and any(root.iterdir()):
         if not (root / MARKER).is_file():
-            print(f"bench.real_size: {root} exists and was not made by this bench; pick another --root",
-                  file=sys.stderr)
+            print(
+                f"bench.real_size: {root} exists and was not made by this bench; pick another --root", file=sys.stderr
+            )
             return 2
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -347,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = root / "weights.json"
         # spawn: a fresh interpreter, so the GBs it touches never count as the driver's memory.
         child = multiprocessing.get_context("spawn").Process(
-            target=write_weights, args=(str(weights), args.layers, args.reward, args.seed, str(manifest)))
+            target=write_weights, args=(str(weights), args.layers, args.reward, args.seed, str(manifest))
+        )
         child.start()
         child.join()
         if child.exitcode != 0:
@@ -368,17 +452,25 @@ def main(argv: list[str] | None = None) -> int:
         "finished": result.pop("finished"),
         "params_billion": {k: round(v / 1e9, 4) for k, v in params.items()},
         **result,
-        "text_encoder": (f"REDUCED UMT5: {UMT5['num_layers']} layers of d_model {UMT5['d_model']} "
-                         f"({UMT5['num_heads']} heads x {UMT5['d_kv']}, gated-GELU FFN {UMT5['d_ff']}), a word-level "
-                         "vocabulary of the prompt file's words; the real UMT5-XXL has 24 layers and a 256k "
-                         "sentencepiece vocabulary, 5.7B parameters"),
-        "reward_model": ("VideoAlign (VideoReward layout) on Qwen2-VL-2B-Instruct's architecture" if args.reward == "2b"
-                         else "VideoAlign (VideoReward layout) on a tiny Qwen2-VL"),
+        "text_encoder": (
+            f"REDUCED UMT5: {UMT5['num_layers']} layers of d_model {UMT5['d_model']} "
+            f"({UMT5['num_heads']} heads x {UMT5['d_kv']}, gated-GELU FFN {UMT5['d_ff']}), a word-level "
+            "vocabulary of the prompt file's words; the real UMT5-XXL has 24 layers and a 256k "
+            "sentencepiece vocabulary, 5.7B parameters"
+        ),
+        "reward_model": (
+            "VideoAlign (VideoReward layout) on Qwen2-VL-2B-Instruct's architecture"
+            if args.reward == "2b"
+            else "VideoAlign (VideoReward layout) on a tiny Qwen2-VL"
+        ),
         "reward_frame_pixels": [56, 56],
-        "weights_written": {"seconds": round(written["total_seconds"], 1),
-                            "file_gb": {k: round(v / GB, 3) for k, v in written["file_bytes"].items()},
-                            "writer_peak_rss_gb": round(written["peak_rss_bytes"] / GB, 2)},
-        "root": str(root), "kept_weights": args.keep,
+        "weights_written": {
+            "seconds": round(written["total_seconds"], 1),
+            "file_gb": {k: round(v / GB, 3) for k, v in written["file_bytes"].items()},
+            "writer_peak_rss_gb": round(written["peak_rss_bytes"] / GB, 2),
+        },
+        "root": str(root),
+        "kept_weights": args.keep,
     }
     (root / "real_size.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))

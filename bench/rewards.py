@@ -27,9 +27,14 @@ def _config(root: Path, overrides: list[str]):
     if not va.exists():
         make_tiny_videoalign(va)
         make_tiny_clip(clip)
-    return load_config("configs/toy.yaml", [
-        f"rewards.models=[{{kind: videoalign, path: {va}, prefix: va_}}, {{kind: clip, path: {clip}}}, {{kind: toy}}]",
-        *overrides])
+    return load_config(
+        "configs/toy.yaml",
+        [
+            f"rewards.models=[{{kind: videoalign, path: {va}, prefix: va_}}, "
+            f"{{kind: clip, path: {clip}}}, {{kind: toy}}]",
+            *overrides,
+        ],
+    )
 
 
 def server_throughput(root: Path, groups: int, group_size: int, frames: int, size: int, batching: bool) -> dict:
@@ -37,8 +42,11 @@ def server_throughput(root: Path, groups: int, group_size: int, frames: int, siz
 
     from rewards.server import RewardServer
 
-    overrides = (["rewards.max_batch_videos=64", "rewards.batch_timeout_s=0.05"] if batching
-                 else ["rewards.max_batch_videos=1", "rewards.batch_timeout_s=0"])
+    overrides = (
+        ["rewards.max_batch_videos=64", "rewards.batch_timeout_s=0.05"]
+        if batching
+        else ["rewards.max_batch_videos=1", "rewards.batch_timeout_s=0"]
+    )
     cfg = _config(root, overrides + ["rewards.video_fps=16"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -68,9 +76,14 @@ def server_throughput(root: Path, groups: int, group_size: int, frames: int, siz
     seconds = asyncio.run(run())
     stats = server.get_stats()
     videos = groups * group_size
-    return {"batching": batching, "videos": videos, "seconds": seconds, "videos_per_s": videos / seconds,
-            "batches": stats["batches"] - batches_before - 1,
-            "ms_per_video": {k: v["ms_per_video"] for k, v in stats["models"].items()}}
+    return {
+        "batching": batching,
+        "videos": videos,
+        "seconds": seconds,
+        "videos_per_s": videos / seconds,
+        "batches": stats["batches"] - batches_before - 1,
+        "ms_per_video": {k: v["ms_per_video"] for k, v in stats["models"].items()},
+    }
 
 
 def group_share(root: Path) -> dict:
@@ -106,13 +119,30 @@ def group_share(root: Path) -> dict:
         job = make_job(cfg.run.seed, "on_policy", i, prompts, cfg.sampler.num_chunks, "on_policy")
         start = time.perf_counter()
         with torch.no_grad():
-            collect_group(policy.sampler, policy.text([job.prompt]), job.prompt, pivot=job.pivot,
-                          group_size=a.group_size, sigma=a.fork_sigma, plan_seed=job.plan_seed,
-                          fork_seed=job.fork_seed, decode=policy.decode, reward_fn=reward_fn, weights=weights,
-                          policy_version=0, adapter="on_policy")
+            collect_group(
+                policy.sampler,
+                policy.text([job.prompt]),
+                job.prompt,
+                pivot=job.pivot,
+                group_size=a.group_size,
+                sigma=a.fork_sigma,
+                plan_seed=job.plan_seed,
+                fork_seed=job.fork_seed,
+                decode=policy.decode,
+                reward_fn=reward_fn,
+                weights=weights,
+                policy_version=0,
+                adapter="on_policy",
+            )
         wall = time.perf_counter() - start
-        results.append({"group_size": a.group_size, "wall_seconds": wall, "reward_seconds": reward_seconds,
-                        "reward_share": reward_seconds / wall})
+        results.append(
+            {
+                "group_size": a.group_size,
+                "wall_seconds": wall,
+                "reward_seconds": reward_seconds,
+                "reward_share": reward_seconds / wall,
+            }
+        )
     return results[-1]
 
 
@@ -132,17 +162,23 @@ def main(argv: list[str] | None = None) -> int:
         off = server_throughput(root, args.groups, args.group_size, args.frames, args.size, batching=False)
         on = server_throughput(root, args.groups, args.group_size, args.frames, args.size, batching=True)
         share = group_share(root)
-    result = {"models": ["videoalign (tiny Qwen2-VL)", "clip (tiny)", "toy"], "threads": torch.get_num_threads(),
-              "batching_off": off, "batching_on": on, "speedup": on["videos_per_s"] / off["videos_per_s"],
-              "group": share}
+    result = {
+        "models": ["videoalign (tiny Qwen2-VL)", "clip (tiny)", "toy"],
+        "threads": torch.get_num_threads(),
+        "batching_off": off,
+        "batching_on": on,
+        "speedup": on["videos_per_s"] / off["videos_per_s"],
+        "group": share,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"batching off: {off['videos_per_s']:.2f} videos/s in {off['batches']} batches")
-        print(f"batching on:  {on['videos_per_s']:.2f} videos/s in {on['batches']} batches "
-              f"(x{result['speedup']:.2f})")
-        print(f"one toy group of {share['group_size']}: {share['wall_seconds']:.2f} s, "
-              f"{100 * share['reward_share']:.0f}% in reward scoring")
+        print(f"batching on:  {on['videos_per_s']:.2f} videos/s in {on['batches']} batches (x{result['speedup']:.2f})")
+        print(
+            f"one toy group of {share['group_size']}: {share['wall_seconds']:.2f} s, "
+            f"{100 * share['reward_share']:.0f}% in reward scoring"
+        )
     return 0
 
 

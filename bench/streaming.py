@@ -127,17 +127,23 @@ def run(cfg: Config, config_path: str, repeats: int, skip_no_cache: bool) -> dic
     fork_times = []
     for pivot in range(sampler.num_chunks):
         t, _ = _timed(
-            lambda: sampler.fork(text, plan, pivot=pivot, group_size=group_size,
-                                 sigma=cfg.algorithm.fork_sigma, fork_seed=1),
-            device, repeats,
+            lambda pivot=pivot: sampler.fork(
+                text,
+                plan,
+                pivot=pivot,
+                group_size=group_size,
+                sigma=cfg.algorithm.fork_sigma,
+                fork_seed=1,
+            ),
+            device,
+            repeats,
         )
         fork_times.append(t)
     # Chunk-passes weighted by batch, docs/method.md section 6: a fork runs the prefix once for all G.
     L = sampler.num_chunks
     cost_ratios = [group_size * L / (p + group_size * (L - p)) for p in range(L)]
     fork_memory = peak_memory_mb(
-        lambda: sampler.fork(text, plan, pivot=0, group_size=group_size, sigma=cfg.algorithm.fork_sigma,
-                             fork_seed=1),
+        lambda: sampler.fork(text, plan, pivot=0, group_size=group_size, sigma=cfg.algorithm.fork_sigma, fork_seed=1),
         device,
     )
 
@@ -164,13 +170,17 @@ def run(cfg: Config, config_path: str, repeats: int, skip_no_cache: bool) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.streaming", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.streaming", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/tiny.yaml", help="config YAML (default: tiny)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the fastest counts")
-    parser.add_argument("--skip-no-cache", action="store_true",
-                        help="skip the no-cache baseline (slow at real size: it is quadratic in chunks)")
+    parser.add_argument(
+        "--skip-no-cache",
+        action="store_true",
+        help="skip the no-cache baseline (slow at real size: it is quadratic in chunks)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sampler.num_chunks=8")
     args = parser.parse_intermixed_args(argv)
     # Before the user's overrides, so a checkpoint named on the command line still loads.

@@ -58,6 +58,7 @@ def final_policy(phases: list[str]) -> tuple[str, float]:
 @dataclass
 class FitResult:
     """What the schedule produced, for the run's summary."""
+
     before: Scores  # pi_ref on the evaluation set
     before_parts: dict[str, float]
     after: Scores  # the final policy on the same set
@@ -86,11 +87,20 @@ class Driver:
     checkpoint_dir where checkpoints go, or None for none
     """
 
-    def __init__(self, config: Config, roles, counters: Counters, prompts: list[str], *,
-                 log_metrics: Callable[[dict], None],
-                 save_samples: Callable[[str, list[str], list[bytes]], list[str]],
-                 metrics=None, replay_stats: Callable[[], dict] | None = None, progress_bar=None,
-                 checkpoint_dir=None):
+    def __init__(
+        self,
+        config: Config,
+        roles,
+        counters: Counters,
+        prompts: list[str],
+        *,
+        log_metrics: Callable[[dict], None],
+        save_samples: Callable[[str, list[str], list[bytes]], list[str]],
+        metrics=None,
+        replay_stats: Callable[[], dict] | None = None,
+        progress_bar=None,
+        checkpoint_dir=None,
+    ):
         self.config = config
         self.roles = roles
         self.counters = counters
@@ -132,21 +142,24 @@ class Driver:
 
         # Section 4: the fixed reference buffer, then the semi adapter trained on it.
         if "reference" in phases and "reference" not in done:
-            with self.progress_bar(total=cfg.replay.num_reference_groups, desc="reference buffer (groups)",
-                                   leave=False) as bar:
+            with self.progress_bar(
+                total=cfg.replay.num_reference_groups, desc="reference buffer (groups)", leave=False
+            ) as bar:
                 landed = self.collect_reference(bar)
             log.info("reference buffer: %d groups", landed)
             self.phase_done("reference")
         if "semi" in phases and "semi" not in done:
-            with self.progress_bar(total=self.semi_iterations(), initial=self.start_iteration("semi"),
-                                   desc="semi-on-policy") as bar:
+            with self.progress_bar(
+                total=self.semi_iterations(), initial=self.start_iteration("semi"), desc="semi-on-policy"
+            ) as bar:
                 self.train_semi(bar)
             self.phase_done("semi")
 
         # Sections 2-3: on-policy updates on fresh groups.
         if "on_policy" in phases and "on_policy" not in done:
-            with self.progress_bar(total=cfg.run.iterations, initial=self.start_iteration("on_policy"),
-                                   desc="on-policy") as bar:
+            with self.progress_bar(
+                total=cfg.run.iterations, initial=self.start_iteration("on_policy"), desc="on-policy"
+            ) as bar:
                 self.train_on_policy(bar)
             self.phase_done("on_policy")
 
@@ -170,8 +183,16 @@ class Driver:
         return self.save_samples(tag, prompts, videos)
 
     def _log_eval(self, policy: str, scores: Scores, parts: dict[str, float], **extra) -> None:
-        self.log_metrics({"phase": "eval", "policy": policy, **extra, "reward": scores.in_domain,
-                          "ood": scores.out_of_domain, **{f"reward/{k}": v for k, v in parts.items()}})
+        self.log_metrics(
+            {
+                "phase": "eval",
+                "policy": policy,
+                **extra,
+                "reward": scores.in_domain,
+                "ood": scores.out_of_domain,
+                **{f"reward/{k}": v for k, v in parts.items()},
+            }
+        )
 
     # -- checkpoints and resume ---------------------------------------------------------------
 
@@ -184,11 +205,20 @@ class Driver:
 
     def state(self) -> dict:
         c = self.counters
-        return {**self.progress_state, "version": self.version,
-                "counters": {"groups": c.groups, "groups_by_phase": c.groups_by_phase, "dropped_stale": c.dropped_stale,
-                             "reward_failures": c.reward_failures, "worker_failures": c.worker_failures,
-                             "jobs_redone": c.jobs_redone, "weight_syncs": c.weight_syncs,
-                             "stale_trained_max": c.stale_trained_max}}
+        return {
+            **self.progress_state,
+            "version": self.version,
+            "counters": {
+                "groups": c.groups,
+                "groups_by_phase": c.groups_by_phase,
+                "dropped_stale": c.dropped_stale,
+                "reward_failures": c.reward_failures,
+                "worker_failures": c.worker_failures,
+                "jobs_redone": c.jobs_redone,
+                "weight_syncs": c.weight_syncs,
+                "stale_trained_max": c.stale_trained_max,
+            },
+        }
 
     def resume(self, checkpoint) -> None:
         """Continue from a checkpoint: the learners load theirs, the driver its state, and the rollout
@@ -198,8 +228,13 @@ class Driver:
         self.roles.load_checkpoint(checkpoint)
         self.restore(state)
         self.broadcast()
-        log.info("resumed from %s: phase %s, iteration %s, weight version %d", checkpoint.name,
-                 state.get("phase"), state.get("iteration"), self.version)
+        log.info(
+            "resumed from %s: phase %s, iteration %s, weight version %d",
+            checkpoint.name,
+            state.get("phase"),
+            state.get("iteration"),
+            self.version,
+        )
         self.log_metrics({"phase": "resume", "checkpoint": checkpoint.name, "version": self.version})
 
     def restore(self, state: dict) -> None:
@@ -209,9 +244,13 @@ class Driver:
         for key, value in state["counters"].items():
             setattr(self.counters, key, value)
         if self.metrics:
-            self.metrics.restore_counters({"rollout_groups": state["counters"]["groups_by_phase"],
-                                           "reward_failures": state["counters"]["reward_failures"],
-                                           "dropped_stale": state["counters"]["dropped_stale"]})
+            self.metrics.restore_counters(
+                {
+                    "rollout_groups": state["counters"]["groups_by_phase"],
+                    "reward_failures": state["counters"]["reward_failures"],
+                    "dropped_stale": state["counters"]["dropped_stale"],
+                }
+            )
 
     def phase_done(self, phase: str) -> None:
         """A phase finished: remember it, and checkpoint so a resume never redoes it."""
@@ -264,8 +303,12 @@ class Driver:
         """Job ids are fixed by the schedule (reference i, then on-policy iteration * batch + j), so a
         resumed run makes the very jobs the uninterrupted one would have."""
         offset = 0 if phase == "reference" else self.config.replay.num_reference_groups
-        return [make_job(self.config.run.seed, phase, offset + first + i, self.prompts,
-                         self.config.sampler.num_chunks, mode) for i in range(count)]
+        return [
+            make_job(
+                self.config.run.seed, phase, offset + first + i, self.prompts, self.config.sampler.num_chunks, mode
+            )
+            for i in range(count)
+        ]
 
     def collect_reference(self, bar=None) -> int:
         """Reference groups with pi_ref into the replay buffer; returns how many landed."""
@@ -276,9 +319,15 @@ class Driver:
                 bar.update(finished - bar.n)
 
         results = self.roles.collect(self._jobs("reference", 0, n, "reference"), on_progress=show)
-        self.log_metrics({"phase": "reference", "groups": len(results), "job_ids": [s.job_id for s, _ in results],
-                          "reward_mean": _mean([s.reward_mean for s, _ in results]),
-                          "record_bytes": [s.record_bytes for s, _ in results]})
+        self.log_metrics(
+            {
+                "phase": "reference",
+                "groups": len(results),
+                "job_ids": [s.job_id for s, _ in results],
+                "reward_mean": _mean([s.reward_mean for s, _ in results]),
+                "record_bytes": [s.record_bytes for s, _ in results],
+            }
+        )
         return len(results)
 
     def semi_iterations(self) -> int:
@@ -323,8 +372,9 @@ class Driver:
                 self.broadcast()
             else:
                 stats = []
-            self._log_update("on_policy", it, stats, [s for s, _, _ in fresh], [a for *_, a in fresh],
-                             dropped=len(stale), bar=bar)
+            self._log_update(
+                "on_policy", it, stats, [s for s, _, _ in fresh], [a for *_, a in fresh], dropped=len(stale), bar=bar
+            )
             self.checkpoint("on_policy", it)
 
     def merge(self, base: Scores) -> dict:
@@ -334,16 +384,32 @@ class Driver:
         chosen = pick_merge_scale(base, sweep)
         # The sweep always includes dW_semi; the on-policy adapter alone is the paper's other row.
         on_policy, _ = self.evaluate(adapters.ON_POLICY)
-        return {"merge_scale": chosen if chosen is not None else self.config.run.merge_scale,
-                "dual_improvement_passed": chosen is not None,
-                "sweep": {str(s): [v.in_domain, v.out_of_domain] for s, v in sweep.items()},
-                "on_policy_alone": [on_policy.in_domain, on_policy.out_of_domain]}
+        return {
+            "merge_scale": chosen if chosen is not None else self.config.run.merge_scale,
+            "dual_improvement_passed": chosen is not None,
+            "sweep": {str(s): [v.in_domain, v.out_of_domain] for s, v in sweep.items()},
+            "on_policy_alone": [on_policy.in_domain, on_policy.out_of_domain],
+        }
 
-    def _log_update(self, phase: str, it: int, stats: list[dict], summaries: list[GroupSummary],
-                    ages: list[int] | None = None, dropped: int = 0, bar=None):
-        record = {"phase": phase, "iteration": it, "version": self.version,
-                  "groups": len(summaries), "job_ids": [s.job_id for s in summaries], "dropped_stale": dropped,
-                  "workers": len(self.roles.live_rollout_workers())}
+    def _log_update(
+        self,
+        phase: str,
+        it: int,
+        stats: list[dict],
+        summaries: list[GroupSummary],
+        ages: list[int] | None = None,
+        dropped: int = 0,
+        bar=None,
+    ):
+        record = {
+            "phase": phase,
+            "iteration": it,
+            "version": self.version,
+            "groups": len(summaries),
+            "job_ids": [s.job_id for s in summaries],
+            "dropped_stale": dropped,
+            "workers": len(self.roles.live_rollout_workers()),
+        }
         if summaries:
             record["reward_mean"] = _mean([s.reward_mean for s in summaries])
             record["reward_std_in_group"] = _mean([s.reward_std for s in summaries])

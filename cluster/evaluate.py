@@ -95,8 +95,9 @@ def evaluate(config: Config, run_dir: Path, prompts: list[str], seeds: int, scal
         frames = [f for _, batch in policy.videos(shown, [7] * len(shown), config.run.eval_batch_size) for f in batch]
         paths = []
         for i, f in enumerate(frames):
-            path = write_bytes_atomic(out / "videos" / f"{tag}_{i}.mp4",
-                                      encode_mp4(f, fps=8.0, upscale=max(1, 128 // f.shape[1])))
+            path = write_bytes_atomic(
+                out / "videos" / f"{tag}_{i}.mp4", encode_mp4(f, fps=8.0, upscale=max(1, 128 // f.shape[1]))
+            )
             paths.append(str(path.relative_to(out)))
         return paths
 
@@ -106,24 +107,39 @@ def evaluate(config: Config, run_dir: Path, prompts: list[str], seeds: int, scal
         rows.append({"scale": scale, **measure("merged", scale)})
     singles = {name: measure(name) for name in adapters.ADAPTERS}
     has_ood = "ood" in base
-    pick = pick_merge_scale(Scores(base["reward"], base["ood"] if has_ood else 0.0),
-                            {r["scale"]: Scores(r["reward"], r["ood"] if has_ood else 0.0) for r in rows})
+    pick = pick_merge_scale(
+        Scores(base["reward"], base["ood"] if has_ood else 0.0),
+        {r["scale"]: Scores(r["reward"], r["ood"] if has_ood else 0.0) for r in rows},
+    )
     clips = {"reference": sample("reference", "reference")}
     if pick is not None:
         clips[f"merged_{pick:g}"] = sample(f"merged_{pick:g}", "merged", pick)
     for name in adapters.ADAPTERS:
         clips[name] = sample(name, name)
 
-    result = {"prompts": len(prompts), "seeds": seeds, "reference": base, "adapters": singles, "sweep": rows,
-              "chosen_scale": pick, "dual_improvement_passed": pick is not None, "videos": clips}
+    result = {
+        "prompts": len(prompts),
+        "seeds": seeds,
+        "reference": base,
+        "adapters": singles,
+        "sweep": rows,
+        "chosen_scale": pick,
+        "dual_improvement_passed": pick is not None,
+        "videos": clips,
+    }
     write_bytes_atomic(out / "scores.json", (json.dumps(result, indent=2) + "\n").encode())
     _plot(rows, base, out / "merge_sweep.png")
     components = [k for k in base if k not in ("reward",)]
-    lines = [f"# Evaluation of {run_dir.name}", "",
-             f"{len(prompts)} prompts x {seeds} noise seeds. In-domain reward = "
-             + " + ".join(f"{w:g} {n}" for n, w in weights.items()) + "; `ood` is never trained on.", "",
-             "| policy | reward | " + " | ".join(components) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in components) + " |"]
+    lines = [
+        f"# Evaluation of {run_dir.name}",
+        "",
+        f"{len(prompts)} prompts x {seeds} noise seeds. In-domain reward = "
+        + " + ".join(f"{w:g} {n}" for n, w in weights.items())
+        + "; `ood` is never trained on.",
+        "",
+        "| policy | reward | " + " | ".join(components) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in components) + " |",
+    ]
 
     def line(label: str, r: dict) -> str:
         return f"| {label} | {r['reward']:.4f} | " + " | ".join(f"{r[c]:.4f}" for c in components) + " |"
@@ -133,9 +149,11 @@ def evaluate(config: Config, run_dir: Path, prompts: list[str], seeds: int, scal
         lines.append(line(f"{name} adapter alone", r))
     for r in rows:
         lines.append(line(f"merged, s = {r['scale']:g}", r))
-    verdict = (f"**Chosen merge scale: {pick:g}** (the largest that raises the reward without lowering the OOD "
-               "score)." if pick is not None else
-               "**No merge scale passes the dual-improvement rule** (reward up and OOD not down).")
+    verdict = (
+        f"**Chosen merge scale: {pick:g}** (the largest that raises the reward without lowering the OOD score)."
+        if pick is not None
+        else "**No merge scale passes the dual-improvement rule** (reward up and OOD not down)."
+    )
     lines += ["", verdict, "", "![merge sweep](merge_sweep.png)", "", "## Samples (noise seed 7)", ""]
     for tag, paths in clips.items():
         lines.append(f"- {tag}: " + ", ".join(f"[{Path(p).name}]({p})" for p in paths))
@@ -144,14 +162,21 @@ def evaluate(config: Config, run_dir: Path, prompts: list[str], seeds: int, scal
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/toy.yaml")
     parser.add_argument("--adapters", type=Path, required=True, help="a run folder (holding adapters/)")
-    parser.add_argument("--prompts", type=Path, default=None,
-                        help="prompt file, one per line (default: rollout.prompts, or the toy world's first run.eval_prompts)")
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        help="prompt file, one per line (default: rollout.prompts, or the toy world's first run.eval_prompts)",
+    )
     parser.add_argument("--seeds", type=int, default=2, help="noise seeds per prompt")
-    parser.add_argument("--scales", type=float, nargs="+", default=None, help="merge scales (default: run.merge_scales)")
+    parser.add_argument(
+        "--scales", type=float, nargs="+", default=None, help="merge scales (default: run.merge_scales)"
+    )
     parser.add_argument("--videos", type=int, default=2, help="sample videos per policy")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
@@ -174,13 +199,21 @@ def main(argv: list[str] | None = None) -> int:
             prompts = read_prompt_file(args.prompts)
         else:
             prompts = load_prompts(config)[0][: config.run.eval_prompts]
-        result = evaluate(config, args.adapters, prompts, args.seeds, args.scales or config.run.merge_scales,
-                          args.videos)
+        result = evaluate(
+            config, args.adapters, prompts, args.seeds, args.scales or config.run.merge_scales, args.videos
+        )
     except (PromptError, PromptCacheError, AdapterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"chosen_scale": result["chosen_scale"], "reference": result["reference"]["reward"],
-                      "sweep": {str(r["scale"]): [r["reward"], r.get("ood")] for r in result["sweep"]}}))
+    print(
+        json.dumps(
+            {
+                "chosen_scale": result["chosen_scale"],
+                "reference": result["reference"]["reward"],
+                "sweep": {str(r["scale"]): [r["reward"], r.get("ood")] for r in result["sweep"]},
+            }
+        )
+    )
     print(f"report: {args.adapters / 'eval' / 'report.md'}")
     return 0
 

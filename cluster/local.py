@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 if TYPE_CHECKING:
@@ -44,9 +45,15 @@ def ray_session(config: Config) -> Iterator[bool]:
         ray.init(address=address, namespace=config.cluster.namespace, log_to_driver=True)
         started = False
     else:
-        ray.init(num_cpus=config.cluster.num_cpus, namespace=config.cluster.namespace,
-                 include_dashboard=False, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                 log_to_driver=True, configure_logging=False)
+        ray.init(
+            num_cpus=config.cluster.num_cpus,
+            namespace=config.cluster.namespace,
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+            configure_logging=False,
+        )
         started = True
     try:
         yield started
@@ -79,7 +86,7 @@ def redis_session(config: Config, run_dir: Path) -> Iterator[RedisEndpoint]:
             scheme, rest = url.split("://", 1)
             url = f"{scheme}://:{quote(r.redis_password, safe='')}@{rest}"
         if r.redis_tls and url.startswith("redis://"):
-            url = "rediss://" + url[len("redis://"):]
+            url = "rediss://" + url[len("redis://") :]
         yield RedisEndpoint(url, None)
         return
     from common.dataflow.redis_server import EmbeddedRedis

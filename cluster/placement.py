@@ -34,29 +34,37 @@ class PlacementError(RuntimeError):
 
 def check_resources(config: Config, available: dict) -> None:
     """Refuse, before any actor starts, a config that asks for more than the cluster has."""
-    r, w, l = config.rollout, config.rewards, config.learner
+    r, w, lrn = config.rollout, config.rewards, config.learner
     need = {
-        "CPU": r.num_workers * r.num_cpus_per_worker + w.num_servers * w.num_cpus_per_server
-        + l.num_workers * l.num_cpus_per_worker,
-        "GPU": r.num_workers * r.num_gpus_per_worker + w.num_servers * w.num_gpus_per_server
-        + l.num_workers * l.num_gpus_per_worker,
+        "CPU": r.num_workers * r.num_cpus_per_worker
+        + w.num_servers * w.num_cpus_per_server
+        + lrn.num_workers * lrn.num_cpus_per_worker,
+        "GPU": r.num_workers * r.num_gpus_per_worker
+        + w.num_servers * w.num_gpus_per_server
+        + lrn.num_workers * lrn.num_gpus_per_worker,
     }
-    for _role, count, extra in (("rollout", r.num_workers, r.resources), ("rewards", w.num_servers, w.resources),
-                               ("learner", l.num_workers, l.resources)):
+    for _role, count, extra in (
+        ("rollout", r.num_workers, r.resources),
+        ("rewards", w.num_servers, w.resources),
+        ("learner", lrn.num_workers, lrn.resources),
+    ):
         for resource, amount in extra.items():
             need[resource] = need.get(resource, 0.0) + count * amount
     for resource, amount in need.items():
         have = available.get(resource, 0.0)
         if amount > have + 1e-9:
             if resource not in ("CPU", "GPU"):
-                raise PlacementError(f"the roles need {amount:g} of the custom resource {resource!r} "
-                                     f"(rollout/rewards/learner .resources) but the cluster has {have:g}")
+                raise PlacementError(
+                    f"the roles need {amount:g} of the custom resource {resource!r} "
+                    f"(rollout/rewards/learner .resources) but the cluster has {have:g}"
+                )
             raise PlacementError(
                 f"the roles need {amount:g} {resource} (rollout {r.num_workers} x "
                 f"{getattr(r, f'num_{resource.lower()}s_per_worker'):g}, rewards {w.num_servers} x "
-                f"{getattr(w, f'num_{resource.lower()}s_per_server'):g}, learner {l.num_workers} x "
-                f"{getattr(l, f'num_{resource.lower()}s_per_worker'):g}) but the cluster has {have:g}; "
-                f"lower rollout/rewards/learner counts or set cluster.num_cpus for a local run")
+                f"{getattr(w, f'num_{resource.lower()}s_per_server'):g}, learner {lrn.num_workers} x "
+                f"{getattr(lrn, f'num_{resource.lower()}s_per_worker'):g}) but the cluster has {have:g}; "
+                f"lower rollout/rewards/learner counts or set cluster.num_cpus for a local run"
+            )
 
 
 def encode_prompts(config: Config, prompts: list[str]) -> dict:
@@ -81,8 +89,11 @@ def encode_prompts(config: Config, prompts: list[str]) -> dict:
     check_resources(config, ray.cluster_resources())
     r = config.rollout
     task = ray.remote(max_calls=1, max_retries=0)(build_in_task).options(
-        name="encode-prompts", num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker,
-        resources=dict(r.resources) or None)
+        name="encode-prompts",
+        num_cpus=r.num_cpus_per_worker,
+        num_gpus=r.num_gpus_per_worker,
+        resources=dict(r.resources) or None,
+    )
     ref = task.remote(config.model_dump(mode="json"), list(prompts))
     try:
         return ray.get(ref, timeout=config.cluster.call_timeout_s)
@@ -92,9 +103,11 @@ def encode_prompts(config: Config, prompts: list[str]) -> dict:
         raise
     except GetTimeoutError:
         ray.cancel(ref, force=True)
-        raise PlacementError(f"encoding {len(prompts)} prompts into {config.model.prompt_cache} (model.prompt_cache) "
-                             f"took longer than cluster.call_timeout_s ({config.cluster.call_timeout_s:g} s) on the "
-                             "rollout role's resources") from None
+        raise PlacementError(
+            f"encoding {len(prompts)} prompts into {config.model.prompt_cache} (model.prompt_cache) "
+            f"took longer than cluster.call_timeout_s ({config.cluster.call_timeout_s:g} s) on the "
+            "rollout role's resources"
+        ) from None
 
 
 class RunRoles:
@@ -119,30 +132,41 @@ class RunRoles:
         self.counters = counters
         self.placement_groups = []
 
-        l = config.learner
-        learner_pg = placement_group([{"CPU": l.num_cpus_per_worker, "GPU": l.num_gpus_per_worker, **l.resources}]
-                                     * l.num_workers,
-                                     strategy="PACK", name=f"{ns}-learners")
+        lrn = config.learner
+        learner_pg = placement_group(
+            [{"CPU": lrn.num_cpus_per_worker, "GPU": lrn.num_gpus_per_worker, **lrn.resources}] * lrn.num_workers,
+            strategy="PACK",
+            name=f"{ns}-learners",
+        )
         self.placement_groups.append(learner_pg)
         w = config.rewards
-        reward_pg = placement_group([{"CPU": w.num_cpus_per_server, "GPU": w.num_gpus_per_server, **w.resources}]
-                                    * w.num_servers,
-                                    strategy="SPREAD", name=f"{ns}-rewards")
+        reward_pg = placement_group(
+            [{"CPU": w.num_cpus_per_server, "GPU": w.num_gpus_per_server, **w.resources}] * w.num_servers,
+            strategy="SPREAD",
+            name=f"{ns}-rewards",
+        )
         self.placement_groups.append(reward_pg)
         ray.get([learner_pg.ready(), reward_pg.ready()], timeout=config.cluster.call_timeout_s)
 
         learner_cls = ray.remote(Learner)
         self.learners = [
-            learner_cls.options(name=f"learner-{rank}", namespace=ns, num_cpus=l.num_cpus_per_worker,
-                                num_gpus=l.num_gpus_per_worker, max_restarts=0, resources=dict(l.resources) or None,
-                                scheduling_strategy=PlacementGroupSchedulingStrategy(learner_pg, rank))
-            .remote(cfg, rank, l.num_workers, replay, record_key)
-            for rank in range(l.num_workers)
+            learner_cls.options(
+                name=f"learner-{rank}",
+                namespace=ns,
+                num_cpus=lrn.num_cpus_per_worker,
+                num_gpus=lrn.num_gpus_per_worker,
+                max_restarts=0,
+                resources=dict(lrn.resources) or None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(learner_pg, rank),
+            ).remote(cfg, rank, lrn.num_workers, replay, record_key)
+            for rank in range(lrn.num_workers)
         ]
         prints = ray.get([x.base_fingerprint.remote() for x in self.learners])
         if len(set(prints)) > 1:
-            raise PlacementError(f"learner ranks loaded different base weights ({prints}); is the checkpoint "
-                                 "path the same file on every node?")
+            raise PlacementError(
+                f"learner ranks loaded different base weights ({prints}); is the checkpoint "
+                "path the same file on every node?"
+            )
         host, port = ray.get(self.learners[0].address.remote())
         ray.get([x.join.remote(host, port) for x in self.learners])
 
@@ -150,11 +174,17 @@ class RunRoles:
         self.reward_servers = [
             # A reward server that dies is restarted by Ray and the calls it held are retried on it:
             # scoring is a pure function of the videos, so a retry cannot put a group in twice.
-            server_cls.options(name=f"reward-{i}", namespace=ns, num_cpus=w.num_cpus_per_server,
-                               num_gpus=w.num_gpus_per_server, max_concurrency=256,
-                               max_restarts=-1, max_task_retries=3, **server_options(config),
-                               scheduling_strategy=PlacementGroupSchedulingStrategy(reward_pg, i))
-            .remote(cfg, i)
+            server_cls.options(
+                name=f"reward-{i}",
+                namespace=ns,
+                num_cpus=w.num_cpus_per_server,
+                num_gpus=w.num_gpus_per_server,
+                max_concurrency=256,
+                max_restarts=-1,
+                max_task_retries=3,
+                **server_options(config),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(reward_pg, i),
+            ).remote(cfg, i)
             for i in range(w.num_servers)
         ]
 
@@ -162,15 +192,30 @@ class RunRoles:
         worker_cls = ray.remote(RolloutWorker)
 
         def make_worker(name: str):
-            return worker_cls.options(name=name, namespace=ns, num_cpus=r.num_cpus_per_worker,
-                                      num_gpus=r.num_gpus_per_worker, resources=dict(r.resources) or None,
-                                      max_restarts=0).remote(cfg, name, replay, record_key)
+            return worker_cls.options(
+                name=name,
+                namespace=ns,
+                num_cpus=r.num_cpus_per_worker,
+                num_gpus=r.num_gpus_per_worker,
+                resources=dict(r.resources) or None,
+                max_restarts=0,
+            ).remote(cfg, name, replay, record_key)
 
-        self.controller = ray.remote(Controller).options(name="controller", namespace=ns, num_cpus=0).remote(r.num_workers)
+        self.controller = (
+            ray.remote(Controller).options(name="controller", namespace=ns, num_cpus=0).remote(r.num_workers)
+        )
         self.last_packet = None
         c = config.cluster
-        self.pool = RolloutPool(make_worker, self.sync_to, self.controller, self.reward_servers, self.counters,
-                                c.call_timeout_s, (c.heartbeat_s, c.heartbeat_timeout_s), metrics=metrics)
+        self.pool = RolloutPool(
+            make_worker,
+            self.sync_to,
+            self.controller,
+            self.reward_servers,
+            self.counters,
+            c.call_timeout_s,
+            (c.heartbeat_s, c.heartbeat_timeout_s),
+            metrics=metrics,
+        )
         self.publish()
         self.pool.grow(r.num_workers)
 
@@ -211,13 +256,21 @@ class RunRoles:
             self._generation = getattr(self, "_generation", -1) + 1
             host, port = ray.get(self.learners[0].weights_store.remote())
             world = len(members) + 1
-            ray.get([self.learners[0].form_weights_group.remote(self._generation, world)]
-                    + [workers[n].join_weights_group.remote(host, port, self._generation, i + 1, world)
-                       for i, n in enumerate(members)], timeout=timeout)
+            ray.get(
+                [self.learners[0].form_weights_group.remote(self._generation, world)]
+                + [
+                    workers[n].join_weights_group.remote(host, port, self._generation, i + 1, world)
+                    for i, n in enumerate(members)
+                ],
+                timeout=timeout,
+            )
             self._members = members
         handle = ray.get(self.learners[0].pack_weights.remote())
-        versions = ray.get([self.learners[0].broadcast_weights.remote()]
-                           + [workers[n].receive_weights.remote(handle) for n in members], timeout=timeout)
+        versions = ray.get(
+            [self.learners[0].broadcast_weights.remote()]
+            + [workers[n].receive_weights.remote(handle) for n in members],
+            timeout=timeout,
+        )
         if any(v != handle.version for v in versions):
             raise RuntimeError(f"weight broadcast: versions {versions}, expected {handle.version}")
         return handle.nbytes
@@ -231,8 +284,9 @@ class RunRoles:
         self.counters.weight_sync_bytes = self.sync_to(list(names))
         self.counters.weight_sync_seconds = time.perf_counter() - start
         version = self.last_packet[0].version if self.last_packet is not None else None
-        self.counters.weight_sync_log.append({"version": version, "bytes": self.counters.weight_sync_bytes,
-                                              "seconds": self.counters.weight_sync_seconds})
+        self.counters.weight_sync_log.append(
+            {"version": version, "bytes": self.counters.weight_sync_bytes, "seconds": self.counters.weight_sync_seconds}
+        )
 
     # -- rollout workers ----------------------------------------------------------------------
 
@@ -266,7 +320,7 @@ class RunRoles:
         while todo:
             pool.ensure_live()
             names = pool.live()
-            shares = {n: todo[i::len(names)] for i, n in enumerate(names) if todo[i::len(names)]}
+            shares = {n: todo[i :: len(names)] for i, n in enumerate(names) if todo[i :: len(names)]}
             calls = {}
             for k, (name, idx) in enumerate(shares.items()):
                 server = servers[k % len(servers)]
@@ -285,7 +339,8 @@ class RunRoles:
             self.pool.ensure_live()
             name = self.pool.live()[0]
             videos = self.pool.call_each(
-                {name: lambda w: w.sample_videos.remote(prompts, seeds, mode, scale, fps)}).get(name)
+                {name: lambda w: w.sample_videos.remote(prompts, seeds, mode, scale, fps)}
+            ).get(name)
         return videos
 
     def worker_weight_versions(self) -> list[int]:
@@ -310,8 +365,9 @@ class RunRoles:
         calls = []
         for rank, learner in enumerate(self.learners):
             indices = list(range(rank, len(refs), k))
-            calls.append(learner.train_groups.remote(iteration, "on_policy", indices, len(refs),
-                                                     *[refs[i] for i in indices]))
+            calls.append(
+                learner.train_groups.remote(iteration, "on_policy", indices, len(refs), *[refs[i] for i in indices])
+            )
         return ray.get(calls, timeout=self.config.cluster.call_timeout_s)
 
     # -- checkpoints and adapters -----------------------------------------------------------------
@@ -352,8 +408,10 @@ class RunRoles:
         rollout = list(self.pool.call_each({n: lambda w: w.ping.remote() for n in self.pool.workers}).values())
         reward = ray.get([s.get_stats.remote() for s in self.reward_servers])
         learner = ray.get([x.stats.remote() for x in self.learners])
-        return {role: max((i.get("peak_rss_bytes", 0) for i in items), default=0)
-                for role, items in (("rollout", rollout), ("reward", reward), ("learner", learner))}
+        return {
+            role: max((i.get("peak_rss_bytes", 0) for i in items), default=0)
+            for role, items in (("rollout", rollout), ("reward", reward), ("learner", learner))
+        }
 
     def shutdown(self) -> None:
         import ray

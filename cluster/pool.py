@@ -21,9 +21,17 @@ class RolloutPool:
     first job. A job whose worker died is redone once on another worker.
     """
 
-    def __init__(self, make_worker: Callable[[str], object], sync: Callable[[list], None], controller,
-                 reward_servers: list, counters: Counters, timeout_s: float, heartbeat: tuple[float, float] = (30, 10),
-                 metrics=None):
+    def __init__(
+        self,
+        make_worker: Callable[[str], object],
+        sync: Callable[[list], None],
+        controller,
+        reward_servers: list,
+        counters: Counters,
+        timeout_s: float,
+        heartbeat: tuple[float, float] = (30, 10),
+        metrics=None,
+    ):
         self.make_worker, self.sync, self.controller = make_worker, sync, controller
         self.reward_servers, self.counters, self.timeout_s = reward_servers, counters, timeout_s
         self.workers: dict[str, object] = {}
@@ -132,11 +140,16 @@ class RolloutPool:
         self.pending.extend((job, 0) for job in jobs)
 
     def is_known(self, job_id: int) -> bool:
-        return (job_id in self.results or job_id in self.failed or any(j.job_id == job_id for j, _ in self.pending)
-                or any(v[2].job_id == job_id for v in self.busy.values()))
+        return (
+            job_id in self.results
+            or job_id in self.failed
+            or any(j.job_id == job_id for j, _ in self.pending)
+            or any(v[2].job_id == job_id for v in self.busy.values())
+        )
 
-    def run(self, jobs: list[GroupJob], on_progress: Callable[[int], None] | None = None
-            ) -> list[tuple[GroupSummary, object]]:
+    def run(
+        self, jobs: list[GroupJob], on_progress: Callable[[int], None] | None = None
+    ) -> list[tuple[GroupSummary, object]]:
         """Submit `jobs` if they are not out yet, work until they are all back; returns (summary,
         record ref) in job order, failed groups left out. Other submitted jobs keep running.
         `on_progress` is told how many of `jobs` have finished (landed or failed) after each wait."""
@@ -178,8 +191,12 @@ class RolloutPool:
                     self.pending.appendleft((job, 1))
                 else:
                     self.failed.add(job.job_id)
-                log.warning("%s died running job %d; %s", name, job.job_id,
-                            "redoing it once" if attempt == 0 else "giving it up")
+                log.warning(
+                    "%s died running job %d; %s",
+                    name,
+                    job.job_id,
+                    "redoing it once" if attempt == 0 else "giving it up",
+                )
                 if not self.live():
                     self.grow(1)
                 continue

@@ -23,8 +23,9 @@ def set_rollout_workers(count: int, namespace: str = "arcopo") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.scale", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rollout", type=int, required=True, help="rollout workers wanted")
     parser.add_argument("--namespace", default="arcopo", help="the job's cluster.namespace (default: %(default)s)")
     parser.add_argument("--address", default="auto", help="Ray address (default: %(default)s)")

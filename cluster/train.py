@@ -60,7 +60,7 @@ class RunFolder:
     def save_samples(self, tag: str, prompts: list[str], videos: list[bytes]) -> list[str]:
         """samples/<tag>_<i>.mp4 and samples/prompts.txt; the mp4 paths, relative to the run folder."""
         paths = []
-        for i, (_, data) in enumerate(zip(prompts, videos)):
+        for i, (_, data) in enumerate(zip(prompts, videos, strict=True)):
             path = write_bytes_atomic(self.root / "samples" / f"{tag}_{i}.mp4", data)
             paths.append(str(path.relative_to(self.root)))
         (self.root / "samples" / "prompts.txt").write_text("\n".join(prompts) + "\n")
@@ -79,8 +79,10 @@ def plot_rewards(metrics_path: Path, out: Path, initial: float, final: float) ->
     if on:
         axes[0].plot([r["iteration"] for r in on], [r["reward_mean"] for r in on], ".", alpha=0.4, label="group mean")
         k = max(1, len(on) // 10)
-        smooth = [sum(x["reward_mean"] for x in on[max(0, i - k + 1):i + 1]) / len(on[max(0, i - k + 1):i + 1])
-                  for i in range(len(on))]
+        smooth = [
+            sum(x["reward_mean"] for x in on[max(0, i - k + 1) : i + 1]) / len(on[max(0, i - k + 1) : i + 1])
+            for i in range(len(on))
+        ]
         axes[0].plot([r["iteration"] for r in on], smooth, "-", label=f"moving mean ({k})")
     axes[0].axhline(initial, color="gray", ls="--", label=f"eval before {initial:.3f}")
     axes[0].axhline(final, color="green", ls="--", label=f"eval after {final:.3f}")
@@ -102,8 +104,10 @@ def check_job(config: Config) -> None:
     if not config.run.phases:
         # The job would still evaluate and sample the base model, which needs rewards and prompts
         # that a model-only config (configs/tiny.yaml) does not name.
-        raise ConfigError("run.phases: empty, which describes a model only (configs/tiny.yaml); cluster.train "
-                          "needs at least one of reference, semi, on_policy, merge")
+        raise ConfigError(
+            "run.phases: empty, which describes a model only (configs/tiny.yaml); cluster.train "
+            "needs at least one of reference, semi, on_policy, merge"
+        )
     preflight(config)
 
 
@@ -130,41 +134,63 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
     write_bytes_atomic(folder.root / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
     start = time.perf_counter()
     with ray_session(config) as local_ray, redis_session(config, folder.root) as redis:
-        log.info("ray: %s; redis: %s (%s)", "local" if local_ray else "joined cluster", redis.display,
-                 "embedded" if redis.embedded else "external")
+        log.info(
+            "ray: %s; redis: %s (%s)",
+            "local" if local_ray else "joined cluster",
+            redis.display,
+            "embedded" if redis.embedded else "external",
+        )
         # Records travel between actors and through Redis with an HMAC digest under this key, so a
         # record written by anyone else (or altered) is refused.
         record_key = _record_key(folder.root)
         replay = {"url": redis.url, "name": config.run.name}
         checkpoint = latest_checkpoint(folder.root / "checkpoints") if resume else None
         if resume and checkpoint is None:
-            log.warning("--resume: no complete checkpoint in %s; starting from the beginning", folder.root / "checkpoints")
+            log.warning(
+                "--resume: no complete checkpoint in %s; starting from the beginning", folder.root / "checkpoints"
+            )
         monitor = ReplayBuffer(redis.url, config.run.name)  # counters only; records stay in Redis
         completed = read_checkpoint_state(checkpoint)["completed"] if checkpoint else []
         leftover = monitor.size()
         if "reference" in config.run.phases and "reference" not in completed and leftover:
             if not resume:
                 monitor.close()
-                raise ReplayError(f"replay buffer {config.run.name!r} at {redis.display} already holds {leftover} "
-                                  "items (an earlier run of the same run.name?): pick another run.name, pass "
-                                  "--resume to continue that run, or clear it")
+                raise ReplayError(
+                    f"replay buffer {config.run.name!r} at {redis.display} already holds {leftover} "
+                    "items (an earlier run of the same run.name?): pick another run.name, pass "
+                    "--resume to continue that run, or clear it"
+                )
             # A reference phase cut short left some of its groups in Redis: start it afresh (same
             # jobs, same groups) rather than train on a partial or doubled buffer.
             log.info("reference phase was interrupted: cleared %d partial items, collecting again", monitor.clear())
         # Training, held-out and so evaluation and sample prompts (both are training prompts), encoded
         # once before learners (which never load the text encoder) and rollout workers start.
         encoded = encode_prompts(config, [*prompts, *heldout])
-        log.info("prompt embeddings: %d prompts in %s (%d encoded now, %.1f s)", encoded["prompts"],
-                 encoded["path"], encoded["encoded"], encoded["seconds"])
+        log.info(
+            "prompt embeddings: %d prompts in %s (%d encoded now, %.1f s)",
+            encoded["prompts"],
+            encoded["path"],
+            encoded["encoded"],
+            encoded["seconds"],
+        )
         counters = Counters()
         metrics = RunMetrics()
         roles = RunRoles(config, replay, record_key, counters, metrics=metrics)
         roles_started = time.perf_counter()
         try:
             metrics.serve(config.metrics.host, config.metrics.port)
-            driver = Driver(config, roles, counters, prompts, log_metrics=folder.log, save_samples=folder.save_samples,
-                            metrics=metrics, replay_stats=monitor.stats, progress_bar=tqdm,
-                            checkpoint_dir=folder.root / "checkpoints")
+            driver = Driver(
+                config,
+                roles,
+                counters,
+                prompts,
+                log_metrics=folder.log,
+                save_samples=folder.save_samples,
+                metrics=metrics,
+                replay_stats=monitor.stats,
+                progress_bar=tqdm,
+                checkpoint_dir=folder.root / "checkpoints",
+            )
             result = driver.fit(resume_from=checkpoint)
             saved = roles.save_adapters(folder.root / "adapters")
             busy = roles.busy_ratios(time.perf_counter() - roles_started)
@@ -172,28 +198,44 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
             phases = config.run.phases
             before, after = result.before, result.after
             summary = {
-                "reward_initial": before.in_domain, "reward_final": after.in_domain,
-                "ood_initial": before.out_of_domain, "ood_final": after.out_of_domain,
+                "reward_initial": before.in_domain,
+                "reward_final": after.in_domain,
+                "ood_initial": before.out_of_domain,
+                "ood_final": after.out_of_domain,
                 "iterations": config.run.iterations if "on_policy" in phases else 0,
-                "groups": counters.groups, "wall_seconds": time.perf_counter() - start,
-                "final_policy": result.final_policy, "merge_scale": result.merge_scale, **result.merge,
-                "weight_version": driver.version, "worker_weight_versions": worker_versions,
-                "weight_syncs": counters.weight_syncs, "weight_sync_bytes": counters.weight_sync_bytes,
-                "dropped_stale": counters.dropped_stale, "max_staleness_trained": counters.stale_trained_max,
-                "reward_failures": counters.reward_failures, "worker_failures": counters.worker_failures,
-                "jobs_redone": counters.jobs_redone, "heartbeats_missed": counters.heartbeats_missed,
+                "groups": counters.groups,
+                "wall_seconds": time.perf_counter() - start,
+                "final_policy": result.final_policy,
+                "merge_scale": result.merge_scale,
+                **result.merge,
+                "weight_version": driver.version,
+                "worker_weight_versions": worker_versions,
+                "weight_syncs": counters.weight_syncs,
+                "weight_sync_bytes": counters.weight_sync_bytes,
+                "dropped_stale": counters.dropped_stale,
+                "max_staleness_trained": counters.stale_trained_max,
+                "reward_failures": counters.reward_failures,
+                "worker_failures": counters.worker_failures,
+                "jobs_redone": counters.jobs_redone,
+                "heartbeats_missed": counters.heartbeats_missed,
                 "rollout_workers_final": len(roles.rollout_workers()),
-                "scaling_events": roles.scaling_events(), "role_busy_ratio": busy,
-                "weight_sync_seconds": counters.weight_sync_seconds, "weight_sync_log": counters.weight_sync_log,
+                "scaling_events": roles.scaling_events(),
+                "role_busy_ratio": busy,
+                "weight_sync_seconds": counters.weight_sync_seconds,
+                "weight_sync_log": counters.weight_sync_log,
                 "role_peak_rss_bytes": roles.peak_rss_bytes(),
-                "components_initial": result.before_parts, "components_final": result.after_parts,
-                "adapters": [str(Path(p).relative_to(folder.root)) for p in saved], "samples": result.samples,
+                "components_initial": result.before_parts,
+                "components_final": result.after_parts,
+                "adapters": [str(Path(p).relative_to(folder.root)) for p in saved],
+                "samples": result.samples,
             }
         finally:
             roles.shutdown()
             time.sleep(linger_s)  # lets a scraper read the final values (tests, short demos)
             metrics.close()
-    plot_rewards(folder.metrics_path, folder.root / "reward_curve.png", summary["reward_initial"], summary["reward_final"])
+    plot_rewards(
+        folder.metrics_path, folder.root / "reward_curve.png", summary["reward_initial"], summary["reward_final"]
+    )
     folder.write_json("summary.json", summary)
     return summary
 
@@ -214,13 +256,20 @@ def _record_key(root: Path) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/toy.yaml", help="YAML config (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace runs/<run.name>/ if it exists (otherwise an existing run folder is refused)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue runs/<run.name>/ from its newest complete checkpoint (same config and overrides)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace runs/<run.name>/ if it exists (otherwise an existing run folder is refused)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue runs/<run.name>/ from its newest complete checkpoint (same config and overrides)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.name=try2 run.iterations=20")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -235,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(config.run.output_dir) / config.run.name
     if root.exists() and any(root.iterdir()) and not args.resume:
         if not args.overwrite:
-            print(f"run folder {root} already exists: pick another run.name=..., or pass --overwrite",
-                  file=sys.stderr)
+            print(f"run folder {root} already exists: pick another run.name=..., or pass --overwrite", file=sys.stderr)
             return 2
         shutil.rmtree(root)
     folder = RunFolder(root)
@@ -262,8 +310,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(cause).__name__}: {lines[-1] if lines else cause}", file=sys.stderr)
         print(f"the run stopped; `--resume` continues it from {root / 'checkpoints'}", file=sys.stderr)
         return 1
-    print(json.dumps({k: summary[k] for k in ("reward_initial", "reward_final", "ood_initial", "ood_final",
-                                              "iterations", "groups", "wall_seconds")}))
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in (
+                    "reward_initial",
+                    "reward_final",
+                    "ood_initial",
+                    "ood_final",
+                    "iterations",
+                    "groups",
+                    "wall_seconds",
+                )
+            }
+        )
+    )
     print(f"run folder: {root}")
     return 0 if all(math.isfinite(summary[k]) for k in ("reward_initial", "reward_final")) else 1
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -80,13 +81,11 @@ class ModelConfig(_Section):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _one_transformer_source(self) -> "ModelConfig":
+    def _one_transformer_source(self) -> ModelConfig:
         if self.latent_space == "pixels" and (self.vae_spatial_stride, self.vae_temporal_stride) != (1, 1):
             raise ValueError("model.latent_space=pixels needs vae_spatial_stride and vae_temporal_stride of 1")
         if self.self_forcing_checkpoint is not None and self.diffusers_transformer is not None:
-            raise ValueError(
-                "set only one of model.self_forcing_checkpoint and model.diffusers_transformer"
-            )
+            raise ValueError("set only one of model.self_forcing_checkpoint and model.diffusers_transformer")
         return self
 
 
@@ -109,14 +108,12 @@ class SamplerConfig(_Section):
     fork_batch_size: int = Field(12, ge=1)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SamplerConfig":
+    def _consistent(self) -> SamplerConfig:
         steps = self.denoising_steps
-        if any(b >= a for a, b in zip(steps, steps[1:])):
+        if any(b >= a for a, b in pairwise(steps)):
             raise ValueError(f"sampler.denoising_steps must strictly decrease, got {steps}")
         if steps[0] > self.num_train_timesteps or steps[-1] <= 0:
-            raise ValueError(
-                f"sampler.denoising_steps must lie in (0, {self.num_train_timesteps}], got {steps}"
-            )
+            raise ValueError(f"sampler.denoising_steps must lie in (0, {self.num_train_timesteps}], got {steps}")
         if self.context_noise >= steps[-1]:
             raise ValueError("sampler.context_noise must be below the last denoising step")
         if self.local_attn_frames is not None:
@@ -154,10 +151,12 @@ class RolloutConfig(_Section):
     num_cpus_per_worker: float = Field(1.0, gt=0)
     prompts: Path | None = None
     prompts_per_iteration: int = Field(1, ge=1, description="groups per update (the global batch)")
-    resources: dict[str, float] = Field(default_factory=dict,
-                                        description="custom Ray resources per worker, e.g. {rollout_gpu: 1}")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per worker, e.g. {rollout_gpu: 1}"
+    )
     prefetch_iterations: int | None = Field(
-        None, ge=0, description="iterations of jobs sent out ahead of the learner; None = learner.max_staleness")
+        None, ge=0, description="iterations of jobs sent out ahead of the learner; None = learner.max_staleness"
+    )
     # The Wan VAE decoding a whole group at once peaks at 47 GB at 480x832 for G = 12 (about 4 GB a
     # video): it decodes this many videos at a time, each sub-batch leaving the device as uint8.
     decode_batch_size: int = Field(2, ge=1, description="videos the VAE decodes at once")
@@ -176,6 +175,7 @@ class RolloutConfig(_Section):
 #         - {kind: pickscore, path: /ckpt/PickScore_v1, processor: /ckpt/CLIP-ViT-H-14, prefix: ""}
 #         - {kind: clip, path: /ckpt/clip-vit-large-patch14, runtime_env: {pip: [...]}}
 
+
 class RewardModelBase(BaseModel):
     """The fields of every kind: how its components are named and where it runs."""
 
@@ -184,10 +184,11 @@ class RewardModelBase(BaseModel):
     prefix: str = Field("", description="prepended to every component name (two CLIP models side by side)")
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(0.0, ge=0, description="only for a model in its own actor (runtime_env set)")
-    runtime_env: dict[str, Any] | None = Field(None, description="run this model in its own Ray actor with "
-                                              "this runtime_env (clashing dependencies)")
+    runtime_env: dict[str, Any] | None = Field(
+        None, description="run this model in its own Ray actor with this runtime_env (clashing dependencies)"
+    )
 
-    def check(self) -> "RewardModelBase":
+    def check(self) -> RewardModelBase:
         """What pydantic cannot say field by field; raises ValueError."""
         return self
 
@@ -205,10 +206,14 @@ class CheckpointRewardSpec(RewardModelBase):
     path: Path | None = Field(None, description="checkpoint directory (required)")
     device: str = Field("cpu", description="cpu, cuda, cuda:N, or auto (cuda when available)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_prompt_tokens: int | None = Field(None, ge=1, description="longer prompts are truncated with a warning; "
-                                          "default: 512 for VideoAlign, the text tower's limit for CLIP")
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="longer prompts are truncated with a warning; "
+        "default: 512 for VideoAlign, the text tower's limit for CLIP",
+    )
 
-    def check(self) -> "CheckpointRewardSpec":
+    def check(self) -> CheckpointRewardSpec:
         if self.path is None:
             raise ValueError(f"a {self.kind} reward model needs `path` (a local checkpoint directory)")
         return self
@@ -218,15 +223,21 @@ class VideoAlignRewardSpec(CheckpointRewardSpec):
     """VideoAlign's VideoReward on Qwen2-VL (rewards/videoalign.py)."""
 
     kind: Literal["videoalign"]
-    base_model: Path | None = Field(None, description="local Qwen2-VL-2B-Instruct directory (config, tokenizer, "
-                                    "preprocessor, chat template); default: <path>/base or model_config.json's")
+    base_model: Path | None = Field(
+        None,
+        description="local Qwen2-VL-2B-Instruct directory (config, tokenizer, "
+        "preprocessor, chat template); default: <path>/base or model_config.json's",
+    )
     checkpoint_step: int | None = Field(None, description="checkpoint-<step> to load; default the latest")
     fps: float = Field(2.0, gt=0, description="frames sampled per second of video (VideoAlign: 2)")
     max_pixels: int = Field(448 * 448, ge=28 * 28, description="per sampled frame (VideoAlign: 200704)")
     min_pixels: int = Field(128 * 28 * 28, ge=28 * 28)
     normalize: bool = Field(True, description="published mean/std normalisation of VQ, MQ, TA")
-    prompt_template: Path | None = Field(None, description="text file with {text_prompt} and the three reward "
-                                         "tokens; default <path>/prompt_template.txt, else the built-in one")
+    prompt_template: Path | None = Field(
+        None,
+        description="text file with {text_prompt} and the three reward "
+        "tokens; default <path>/prompt_template.txt, else the built-in one",
+    )
 
 
 class ClipRewardSpec(CheckpointRewardSpec):
@@ -243,11 +254,16 @@ class PickScoreRewardSpec(ClipRewardSpec):
     kind: Literal["pickscore"]
 
 
-RewardModelSpec = Annotated[ToyRewardSpec | VideoAlignRewardSpec | ClipRewardSpec | PickScoreRewardSpec,
-                            Field(discriminator="kind")]
+RewardModelSpec = Annotated[
+    ToyRewardSpec | VideoAlignRewardSpec | ClipRewardSpec | PickScoreRewardSpec, Field(discriminator="kind")
+]
 _REWARD_MODEL_SPEC: TypeAdapter = TypeAdapter(RewardModelSpec)
-_REWARD_SPEC_BY_KIND = {"toy": ToyRewardSpec, "videoalign": VideoAlignRewardSpec, "clip": ClipRewardSpec,
-                        "pickscore": PickScoreRewardSpec}
+_REWARD_SPEC_BY_KIND = {
+    "toy": ToyRewardSpec,
+    "videoalign": VideoAlignRewardSpec,
+    "clip": ClipRewardSpec,
+    "pickscore": PickScoreRewardSpec,
+}
 REWARD_KINDS = tuple(_REWARD_SPEC_BY_KIND)
 
 
@@ -284,8 +300,10 @@ def check_reward_models(entries: list[dict[str, Any]], num_gpus_per_server: floa
         out.append(spec.model_dump(mode="json", exclude_defaults=True) | {"kind": spec.kind})
     in_server = sum(spec.num_gpus for spec in map(reward_model_spec, out) if not spec.runtime_env)
     if in_server > num_gpus_per_server + 1e-9:
-        raise ValueError(f"rewards.models declare {in_server:g} GPU(s) inside a server but "
-                         f"rewards.num_gpus_per_server is {num_gpus_per_server:g}")
+        raise ValueError(
+            f"rewards.models declare {in_server:g} GPU(s) inside a server but "
+            f"rewards.num_gpus_per_server is {num_gpus_per_server:g}"
+        )
     return out
 
 
@@ -317,7 +335,7 @@ class RewardsConfig(_Section):
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per server actor")
 
     @model_validator(mode="after")
-    def _check_models(self) -> "RewardsConfig":
+    def _check_models(self) -> RewardsConfig:
         normalised = check_reward_models(self.models, self.num_gpus_per_server)
         if normalised != self.models:
             object.__setattr__(self, "models", normalised)
@@ -341,8 +359,9 @@ class LearnerConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     max_staleness: int = Field(0, ge=0)
-    resources: dict[str, float] = Field(default_factory=dict,
-                                        description="custom Ray resources per learner, e.g. {learner_gpu: 1}")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per learner, e.g. {learner_gpu: 1}"
+    )
     # Memory of the update (docs/real_size.md at 480x832): checkpointing keeps one block's activations
     # instead of 30 blocks' during the backward; micro-batches bound how many anchors run at once.
     gradient_checkpointing: bool = Field(False, description="recompute each transformer block in the backward")
@@ -397,7 +416,8 @@ class RunConfig(_Section):
     merge_scales: list[float] = Field(default_factory=lambda: [0.0, 0.4, 0.6, 0.8, 1.0])
     phases: list[Literal["reference", "semi", "on_policy", "merge"]] = Field(
         default_factory=lambda: ["reference", "semi", "on_policy", "merge"],
-        description="the schedule, in order; any subset")
+        description="the schedule, in order; any subset",
+    )
     semi_iterations: int | None = Field(None, ge=0, description="None = run.iterations")
     eval_prompts: int = Field(8, ge=1, description="fixed prompts (x eval_seeds) scored before/after")
     eval_seeds: int = Field(2, ge=1)
@@ -415,7 +435,7 @@ def is_toy_world(model: ModelConfig) -> bool:
     return model.latent_space == "pixels" and model.text_encoder_kind == "toy"
 
 
-def reward_model_specs(config: "Config") -> list[RewardModelSpec]:
+def reward_model_specs(config: Config) -> list[RewardModelSpec]:
     """The spec of every configured reward model; none configured means the toy rewards, which only
     a toy-world model may fall back to."""
     from common.errors import RewardError
@@ -423,35 +443,45 @@ def reward_model_specs(config: "Config") -> list[RewardModelSpec]:
     if not config.rewards.models and not is_toy_world(config.model):
         # Config refuses this when it loads unless run.phases is empty (a model-only config such as
         # configs/tiny.yaml); scoring with such a config must not quietly become the toy world.
-        raise RewardError(f"rewards.models: empty, which means the toy world's rewards, but model.latent_space="
-                          f"{config.model.latent_space} / model.text_encoder_kind={config.model.text_encoder_kind} "
-                          "is not the toy world; name the reward models")
+        raise RewardError(
+            f"rewards.models: empty, which means the toy world's rewards, but model.latent_space="
+            f"{config.model.latent_space} / model.text_encoder_kind={config.model.text_encoder_kind} "
+            "is not the toy world; name the reward models"
+        )
     entries = config.rewards.models or [{"kind": "toy"}]
     return [reward_model_spec(e).check() for e in entries]
 
 
-def toy_fallback_problems(config: "Config") -> list[str]:
+def toy_fallback_problems(config: Config) -> list[str]:
     """One line per place where a job on this config would fall back to the toy world's rewards or
     prompts (or mixes the toy world with a real model); empty for a consistent config."""
     m = config.model
     if (m.latent_space == "pixels") != (m.text_encoder_kind == "toy"):
-        return [f"model.latent_space={m.latent_space} with model.text_encoder_kind={m.text_encoder_kind} is half "
-                "the toy world: the toy world is latent_space pixels with text_encoder_kind toy (configs/toy.yaml), "
-                "a real model wan_vae with umt5 (configs/self_forcing_wan1.3b.yaml)"]
+        return [
+            f"model.latent_space={m.latent_space} with model.text_encoder_kind={m.text_encoder_kind} is half "
+            "the toy world: the toy world is latent_space pixels with text_encoder_kind toy (configs/toy.yaml), "
+            "a real model wan_vae with umt5 (configs/self_forcing_wan1.3b.yaml)"
+        ]
     if is_toy_world(m):
         return []
     real = f"model.latent_space={m.latent_space} / model.text_encoder_kind={m.text_encoder_kind} is a real model"
     problems = []
     if not config.rewards.models:
-        problems.append(f"rewards.models: empty, which means the toy world's rewards, but {real}; name the reward "
-                        "models (configs/self_forcing_wan1.3b.yaml shows VideoAlign)")
+        problems.append(
+            f"rewards.models: empty, which means the toy world's rewards, but {real}; name the reward "
+            "models (configs/self_forcing_wan1.3b.yaml shows VideoAlign)"
+        )
     for i, entry in enumerate(config.rewards.models):
         if entry["kind"] == "toy":
-            problems.append(f"rewards.models[{i}]: kind toy is the toy world's rewards, but {real}; use a real "
-                            "reward model (videoalign, clip, pickscore)")
+            problems.append(
+                f"rewards.models[{i}]: kind toy is the toy world's rewards, but {real}; use a real "
+                "reward model (videoalign, clip, pickscore)"
+            )
     if config.rollout.prompts is None:
-        problems.append(f"rollout.prompts: unset, which means the toy world's prompts, but {real}; name a prompt "
-                        "file (UTF-8, one prompt per line)")
+        problems.append(
+            f"rollout.prompts: unset, which means the toy world's prompts, but {real}; name a prompt "
+            "file (UTF-8, one prompt per line)"
+        )
     return problems
 
 
@@ -468,12 +498,11 @@ class Config(_Section):
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
-    def _cross_section(self) -> "Config":
+    def _cross_section(self) -> Config:
         algo, sampler, tf = self.algorithm, self.sampler, self.model.transformer
         if algo.num_anchors > algo.group_size:
             raise ValueError(
-                f"algorithm.num_anchors ({algo.num_anchors}) must not exceed "
-                f"algorithm.group_size ({algo.group_size})"
+                f"algorithm.num_anchors ({algo.num_anchors}) must not exceed algorithm.group_size ({algo.group_size})"
             )
         if algo.trained_steps is not None:
             bad = [s for s in algo.trained_steps if not 0 <= s < len(sampler.denoising_steps)]
@@ -500,7 +529,7 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
-    def _no_toy_fallback(self) -> "Config":
+    def _no_toy_fallback(self) -> Config:
         # Empty rewards.models and unset rollout.prompts mean the toy world's rewards and prompts;
         # on a real model they would silently score real videos with 16x16 toy stand-ins.
         if not self.run.phases:
@@ -556,9 +585,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(
-                    f"override {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
-                )
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
             node = child
         node[parts[-1]] = value
     return data
@@ -634,13 +661,16 @@ def missing_paths(config: Config) -> list[str]:
         # Each of these falls back to something (random weights) or fails only inside an actor,
         # after Ray, Redis and every other role have started.
         if m.self_forcing_checkpoint is None and m.diffusers_transformer is None:
-            lines.append("model.self_forcing_checkpoint: not set (nor model.diffusers_transformer), so a real "
-                         "model would start from random weights; name a local Self-Forcing .pt checkpoint")
+            lines.append(
+                "model.self_forcing_checkpoint: not set (nor model.diffusers_transformer), so a real "
+                "model would start from random weights; name a local Self-Forcing .pt checkpoint"
+            )
         if m.latent_space == "wan_vae" and m.vae is None:
             lines.append("model.vae: not set; model.latent_space=wan_vae decodes videos with a local Wan VAE directory")
         if m.text_encoder_kind == "umt5" and m.text_encoder is None:
-            lines.append("model.text_encoder: not set; model.text_encoder_kind=umt5 needs a local UMT5 text "
-                         "encoder directory")
+            lines.append(
+                "model.text_encoder: not set; model.text_encoder_kind=umt5 needs a local UMT5 text encoder directory"
+            )
     for key, path, what in wanted:
         if path is not None and not Path(path).exists():
             lines.append(f"{key}: {path} does not exist ({what})")
@@ -651,8 +681,9 @@ def preflight(config: Config, ignore: tuple[str, ...] = ()) -> None:
     """What a job entry point checks before it starts Ray or Redis: no toy-world fallback (whatever
     run.phases says) and no missing file. Raises ConfigError, one line per problem, each naming its
     key; keys in `ignore` (e.g. rollout.prompts when a prompt file is given otherwise) are skipped."""
-    problems = [line for line in [*toy_fallback_problems(config), *missing_paths(config)]
-                if line.split(":", 1)[0] not in ignore]
+    problems = [
+        line for line in [*toy_fallback_problems(config), *missing_paths(config)] if line.split(":", 1)[0] not in ignore
+    ]
     if problems:
         raise ConfigError("\n".join(problems))
 

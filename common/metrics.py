@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 log = logging.getLogger(__name__)
 
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (what each role reports in its stats)."""
     import resource
@@ -31,25 +32,39 @@ class RunMetrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
         self.rollout_groups = Counter("arcopo_rollout_groups", "forked groups produced", ["phase"], registry=r)
-        self.rollout_seconds = Histogram("arcopo_rollout_seconds", "rollout time of one group (fork + decode)",
-                                         buckets=_SECONDS, registry=r)
+        self.rollout_seconds = Histogram(
+            "arcopo_rollout_seconds", "rollout time of one group (fork + decode)", buckets=_SECONDS, registry=r
+        )
         self.reward = Gauge("arcopo_reward", "mean reward of the last batch, per component", ["component"], registry=r)
         self.reward_failures = Counter("arcopo_reward_failures", "groups dropped because a reward failed", registry=r)
-        self.reward_seconds = Histogram("arcopo_reward_seconds", "reward-server time of one group", buckets=_SECONDS,
-                                        registry=r)
-        self.learner_step_seconds = Histogram("arcopo_learner_step_seconds", "one AR-CoPO update (all inner steps)",
-                                              ["adapter"], buckets=_SECONDS, registry=r)
+        self.reward_seconds = Histogram(
+            "arcopo_reward_seconds", "reward-server time of one group", buckets=_SECONDS, registry=r
+        )
+        self.learner_step_seconds = Histogram(
+            "arcopo_learner_step_seconds",
+            "one AR-CoPO update (all inner steps)",
+            ["adapter"],
+            buckets=_SECONDS,
+            registry=r,
+        )
         self.loss = Gauge("arcopo_loss", "AR-CoPO loss of the last update", ["adapter"], registry=r)
-        self.clip_fraction = Gauge("arcopo_clip_fraction", "share of ratios clipped in the last update",
-                                   ["adapter"], registry=r)
+        self.clip_fraction = Gauge(
+            "arcopo_clip_fraction", "share of ratios clipped in the last update", ["adapter"], registry=r
+        )
         self.weight_version = Gauge("arcopo_weight_version", "weight version held", ["role", "actor"], registry=r)
-        self.weight_sync_seconds = Histogram("arcopo_weight_sync_seconds", "publish + delivery to every worker",
-                                             buckets=_SECONDS, registry=r)
+        self.weight_sync_seconds = Histogram(
+            "arcopo_weight_sync_seconds", "publish + delivery to every worker", buckets=_SECONDS, registry=r
+        )
         self.weight_sync_bytes = Gauge("arcopo_weight_sync_bytes", "bytes of the last weight packet", registry=r)
-        self.staleness = Histogram("arcopo_staleness", "weight versions between a group's policy and the learner's",
-                                   buckets=(0, 1, 2, 3, 4, 8, 16), registry=r)
-        self.dropped_stale = Counter("arcopo_dropped_stale", "groups dropped as older than learner.max_staleness",
-                                     registry=r)
+        self.staleness = Histogram(
+            "arcopo_staleness",
+            "weight versions between a group's policy and the learner's",
+            buckets=(0, 1, 2, 3, 4, 8, 16),
+            registry=r,
+        )
+        self.dropped_stale = Counter(
+            "arcopo_dropped_stale", "groups dropped as older than learner.max_staleness", registry=r
+        )
         self.replay_size = Gauge("arcopo_replay_size", "items in the replay buffer", registry=r)
         self.replay_inserts = Gauge("arcopo_replay_inserts_total", "items ever inserted (Redis counter)", registry=r)
         self.replay_samples = Gauge("arcopo_replay_samples_total", "items ever sampled (Redis counter)", registry=r)

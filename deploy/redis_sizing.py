@@ -26,8 +26,8 @@ from dataclasses import dataclass
 # -- one record: common/dataflow/records.py ---------------------------------------------------------
 
 _PREFIX = 7 + 2 + 1 + 4  # magic "ARCOPO\0", u16 schema version, u8 keyed, u32 header length
-_BLOB_LEN = 8            # u64 safetensors blob length
-_DIGEST = 32             # blake2b
+_BLOB_LEN = 8  # u64 safetensors blob length
+_DIGEST = 32  # blake2b
 _DTYPES = {4: ("float32", "F32"), 2: ("bfloat16", "BF16")}
 
 
@@ -35,14 +35,14 @@ _DTYPES = {4: ("float32", "F32"), 2: ("bfloat16", "BF16")}
 class GroupShape:
     """One forked group as the rollout worker records it (all latents float32 by default)."""
 
-    G: int            # algorithm.group_size
-    T: int            # len(sampler.denoising_steps)
-    C: int            # latent channels (model.transformer.in_channels)
-    f: int            # sampler.frames_per_chunk (latent frames)
-    H: int            # latent height = sampler.height / model.vae_spatial_stride
-    W: int            # latent width
-    pivot: int        # 0-based pivot chunk: the prefix holds pivot * f frames
-    components: int = 3   # reward components (rewards.terms)
+    G: int  # algorithm.group_size
+    T: int  # len(sampler.denoising_steps)
+    C: int  # latent channels (model.transformer.in_channels)
+    f: int  # sampler.frames_per_chunk (latent frames)
+    H: int  # latent height = sampler.height / model.vae_spatial_stride
+    W: int  # latent width
+    pivot: int  # 0-based pivot chunk: the prefix holds pivot * f frames
+    components: int = 3  # reward components (rewards.terms)
     prompt_chars: int = 80
     dtype_bytes: int = 4  # the sampler records float32 inputs and predictions
 
@@ -50,8 +50,8 @@ class GroupShape:
         G, T, C, f, H, W = self.G, self.T, self.C, self.f, self.H, self.W
         shapes = {
             "prefix_latents": (1, C, self.pivot * f, H, W),
-            "pivot_inputs": (G, T, C, f, H, W),        # x_t per step
-            "pivot_predictions": (G, T, C, f, H, W),   # x0_hat of the behaviour policy per step
+            "pivot_inputs": (G, T, C, f, H, W),  # x_t per step
+            "pivot_predictions": (G, T, C, f, H, W),  # x0_hat of the behaviour policy per step
             "pivot_latents": (G, C, f, H, W),
             "rewards": (G,),
         }
@@ -73,16 +73,29 @@ def record_bytes(shape: GroupShape) -> int:
     dtype, st_dtype = _DTYPES[shape.dtype_bytes]
     tensors = shape.tensors()
     meta = {k: [("float32" if k.startswith("reward") else dtype), list(v)] for k, v in tensors.items()}
-    header = {"group_id": "0" * 32, "prompt": "x" * shape.prompt_chars, "adapter": "on_policy",
-              "pivot": shape.pivot, "plan_seed": 10 ** 9, "fork_seed": 10 ** 9, "policy_version": 100,
-              "sigma": 0.5, "schema_version": 1, "components": [f"c{i}" for i in range(shape.components)],
-              "extra": {}, "tensors": meta}
+    header = {
+        "group_id": "0" * 32,
+        "prompt": "x" * shape.prompt_chars,
+        "adapter": "on_policy",
+        "pivot": shape.pivot,
+        "plan_seed": 10**9,
+        "fork_seed": 10**9,
+        "policy_version": 100,
+        "sigma": 0.5,
+        "schema_version": 1,
+        "components": [f"c{i}" for i in range(shape.components)],
+        "extra": {},
+        "tensors": meta,
+    }
     head = len(json.dumps(header, sort_keys=True))
     offset, st_header = 0, {}
     for name, dims in tensors.items():
         n = (4 if name.startswith("reward") else shape.dtype_bytes) * math.prod(dims)
-        st_header[name] = {"dtype": "F32" if name.startswith("reward") else st_dtype, "shape": list(dims),
-                           "data_offsets": [offset, offset + n]}
+        st_header[name] = {
+            "dtype": "F32" if name.startswith("reward") else st_dtype,
+            "shape": list(dims),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     st_head = len(json.dumps(st_header, separators=(",", ":")))
     st_head += -st_head % 8  # safetensors pads its header to 8 bytes
@@ -99,7 +112,7 @@ def jemalloc_size(n: int) -> int:
         return 8
     if n <= 128:
         return -(-n // 16) * 16
-    lg = (n - 1).bit_length() - 1      # 2^lg < n <= 2^(lg+1)
+    lg = (n - 1).bit_length() - 1  # 2^lg < n <= 2^(lg+1)
     spacing = 1 << (lg - 2)
     return -(-n // spacing) * spacing
 
@@ -122,10 +135,11 @@ def key_overhead(key_chars: int, *, expires: bool = False) -> int:
 ITEM_FIXED_BYTES = 150
 
 
-def item_memory_bytes(record: int, max_value_bytes: int = 4 << 20, *, name_chars: int = 8,
-                      prompt_chars: int = 80) -> int:
+def item_memory_bytes(
+    record: int, max_value_bytes: int = 4 << 20, *, name_chars: int = 8, prompt_chars: int = 80
+) -> int:
     """Redis used_memory of one published item whose record is `record` bytes."""
-    prefix = len("arcopo::item:") + name_chars + 7          # arcopo:<name>:item:<id>, id ~ 7 digits
+    prefix = len("arcopo::item:") + name_chars + 7  # arcopo:<name>:item:<id>, id ~ 7 digits
     full, rest = divmod(record, max_value_bytes)
     parts = [max_value_bytes] * full + ([rest] if rest else [])
     part_key = prefix + len(":part:") + 2
@@ -135,11 +149,11 @@ def item_memory_bytes(record: int, max_value_bytes: int = 4 << 20, *, name_chars
     return data + meta + done + ITEM_FIXED_BYTES
 
 
-def buffer_memory_bytes(items: int, shape: GroupShape, max_value_bytes: int = 4 << 20, *,
-                        name_chars: int = 8) -> int:
+def buffer_memory_bytes(items: int, shape: GroupShape, max_value_bytes: int = 4 << 20, *, name_chars: int = 8) -> int:
     """used_memory of `items` such groups (the counters, scripts and an empty server not included)."""
-    return items * item_memory_bytes(record_bytes(shape), max_value_bytes, name_chars=name_chars,
-                                     prompt_chars=shape.prompt_chars)
+    return items * item_memory_bytes(
+        record_bytes(shape), max_value_bytes, name_chars=name_chars, prompt_chars=shape.prompt_chars
+    )
 
 
 def overhead_factor(record: int, max_value_bytes: int = 4 << 20) -> float:
@@ -178,10 +192,22 @@ def _shape_from_config(path: str, overrides: list[str], pivot: int | None) -> tu
     cfg = load_config(path, overrides)
     C, H, W = cfg.latent_shape
     p = (cfg.sampler.num_chunks - 1) if pivot is None else pivot
-    shape = GroupShape(G=cfg.algorithm.group_size, T=len(cfg.sampler.denoising_steps), C=C,
-                       f=cfg.sampler.frames_per_chunk, H=H, W=W, pivot=p, components=len(cfg.rewards.terms))
-    return shape, {"capacity": cfg.replay.capacity, "max_value_bytes": cfg.replay.max_value_bytes,
-                   "num_chunks": cfg.sampler.num_chunks, "name_chars": len(cfg.run.name)}
+    shape = GroupShape(
+        G=cfg.algorithm.group_size,
+        T=len(cfg.sampler.denoising_steps),
+        C=C,
+        f=cfg.sampler.frames_per_chunk,
+        H=H,
+        W=W,
+        pivot=p,
+        components=len(cfg.rewards.terms),
+    )
+    return shape, {
+        "capacity": cfg.replay.capacity,
+        "max_value_bytes": cfg.replay.max_value_bytes,
+        "num_chunks": cfg.sampler.num_chunks,
+        "name_chars": len(cfg.run.name),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,15 +234,23 @@ def main(argv: list[str] | None = None) -> int:
     mvb = a.max_value_bytes or info["max_value_bytes"]
     n = info["num_chunks"]
     pivots = [a.pivot] if a.pivot is not None else list(range(n))
-    per_pivot = {q: item_memory_bytes(record_bytes(GroupShape(**{**shape.__dict__, "pivot": q})), mvb,
-                                      name_chars=info["name_chars"]) for q in pivots}
+    per_pivot = {
+        q: item_memory_bytes(
+            record_bytes(GroupShape(**{**shape.__dict__, "pivot": q})), mvb, name_chars=info["name_chars"]
+        )
+        for q in pivots
+    }
     mean_item = sum(per_pivot.values()) / len(per_pivot)
     worst_item = max(per_pivot.values())
     rec = record_bytes(shape)
     out = {
-        "shape": shape.__dict__, "capacity": capacity, "max_value_bytes": mvb,
-        "record_bytes_worst_pivot": rec, "tensor_bytes_worst_pivot": tensor_bytes(shape),
-        "item_memory_mean": round(mean_item), "item_memory_worst": worst_item,
+        "shape": shape.__dict__,
+        "capacity": capacity,
+        "max_value_bytes": mvb,
+        "record_bytes_worst_pivot": rec,
+        "tensor_bytes_worst_pivot": tensor_bytes(shape),
+        "item_memory_mean": round(mean_item),
+        "item_memory_worst": worst_item,
         "overhead_factor": round(worst_item / rec, 4),
         "buffer_used_memory_mean": round(capacity * mean_item),
         "buffer_used_memory_worst": capacity * worst_item,
@@ -227,16 +261,24 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(json.dumps(out, indent=2))
     else:
-        mib = lambda b: f"{b / 2 ** 20:,.1f} MiB"  # noqa: E731
-        print(f"record (worst pivot {shape.pivot}): {mib(rec)}; in Redis {mib(worst_item)} "
-              f"(x{out['overhead_factor']}, parts of {mvb} bytes)")
-        print(f"buffer of {capacity}: mean {mib(out['buffer_used_memory_mean'])}, "
-              f"worst {mib(out['buffer_used_memory_worst'])}")
-        print(f"maxmemory >= {mib(out['suggested_maxmemory'])} (worst case + 10% + 64 MiB); "
-              f"container/VM memory >= 2 x maxmemory while AOF rewrites fork (docs/redis.md)")
+        mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
+        print(
+            f"record (worst pivot {shape.pivot}): {mib(rec)}; in Redis {mib(worst_item)} "
+            f"(x{out['overhead_factor']}, parts of {mvb} bytes)"
+        )
+        print(
+            f"buffer of {capacity}: mean {mib(out['buffer_used_memory_mean'])}, "
+            f"worst {mib(out['buffer_used_memory_worst'])}"
+        )
+        print(
+            f"maxmemory >= {mib(out['suggested_maxmemory'])} (worst case + 10% + 64 MiB); "
+            f"container/VM memory >= 2 x maxmemory while AOF rewrites fork (docs/redis.md)"
+        )
         if out["better_max_value_bytes"] != mvb:
-            print(f"replay.max_value_bytes={out['better_max_value_bytes']} would make the overhead "
-                  f"x{out['overhead_factor_with_better_max_value_bytes']}")
+            print(
+                f"replay.max_value_bytes={out['better_max_value_bytes']} would make the overhead "
+                f"x{out['overhead_factor_with_better_max_value_bytes']}"
+            )
     return 0
 
 

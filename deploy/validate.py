@@ -45,17 +45,69 @@ PLACEHOLDER_ENV = {"ARCOPO_REDIS_PASSWORD": "0123456789abcdef"}
 
 # Field names of ray.io/v1 (KubeRay 1.5+ CRDs); an unknown key is a typo that the API server would
 # drop (or refuse under strict field validation), so it is an error here.
-CLUSTER_SPEC_KEYS = {"authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
-                     "headGroupSpec", "headServiceAnnotations", "historyServerOptions", "managedBy",
-                     "networkPolicy", "rayVersion", "suspend", "tlsOptions", "upgradeStrategy", "workerGroupSpecs"}
-HEAD_KEYS = {"enableIngress", "headService", "ingressOptions", "labels", "rayStartParams", "resources",
-             "serviceType", "template"}
-WORKER_KEYS = {"groupName", "idleTimeoutSeconds", "labels", "maxReplicas", "minReplicas", "numOfHosts",
-               "priority", "rayStartParams", "replicas", "resources", "scaleStrategy", "suspend", "template"}
-JOB_SPEC_KEYS = {"activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy", "entrypoint",
-                 "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId", "managedBy", "metadata",
-                 "preRunningDeadlineSeconds", "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes",
-                 "submissionMode", "submitterConfig", "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished"}
+CLUSTER_SPEC_KEYS = {
+    "authOptions",
+    "autoscalerOptions",
+    "enableInTreeAutoscaling",
+    "gcsFaultToleranceOptions",
+    "headGroupSpec",
+    "headServiceAnnotations",
+    "historyServerOptions",
+    "managedBy",
+    "networkPolicy",
+    "rayVersion",
+    "suspend",
+    "tlsOptions",
+    "upgradeStrategy",
+    "workerGroupSpecs",
+}
+HEAD_KEYS = {
+    "enableIngress",
+    "headService",
+    "ingressOptions",
+    "labels",
+    "rayStartParams",
+    "resources",
+    "serviceType",
+    "template",
+}
+WORKER_KEYS = {
+    "groupName",
+    "idleTimeoutSeconds",
+    "labels",
+    "maxReplicas",
+    "minReplicas",
+    "numOfHosts",
+    "priority",
+    "rayStartParams",
+    "replicas",
+    "resources",
+    "scaleStrategy",
+    "suspend",
+    "template",
+}
+JOB_SPEC_KEYS = {
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "clusterSelector",
+    "deletionStrategy",
+    "entrypoint",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "entrypointResources",
+    "jobId",
+    "managedBy",
+    "metadata",
+    "preRunningDeadlineSeconds",
+    "rayClusterSpec",
+    "runtimeEnvYAML",
+    "shutdownAfterJobFinishes",
+    "submissionMode",
+    "submitterConfig",
+    "submitterPodTemplate",
+    "suspend",
+    "ttlSecondsAfterFinished",
+}
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 MAX_CLUSTER_NAME, MAX_JOB_NAME = 53, 47  # KubeRay's MaxRayClusterNameLength, MaxRayJobNameLength
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -75,8 +127,22 @@ def _quantity(value, where: str) -> float:
     if isinstance(value, bool) or not QUANTITY.match(text):
         raise ManifestError(f"{where}: {value!r} is not a Kubernetes quantity")
     number, suffix = re.match(r"^([0-9.]+)(.*)$", text).groups()
-    scale = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-             "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50, "Ei": 2 ** 60}[suffix]
+    scale = {
+        "": 1,
+        "m": 1e-3,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "P": 1e15,
+        "E": 1e18,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "Pi": 2**50,
+        "Ei": 2**60,
+    }[suffix]
     return float(number) * scale
 
 
@@ -108,7 +174,7 @@ def _group(group: dict, where: str, errors: list[str], keys: set[str], *, autosc
         errors.append(f"{where}.{key}: unknown field")
     params = group.get("rayStartParams", {})
     if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
-        errors.append(f"{where}.rayStartParams: must be a map of strings (quote numbers: \"1\")")
+        errors.append(f'{where}.rayStartParams: must be a map of strings (quote numbers: "1")')
         params = {}
     if "labels" in params:
         errors.append(f"{where}.rayStartParams.labels: not supported, use the group's labels field")
@@ -180,7 +246,7 @@ def validate_cluster_spec(spec, where: str = "spec") -> list[str]:
         errors.append(f"{where}.{key}: unknown field")
     version = spec.get("rayVersion")
     if not isinstance(version, str) or not re.match(r"^\d+\.\d+\.\d+$", version):
-        errors.append(f"{where}.rayVersion: required here, e.g. \"2.60.0\"")
+        errors.append(f'{where}.rayVersion: required here, e.g. "2.60.0"')
         version = None
     auth = spec.get("authOptions")
     if auth is not None:
@@ -339,9 +405,11 @@ def group_capacity(spec: dict) -> dict[str, dict[str, float]]:
 
 def role_demand(config) -> dict[str, dict[str, float]]:
     r, w, lr = config.rollout, config.rewards, config.learner
-    return {"rollout": {"CPU": r.num_workers * r.num_cpus_per_worker, "GPU": r.num_workers * r.num_gpus_per_worker},
-            "reward": {"CPU": w.num_servers * w.num_cpus_per_server, "GPU": w.num_servers * w.num_gpus_per_server},
-            "learner": {"CPU": lr.num_workers * lr.num_cpus_per_worker, "GPU": lr.num_workers * lr.num_gpus_per_worker}}
+    return {
+        "rollout": {"CPU": r.num_workers * r.num_cpus_per_worker, "GPU": r.num_workers * r.num_gpus_per_worker},
+        "reward": {"CPU": w.num_servers * w.num_cpus_per_server, "GPU": w.num_servers * w.num_gpus_per_server},
+        "learner": {"CPU": lr.num_workers * lr.num_cpus_per_worker, "GPU": lr.num_workers * lr.num_gpus_per_worker},
+    }
 
 
 def check_capacity(capacity: dict, config) -> list[str]:
@@ -357,11 +425,14 @@ def check_capacity(capacity: dict, config) -> list[str]:
             continue
         for resource in ("CPU", "GPU"):
             if need[resource] > have[resource] + 1e-9:
-                errors.append(f"{role}: the job asks for {need[resource]:g} {resource}, "
-                              f"its group has {have[resource]:g}")
+                errors.append(
+                    f"{role}: the job asks for {need[resource]:g} {resource}, its group has {have[resource]:g}"
+                )
         if need["GPU"] and have.get(ROLE_RESOURCE[role]) != have["GPU"]:
-            errors.append(f"{role}: custom resource {ROLE_RESOURCE[role]} ({have.get(ROLE_RESOURCE[role])}) must equal "
-                          f"the group's GPUs ({have['GPU']:g})")
+            errors.append(
+                f"{role}: custom resource {ROLE_RESOURCE[role]} ({have.get(ROLE_RESOURCE[role])}) must equal "
+                f"the group's GPUs ({have['GPU']:g})"
+            )
     total = {k: sum(c.get(k, 0) for c in capacity.values()) for k in ("CPU", "GPU")}
     try:
         check_resources(config, total)
@@ -419,8 +490,9 @@ def validate_file(path: str | Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.validate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.validate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("files", nargs="+", help="RayCluster / RayJob YAML files")
     args = parser.parse_args(argv)
     failed = 0

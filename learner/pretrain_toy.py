@@ -59,6 +59,7 @@ import argparse
 import csv
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +118,7 @@ def ode_endpoints(teacher, sampler, text, context, noise, ode_steps: int, shift:
         teacher(context, torch.zeros(batch), text, cache=cache, write_cache=True, frames_per_chunk=f)
     sigmas = ode_sigmas(ode_steps, shift)
     x = noise
-    for sig, nxt in zip(sigmas, sigmas[1:]):
+    for sig, nxt in pairwise(sigmas):
         flow = teacher(x, torch.full((batch,), sig * num_train), text, start_frame=start, cache=cache)
         x = x + (nxt - sig) * flow
     return x
@@ -139,8 +140,9 @@ def ode_pool(teacher, sampler, cfg: Config, args, train_prompts, encoder, genera
         lo, hi = chunk * s.frames_per_chunk, (chunk + 1) * s.frames_per_chunk
         noise = torch.randn((args.batch_size, *sampler.chunk_shape), generator=generator)
         endpoint = ode_endpoints(teacher, sampler, text, videos[:, :, :lo], noise, args.ode_steps, args.ode_shift)
-        pool.append(dict(text=text, context=videos[:, :, :lo], data=videos[:, :, lo:hi], noise=noise,
-                         endpoint=endpoint))
+        pool.append(
+            dict(text=text, context=videos[:, :, :lo], data=videos[:, :, lo:hi], noise=noise, endpoint=endpoint)
+        )
     return pool
 
 
@@ -173,9 +175,9 @@ def distill(cfg: Config, args, train_prompts, encoder, generator):
         x_t = torch.where(mask, entry["noise"], (1 - sigma) * entry["data"] + sigma * fresh)
         target = torch.where(mask, entry["endpoint"], entry["data"])
         t = torch.zeros(batch, context.shape[2] + s.frames_per_chunk)
-        t[:, context.shape[2]:] = sigma.flatten()[:, None] * sched.num_train_timesteps
+        t[:, context.shape[2] :] = sigma.flatten()[:, None] * sched.num_train_timesteps
         flow = student(torch.cat([context, x_t], dim=2), t, entry["text"], frames_per_chunk=s.frames_per_chunk)
-        x0 = x_t - sigma * flow[:, :, context.shape[2]:]
+        x0 = x_t - sigma * flow[:, :, context.shape[2] :]
         loss = (x0 - target).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -216,8 +218,9 @@ def pretrain_flow(cfg: Config, args, train_prompts, encoder, generator):
         picks = torch.randint(0, len(train_prompts), (args.batch_size,), generator=generator).tolist()
         prompts = [train_prompts[i] for i in picks]
         seeds = torch.randint(0, 2**31 - 1, (args.batch_size,), generator=generator).tolist()
-        x_t, timesteps, target, is_target = flow_matching_batch(cfg, sampler, prompts, seeds, generator,
-                                                                args.sigma_sampling)
+        x_t, timesteps, target, is_target = flow_matching_batch(
+            cfg, sampler, prompts, seeds, generator, args.sigma_sampling
+        )
         text = encoder.encode([p.text for p in prompts])
         flow = model(x_t, timesteps, text, frames_per_chunk=cfg.sampler.frames_per_chunk)
         err = (flow - target).square().mean(dim=(1, 3, 4))  # [B, F]
@@ -234,8 +237,9 @@ def pretrain_flow(cfg: Config, args, train_prompts, encoder, generator):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m learner.pretrain_toy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m learner.pretrain_toy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/toy.yaml")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -243,17 +247,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("assets/toy_generator"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--init-from", type=Path, default=None,
-                        help="stage one: start from this diffusers-format generator instead of random weights")
-    parser.add_argument("--sigma-sampling", choices=["sampler", "uniform"], default="sampler",
-                        help="stage one: train at the sampler's sigmas only, or at sigma ~ U(0, 1] (a teacher)")
-    parser.add_argument("--distill-from", type=Path, default=None,
-                        help="stage two: distil this continuous-time flow model into a noise-dependent few-step one")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="stage one: start from this diffusers-format generator instead of random weights",
+    )
+    parser.add_argument(
+        "--sigma-sampling",
+        choices=["sampler", "uniform"],
+        default="sampler",
+        help="stage one: train at the sampler's sigmas only, or at sigma ~ U(0, 1] (a teacher)",
+    )
+    parser.add_argument(
+        "--distill-from",
+        type=Path,
+        default=None,
+        help="stage two: distil this continuous-time flow model into a noise-dependent few-step one",
+    )
     parser.add_argument("--ode-steps", type=int, default=16, help="stage two: Euler steps of the teacher ODE")
     parser.add_argument("--ode-shift", type=float, default=3.0, help="stage two: shift of the ODE's sigma grid")
     parser.add_argument("--pool-size", type=int, default=2048, help="stage two: teacher ODE pairs, computed once")
-    parser.add_argument("--first-step-fraction", type=float, default=0.5,
-                        help="stage two: share of each batch that trains the first step on ODE pairs")
+    parser.add_argument(
+        "--first-step-fraction",
+        type=float,
+        default=0.5,
+        help="stage two: share of each batch that trains the first step on ODE pairs",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config_for_cli(args.config, args.overrides)

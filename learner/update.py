@@ -1,7 +1,8 @@
 """One AR-CoPO update on a batch of forked groups (docs/method.md section 3), for any adapter.
 
 The learner never receives a KV cache: it rebuilds h_{p-1} from each group's prefix latents by
-replaying the rollout's context passes without grad, then backpropagates only through the anchors' predictions on the pivot chunk. The
+replaying the rollout's context passes without grad, then backpropagates only through the anchors'
+predictions on the pivot chunk. The
 behaviour policy's predictions recorded by the rollout are the candidates and pi_old, for every
 inner optimiser step (the data is not re-collected between them).
 """
@@ -9,8 +10,9 @@ inner optimiser step (the data is not re-collected between them).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -54,12 +56,19 @@ class UpdateSettings:
     anchor_micro_batch: int | None = None
 
     @classmethod
-    def from_config(cls, config: Config) -> "UpdateSettings":
+    def from_config(cls, config: Config) -> UpdateSettings:
         a = config.algorithm
         return cls(
-            num_anchors=a.num_anchors, tau=a.tau, clip_eps=a.clip_eps, distance_reduction=a.distance_reduction,
-            trained_steps=a.trained_steps, inner_steps=a.inner_steps, grad_clip=config.learner.grad_clip,
-            advantage_eps=a.advantage_eps, quasi_norm=a.quasi_norm, quasi_norm_q=a.quasi_norm_q,
+            num_anchors=a.num_anchors,
+            tau=a.tau,
+            clip_eps=a.clip_eps,
+            distance_reduction=a.distance_reduction,
+            trained_steps=a.trained_steps,
+            inner_steps=a.inner_steps,
+            grad_clip=config.learner.grad_clip,
+            advantage_eps=a.advantage_eps,
+            quasi_norm=a.quasi_norm,
+            quasi_norm_q=a.quasi_norm_q,
             anchor_micro_batch=config.learner.anchor_micro_batch,
         )
 
@@ -98,8 +107,10 @@ def arcopo_update(
     steps = list(settings.trained_steps) if settings.trained_steps is not None else list(range(num_steps))
     if anchor_generators is None:
         anchor_generators = [generator] * len(groups)
-    anchors = [symmetric_anchors(g.pivot_inputs.shape[0], settings.num_anchors, gen)
-               for g, gen in zip(groups, anchor_generators, strict=True)]
+    anchors = [
+        symmetric_anchors(g.pivot_inputs.shape[0], settings.num_anchors, gen)
+        for g, gen in zip(groups, anchor_generators, strict=True)
+    ]
     denominator = (total_groups if total_groups is not None else len(groups)) * len(steps)
     micro = settings.anchor_micro_batch or settings.num_anchors
     start_weights = [p.detach().clone() for p in params] if settings.inner_steps > 1 else None
@@ -108,7 +119,7 @@ def arcopo_update(
     for inner in range(settings.inner_steps):
         optimizer.zero_grad(set_to_none=True)
         losses, clips, devs = [], [], []
-        for group, text, adv, k in zip(groups, texts, advantages, anchors):
+        for group, text, adv, k in zip(groups, texts, advantages, anchors, strict=True):
             text = text.to(device)
             with _weights(params, start_weights if inner > 0 else None):
                 cache = sampler.rebuild_cache(text, group.prefix_latents)
@@ -118,12 +129,17 @@ def arcopo_update(
                 # Anchors in micro-batches: J is a mean over anchors, so each micro-batch's loss
                 # weighted by its share of the anchors sums to the same gradient.
                 for first in range(0, len(k), micro):
-                    part = k[first:first + micro]
+                    part = k[first : first + micro]
                     inputs = group.pivot_inputs[part, step].to(device)
                     a_theta = sampler.predict_x0(inputs, step, group.pivot, text, cache)
                     loss, stats = arcopo_step_loss(
-                        a_theta, candidates, part.to(device), adv,
-                        tau=settings.tau, clip_eps=settings.clip_eps, reduction=settings.distance_reduction,
+                        a_theta,
+                        candidates,
+                        part.to(device),
+                        adv,
+                        tau=settings.tau,
+                        clip_eps=settings.clip_eps,
+                        reduction=settings.distance_reduction,
                     )
                     share = len(part) / len(k)
                     # Backward per micro-batch keeps one micro-batch's activations alive at a time.
@@ -141,8 +157,9 @@ def arcopo_update(
         optimizer.step()
         if losses:  # a data-parallel rank may hold no group this step; it still joins the all-reduce
             total, clip, dev = sum(losses) / len(losses), sum(clips) / len(clips), max(devs)
-    return UpdateStats(loss=total, clip_fraction=clip, ratio_max_dev=dev, grad_norm=norm,
-                       inner_steps=settings.inner_steps)
+    return UpdateStats(
+        loss=total, clip_fraction=clip, ratio_max_dev=dev, grad_norm=norm, inner_steps=settings.inner_steps
+    )
 
 
 @contextlib.contextmanager
@@ -153,10 +170,10 @@ def _weights(params: list[torch.nn.Parameter], values: list[torch.Tensor] | None
         yield
         return
     current = [p.data for p in params]
-    for p, v in zip(params, values):
+    for p, v in zip(params, values, strict=True):
         p.data = v
     try:
         yield
     finally:
-        for p, v in zip(params, current):
+        for p, v in zip(params, current, strict=True):
             p.data = v

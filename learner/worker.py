@@ -30,8 +30,9 @@ def anchor_generator(seed: int, iteration: int, index: int) -> torch.Generator:
 class Learner:
     """Ray actor body; the driver names it `learner-<rank>`."""
 
-    def __init__(self, config_dict: dict, rank: int, world_size: int, replay: dict | None = None,
-                 record_key: bytes | None = None):
+    def __init__(
+        self, config_dict: dict, rank: int, world_size: int, replay: dict | None = None, record_key: bytes | None = None
+    ):
         from common.config import Config
         from common.model.policy import Policy
 
@@ -73,8 +74,9 @@ class Learner:
             # One group carries both kinds of tensor: gradients on the GPU go over NCCL, and the
             # replay sample ids that rank 0 broadcasts are a CPU tensor, which NCCL refuses.
             backend = "cpu:gloo,cuda:nccl" if self._backend() == "nccl" else "gloo"
-            dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
-                                    world_size=self.world_size)
+            dist.init_process_group(
+                backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world_size
+            )
         return True
 
     def _reduce(self, params: list[torch.nn.Parameter]) -> None:
@@ -86,9 +88,9 @@ class Learner:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         at = 0
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             n = g.numel()
-            p.grad = flat[at:at + n].view_as(p).clone()
+            p.grad = flat[at : at + n].view_as(p).clone()
             at += n
 
     # -- training --------------------------------------------------------------------------------
@@ -100,8 +102,15 @@ class Learner:
             self.optimizers[adapter] = torch.optim.AdamW(params, lr=lr.lr, weight_decay=lr.weight_decay)
         return params, self.optimizers[adapter]
 
-    def _train(self, adapter: str, iteration: int, indexed: list[tuple[int, RolloutGroup]], total: int,
-               clip_eps: float | None, reward_of) -> dict:
+    def _train(
+        self,
+        adapter: str,
+        iteration: int,
+        indexed: list[tuple[int, RolloutGroup]],
+        total: int,
+        clip_eps: float | None,
+        reward_of,
+    ) -> dict:
         start = time.perf_counter()
         params, optimizer = self._optimizer(adapter)
         settings = UpdateSettings(**vars(self.settings))
@@ -109,10 +118,16 @@ class Learner:
             settings.clip_eps = clip_eps
         groups = [g for _, g in indexed]
         stats = arcopo_update(
-            self.policy.sampler, groups, [reward_of(g) for g in groups], [self.policy.text([g.prompt]) for g in groups],
-            params, optimizer, settings,
+            self.policy.sampler,
+            groups,
+            [reward_of(g) for g in groups],
+            [self.policy.text([g.prompt]) for g in groups],
+            params,
+            optimizer,
+            settings,
             anchor_generators=[anchor_generator(self.config.run.seed, iteration, i) for i, _ in indexed],
-            total_groups=total, reduce_grads=self._reduce,
+            total_groups=total,
+            reduce_grads=self._reduce,
         )
         self.policy.model.requires_grad_(False)
         self.version += 1
@@ -123,7 +138,8 @@ class Learner:
     def train_groups(self, iteration: int, adapter: str, indices: list[int], total: int, *records: bytes) -> dict:
         """One update on this rank's shard of fresh groups (the records arrive as resolved ObjectRefs)."""
         groups = [RolloutGroup.from_bytes(r, key=self.record_key) for r in records]
-        return self._train(adapter, iteration, list(zip(indices, groups)), total, None, lambda g: g.rewards)
+        pairs = list(zip(indices, groups, strict=True))
+        return self._train(adapter, iteration, pairs, total, None, lambda g: g.rewards)
 
     def train_from_replay(self, iteration: int, adapter: str, batch_size: int, seed: int, clip: bool = True) -> dict:
         """One update of `adapter` on a batch drawn from the replay buffer with pi_old = pi_ref.
@@ -157,8 +173,13 @@ class Learner:
     def _pack(self):
         """The current weights as one packet (both transports ship the same thing)."""
         c = self.config.cluster
-        return pack(self.policy.synced_tensors(c.weight_sync), self.version, c.weight_sync, c.bucket_mb << 20,
-                    self.fingerprint if c.weight_sync == "adapters" else "")
+        return pack(
+            self.policy.synced_tensors(c.weight_sync),
+            self.version,
+            c.weight_sync,
+            c.bucket_mb << 20,
+            self.fingerprint if c.weight_sync == "adapters" else "",
+        )
 
     def base_fingerprint(self) -> str:
         return self.fingerprint
@@ -193,7 +214,9 @@ class Learner:
         return "nccl" if torch.cuda.is_available() and self.config.model.device.startswith("cuda") else "gloo"
 
     def adapter_checksum(self, adapter: str) -> float:
-        return float(sum(v.double().abs().sum() for v in adapters.adapter_state_dict(self.policy.model, adapter).values()))
+        return float(
+            sum(v.double().abs().sum() for v in adapters.adapter_state_dict(self.policy.model, adapter).values())
+        )
 
     def adapter_tensors(self, adapter: str) -> dict[str, torch.Tensor]:
         return adapters.adapter_state_dict(self.policy.model, adapter)
@@ -211,9 +234,11 @@ class Learner:
         """Rank 0: adapters, optimiser states and the weight version, for resuming (atomic)."""
         from common.durable import torch_save_atomic
 
-        state = {"version": self.version,
-                 "adapters": {n: adapters.adapter_state_dict(self.policy.model, n) for n in adapters.ADAPTERS},
-                 "optimizers": {a: opt.state_dict() for a, opt in self.optimizers.items()}}
+        state = {
+            "version": self.version,
+            "adapters": {n: adapters.adapter_state_dict(self.policy.model, n) for n in adapters.ADAPTERS},
+            "optimizers": {a: opt.state_dict() for a, opt in self.optimizers.items()},
+        }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch_save_atomic(state, path)
@@ -234,5 +259,11 @@ class Learner:
     def stats(self) -> dict:
         from common.metrics import peak_rss_bytes
 
-        return {"rank": self.rank, "version": self.version, "busy_seconds": self.busy_seconds,
-                "uptime": time.time() - self.started, "pid": os.getpid(), "peak_rss_bytes": peak_rss_bytes()}
+        return {
+            "rank": self.rank,
+            "version": self.version,
+            "busy_seconds": self.busy_seconds,
+            "uptime": time.time() - self.started,
+            "pid": os.getpid(),
+            "peak_rss_bytes": peak_rss_bytes(),
+        }

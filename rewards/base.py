@@ -48,8 +48,10 @@ class RewardModel:
 def check_video_batch(frames, prompts) -> None:
     """uint8 [B, F, H, W, 3], B >= 1, F >= 1, H, W >= 1, one prompt (a str) per video."""
     if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
-        raise RewardError(f"videos must be uint8 [B, F, H, W, 3], got "
-                          f"{getattr(frames, 'dtype', type(frames).__name__)} {tuple(getattr(frames, 'shape', ()))}")
+        raise RewardError(
+            f"videos must be uint8 [B, F, H, W, 3], got "
+            f"{getattr(frames, 'dtype', type(frames).__name__)} {tuple(getattr(frames, 'shape', ()))}"
+        )
     if 0 in frames.shape:
         raise RewardError(f"empty video batch {tuple(frames.shape)}")
     if isinstance(prompts, str) or len(prompts) != frames.shape[0]:
@@ -60,8 +62,9 @@ def check_video_batch(frames, prompts) -> None:
         raise RewardError(f"prompts must be strings; not at {bad}")
 
 
-def fps_frame_indices(total: int, video_fps: float, fps: float = 2.0, frame_factor: int = 2,
-                      min_frames: int = 4, max_frames: int = 768) -> list[int]:
+def fps_frame_indices(
+    total: int, video_fps: float, fps: float = 2.0, frame_factor: int = 2, min_frames: int = 4, max_frames: int = 768
+) -> list[int]:
     """Indices of the frames Qwen-VL's video reader keeps when sampling at `fps` (qwen-vl-utils'
     rule, which VideoAlign uses): n = (total / video_fps) * fps, clamped to [min_frames,
     min(max_frames, total)] (bounds rounded to the frame factor), rounded to a multiple of
@@ -83,8 +86,9 @@ def uniform_frame_indices(total: int, n: int) -> list[int]:
     return torch.linspace(0, total - 1, n).round().long().tolist()
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 128 * 28 * 28,
-                 max_pixels: int = 448 * 448) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 128 * 28 * 28, max_pixels: int = 448 * 448
+) -> tuple[int, int]:
     """Qwen-VL's frame size rule: both sides multiples of `factor`, aspect ratio kept, area within
     [min_pixels, max_pixels]."""
     if max(height, width) / min(height, width) > 200:

@@ -31,15 +31,31 @@ def _embedding(out) -> torch.Tensor:
 class ClipReward(RewardModel):
     name = "clip"
 
-    def __init__(self, path, processor=None, device="cpu", dtype="float32", num_frames=8, kind="clip",
-                 prefix="", max_prompt_tokens=None):
+    def __init__(
+        self,
+        path,
+        processor=None,
+        device="cpu",
+        dtype="float32",
+        num_frames=8,
+        kind="clip",
+        prefix="",
+        max_prompt_tokens=None,
+    ):
         from transformers import AutoProcessor, CLIPModel
 
         path = Path(path)
         if not (path / "config.json").is_file():
             raise RewardError(f"{kind}: no CLIP model directory at {path} (config.json missing)")
-        if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin",
-                                                  "model.safetensors.index.json", "pytorch_model.bin.index.json")):
+        if not any(
+            (path / f).is_file()
+            for f in (
+                "model.safetensors",
+                "pytorch_model.bin",
+                "model.safetensors.index.json",
+                "pytorch_model.bin.index.json",
+            )
+        ):
             raise RewardError(f"{kind}: no weights (model.safetensors / pytorch_model.bin) in {path}")
         proc_dir = Path(processor) if processor else path
         if not proc_dir.is_dir():
@@ -70,8 +86,8 @@ class ClipReward(RewardModel):
         ids = torch.full((len(rows), length), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     def score(self, frames: torch.Tensor, prompts: list[str], fps: float) -> dict[str, torch.Tensor]:
@@ -83,7 +99,7 @@ class ClipReward(RewardModel):
         text = _embedding(self.model.get_text_features(**self._texts(prompts))).float()
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
-        cos = (image.reshape(b, len(idx), -1) * text[:, None]).sum(-1)   # [B, frames]
+        cos = (image.reshape(b, len(idx), -1) * text[:, None]).sum(-1)  # [B, frames]
         if self.kind == "clip":
             per_frame = 100.0 * cos.clamp_min(0)
         else:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from typing import TYPE_CHECKING
+
+import torch
 
 from common.errors import RewardError
 
@@ -39,11 +40,14 @@ def component_stats(components: dict[str, torch.Tensor], weights: dict[str, floa
         v = torch.as_tensor(value).detach().float().reshape(-1)
         finite = v[torch.isfinite(v)]
         n = finite.numel()
-        entry = {"n": n, "non_finite": int(v.numel() - n),
-                 "mean": finite.mean().item() if n else float("nan"),
-                 "std": finite.std(unbiased=False).item() if n else float("nan"),
-                 "min": finite.min().item() if n else float("nan"),
-                 "max": finite.max().item() if n else float("nan")}
+        entry = {
+            "n": n,
+            "non_finite": int(v.numel() - n),
+            "mean": finite.mean().item() if n else float("nan"),
+            "std": finite.std(unbiased=False).item() if n else float("nan"),
+            "min": finite.min().item() if n else float("nan"),
+            "max": finite.max().item() if n else float("nan"),
+        }
         if name in weights:
             entry["weight"] = weights[name]
             entry["contribution"] = weights[name] * entry["mean"]
@@ -68,7 +72,7 @@ class RewardCombiner:
         self.weights = dict(weights)
 
     @classmethod
-    def from_config(cls, config: Config) -> "RewardCombiner":
+    def from_config(cls, config: Config) -> RewardCombiner:
         weights: dict[str, float] = {}
         for term in config.rewards.terms:
             if term.name in weights:

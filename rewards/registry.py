@@ -1,8 +1,8 @@
 """Builds the reward models of a config (`rewards.models`; their specs are in common/config.py).
 
-    from rewards.registry import build_models
-    models = build_models(config)            # list of RewardModel
-    models[0].components, models[0](frames, prompts, fps=16.0)
+from rewards.registry import build_models
+models = build_models(config)            # list of RewardModel
+models[0].components, models[0](frames, prompts, fps=16.0)
 """
 
 from __future__ import annotations
@@ -49,16 +49,32 @@ def build_model(spec: RewardModelSpec, term_names: list[str] | None = None) -> R
     if spec.kind == "videoalign":
         from rewards.videoalign import VideoAlignReward
 
-        return VideoAlignReward(spec.path, base_model=spec.base_model, checkpoint_step=spec.checkpoint_step,
-                                device=spec.device, dtype=spec.dtype, fps=spec.fps, max_pixels=spec.max_pixels,
-                                min_pixels=spec.min_pixels, normalize=spec.normalize,
-                                prompt_template=spec.prompt_template, max_prompt_tokens=spec.max_prompt_tokens,
-                                prefix=spec.prefix)
+        return VideoAlignReward(
+            spec.path,
+            base_model=spec.base_model,
+            checkpoint_step=spec.checkpoint_step,
+            device=spec.device,
+            dtype=spec.dtype,
+            fps=spec.fps,
+            max_pixels=spec.max_pixels,
+            min_pixels=spec.min_pixels,
+            normalize=spec.normalize,
+            prompt_template=spec.prompt_template,
+            max_prompt_tokens=spec.max_prompt_tokens,
+            prefix=spec.prefix,
+        )
     from rewards.clip import ClipReward
 
-    return ClipReward(spec.path, processor=spec.processor, device=spec.device, dtype=spec.dtype,
-                      num_frames=spec.num_frames, kind=spec.kind, prefix=spec.prefix,
-                      max_prompt_tokens=spec.max_prompt_tokens)
+    return ClipReward(
+        spec.path,
+        processor=spec.processor,
+        device=spec.device,
+        dtype=spec.dtype,
+        num_frames=spec.num_frames,
+        kind=spec.kind,
+        prefix=spec.prefix,
+        max_prompt_tokens=spec.max_prompt_tokens,
+    )
 
 
 class RemoteReward(RewardModel):
@@ -67,8 +83,9 @@ class RemoteReward(RewardModel):
     def __init__(self, spec: RewardModelSpec, term_names: list[str]):
         import ray
 
-        host = ray.remote(ModelHost).options(runtime_env=spec.runtime_env, num_cpus=spec.num_cpus,
-                                             num_gpus=spec.num_gpus, max_restarts=0)
+        host = ray.remote(ModelHost).options(
+            runtime_env=spec.runtime_env, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=0
+        )
         self.actor = host.remote(spec.model_dump(mode="json"), term_names)
         self.components, self.name = ray.get(self.actor.describe.remote())
         self.timeout = 600.0

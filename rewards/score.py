@@ -33,15 +33,22 @@ def score_files(models, videos: list[Path], prompts: list[str]) -> tuple[list[di
     from rewards.server import score_batch
 
     rows, errors = [], []
-    for path, prompt in zip(videos, prompts):
+    for path, prompt in zip(videos, prompts, strict=True):
         try:
             frames, fps = read_mp4(path)
             scores = score_batch(models, frames[None], [prompt], fps=fps)
         except Exception as exc:  # one bad video must not stop the others
             errors.append(f"{path}: {exc}")
             continue
-        rows.append({"video": str(path), "prompt": prompt, "fps": fps, "frames": int(frames.shape[0]),
-                     **{k: v.item() for k, v in scores.items()}})
+        rows.append(
+            {
+                "video": str(path),
+                "prompt": prompt,
+                "fps": fps,
+                "frames": int(frames.shape[0]),
+                **{k: v.item() for k, v in scores.items()},
+            }
+        )
     return rows, errors
 
 
@@ -69,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if len(prompts) != len(videos):
-        print(f"error: {len(videos)} videos but {len(prompts)} prompts in {args.prompts} "
-              "(one prompt per line, in the order of the videos)", file=sys.stderr)
+        print(
+            f"error: {len(videos)} videos but {len(prompts)} prompts in {args.prompts} "
+            "(one prompt per line, in the order of the videos)",
+            file=sys.stderr,
+        )
         return 2
     config = load_config_for_cli(args.config, overrides)
     if config is None:
@@ -92,13 +102,20 @@ def main(argv: list[str] | None = None) -> int:
     names = [k for m in models for k in m.components] + ["total"]
     stats = component_stats({k: torch.tensor([r[k] for r in rows]) for k in names}, combiner.weights) if rows else {}
     for k, s in stats.items():
-        print(f"  {k}: mean {s['mean']:.4f} std {s['std']:.4f} min {s['min']:.4f} max {s['max']:.4f}"
-              + (f" weight {s['weight']:g}" if "weight" in s else ""))
+        print(
+            f"  {k}: mean {s['mean']:.4f} std {s['std']:.4f} min {s['min']:.4f} max {s['max']:.4f}"
+            + (f" weight {s['weight']:g}" if "weight" in s else "")
+        )
     if args.json:
+
         def clean(x):
             return None if isinstance(x, float) and not math.isfinite(x) else x
-        payload = {"videos": rows, "errors": errors,
-                   "stats": {k: {a: clean(b) for a, b in s.items()} for k, s in stats.items()}}
+
+        payload = {
+            "videos": rows,
+            "errors": errors,
+            "stats": {k: {a: clean(b) for a, b in s.items()} for k, s in stats.items()},
+        }
         args.json.write_text(json.dumps(payload, indent=2))
     return 1 if errors else 0
 

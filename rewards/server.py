@@ -52,16 +52,19 @@ def server_options(config: Config) -> dict:
 
 def check_videos(frames, prompts) -> None:
     if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
-        raise RewardError(f"videos must be uint8 [B, F, H, W, 3], got "
-                          f"{getattr(frames, 'dtype', type(frames).__name__)} {tuple(getattr(frames, 'shape', ()))}")
+        raise RewardError(
+            f"videos must be uint8 [B, F, H, W, 3], got "
+            f"{getattr(frames, 'dtype', type(frames).__name__)} {tuple(getattr(frames, 'shape', ()))}"
+        )
     if frames.shape[0] == 0 or frames.shape[1] == 0:
         raise RewardError(f"empty video batch {tuple(frames.shape)}")
     if len(prompts) != frames.shape[0]:
         raise RewardError(f"{frames.shape[0]} videos but {len(prompts)} prompts")
 
 
-def score_batch(models, frames: torch.Tensor, prompts: list[str], fps: float | None = None,
-                latency: dict | None = None) -> dict[str, torch.Tensor]:
+def score_batch(
+    models, frames: torch.Tensor, prompts: list[str], fps: float | None = None, latency: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Every model on one batch; each component checked for shape and finiteness. With `latency`,
     each model's calls, videos and seconds are added under its name."""
     out: dict[str, torch.Tensor] = {}
@@ -105,8 +108,14 @@ class RewardServer:
         self.fps = config.rewards.video_fps
         self.latency: dict[str, dict] = {}
         self.queue: asyncio.Queue | None = None
-        self.stats = {"requests": 0, "videos": 0, "batches": 0, "failures": 0, "busy_seconds": 0.0,
-                      "started": time.time()}
+        self.stats = {
+            "requests": 0,
+            "videos": 0,
+            "batches": 0,
+            "failures": 0,
+            "busy_seconds": 0.0,
+            "started": time.time(),
+        }
 
     async def score(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         check_videos(frames, prompts)
@@ -128,7 +137,7 @@ class RewardServer:
                     break
                 try:
                     item = await asyncio.wait_for(self.queue.get(), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 batch.append(item)
                 size += item[0].shape[0]
@@ -148,7 +157,7 @@ class RewardServer:
             at = 0
             for f, _, future in batch:
                 n = f.shape[0]
-                future.set_result({k: v[at:at + n].clone() for k, v in scores.items()})
+                future.set_result({k: v[at : at + n].clone() for k, v in scores.items()})
                 at += n
             self.stats["videos"] += frames.shape[0]
         except Exception:
@@ -161,15 +170,27 @@ class RewardServer:
                     self.stats["videos"] += f.shape[0]
                 except Exception as exc:
                     self.stats["failures"] += 1
-                    future.set_exception(exc if isinstance(exc, RewardError) else RewardError(f"reward model failed: {exc}"))
+                    future.set_exception(
+                        exc if isinstance(exc, RewardError) else RewardError(f"reward model failed: {exc}")
+                    )
         self.stats["busy_seconds"] += time.perf_counter() - start
 
     def get_stats(self) -> dict:
         """Counters, plus per model: calls, videos, seconds, ms_per_video, ms_per_call."""
-        models = {name: dict(e, ms_per_video=1000 * e["seconds"] / max(e["videos"], 1),
-                             ms_per_call=1000 * e["seconds"] / max(e["calls"], 1))
-                  for name, e in self.latency.items()}
+        models = {
+            name: dict(
+                e,
+                ms_per_video=1000 * e["seconds"] / max(e["videos"], 1),
+                ms_per_call=1000 * e["seconds"] / max(e["calls"], 1),
+            )
+            for name, e in self.latency.items()
+        }
         from common.metrics import peak_rss_bytes
 
-        return dict(self.stats, index=self.index, components=[c for m in self.models for c in m.components],
-                    models=models, peak_rss_bytes=peak_rss_bytes())
+        return dict(
+            self.stats,
+            index=self.index,
+            components=[c for m in self.models for c in m.components],
+            models=models,
+            peak_rss_bytes=peak_rss_bytes(),
+        )

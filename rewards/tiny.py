@@ -27,12 +27,22 @@ from pathlib import Path
 
 import torch
 
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]
-CORPUS = ["a red circle moving left on a black background", "a green square moving up on a gray background",
-          "Rate this AI-generated video on three separate criteria visual quality motion quality text alignment",
-          "Please provide the ratings of Visual Quality Motion Quality Text Alignment prompt END",
-          "You are a helpful assistant. system user assistant"]
+QWEN_SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+CORPUS = [
+    "a red circle moving left on a black background",
+    "a green square moving up on a gray background",
+    "Rate this AI-generated video on three separate criteria visual quality motion quality text alignment",
+    "Please provide the ratings of Visual Quality Motion Quality Text Alignment prompt END",
+    "You are a helpful assistant. system user assistant",
+]
 
 
 def _bpe(vocab_size: int, special: list[str], suffix: str | None = None, lowercase: bool = False):
@@ -44,37 +54,76 @@ def _bpe(vocab_size: int, special: list[str], suffix: str | None = None, lowerca
         tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), **kwargs)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), **kwargs
+    )
     tok.train_from_iterator(CORPUS * 4, trainer)
     return tok
 
 
 # Qwen2-VL-2B-Instruct's config.json (text and vision dimensions, token ids), as released.
 QWEN2_VL_2B = {
-    "text_config": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                        rms_norm_eps=1e-6, rope_theta=1000000.0, sliding_window=32768, use_sliding_window=False,
-                        max_window_layers=28, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-                        bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=True),
-    "vision_config": dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
-                          spatial_merge_size=2, temporal_patch_size=2, in_channels=3, hidden_act="quick_gelu"),
+    "text_config": dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        sliding_window=32768,
+        use_sliding_window=False,
+        max_window_layers=28,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+        bos_token_id=151643,
+        eos_token_id=151645,
+        tie_word_embeddings=True,
+    ),
+    "vision_config": dict(
+        depth=32,
+        embed_dim=1280,
+        hidden_size=1536,
+        num_heads=16,
+        mlp_ratio=4,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        hidden_act="quick_gelu",
+    ),
     "tie_word_embeddings": True,
-    "image_token_id": 151655, "video_token_id": 151656,
-    "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
 }
 # Qwen2's special tokens in id order from 151643 (after its 151643 byte-level BPE tokens).
-QWEN2_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN2_SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 QWEN2_ORDINARY_TOKENS = 151643
 
 
 def _legacy_name(k: str) -> str:
     if k.startswith("model.visual."):
-        return k[len("model."):]
+        return k[len("model.") :]
     if k.startswith("model.language_model."):
-        return "model." + k[len("model.language_model."):]
+        return "model." + k[len("model.language_model.") :]
     return k
 
 
@@ -94,8 +143,9 @@ def _qwen2_sized_tokenizer():
         vocab[f"<filler_{i}>"] = i
     tok = Tokenizer.from_str(json.dumps(data))
     tok.add_special_tokens(QWEN2_SPECIAL)
-    return Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                              model_max_length=32768)
+    return Qwen2TokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=32768
+    )
 
 
 def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -107,7 +157,7 @@ def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator,
     out = torch.empty(shape, dtype=dtype)
     if len(shape) >= 2:
         fan_in = max(1, out.numel() // shape[0])
-        return out.normal_(0.0, fan_in ** -0.5, generator=generator)
+        return out.normal_(0.0, fan_in**-0.5, generator=generator)
     return out.normal_(0.0, 0.02, generator=generator)
 
 
@@ -139,14 +189,15 @@ def _write_videoalign_2b(root: Path, base: Path, step: int, output_dim: int, see
         state[_legacy_name(name)] = random_tensor(name, tuple(shapes[name].shape), generator, torch.bfloat16)
     state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied, stored once
     hidden = QWEN2_VL_2B["text_config"]["hidden_size"]
-    state["rm_head.weight"] = torch.randn(output_dim, hidden, generator=generator).mul(hidden ** -0.5).bfloat16()
+    state["rm_head.weight"] = torch.randn(output_dim, hidden, generator=generator).mul(hidden**-0.5).bfloat16()
     ckpt = root / f"checkpoint-{step}"
     ckpt.mkdir(parents=True, exist_ok=True)
     torch.save(state, ckpt / "model.pth")
 
 
-def make_tiny_videoalign(root: str | Path, step: int = 11352, output_dim: int = 1, seed: int = 0,
-                         lora: bool = False, size: str = "tiny") -> Path:
+def make_tiny_videoalign(
+    root: str | Path, step: int = 11352, output_dim: int = 1, seed: int = 0, lora: bool = False, size: str = "tiny"
+) -> Path:
     """A VideoReward checkpoint directory with random weights (see the module docstring); returns
     `root`. `size`: "tiny" (a few MB, float32) or "2b" (Qwen2-VL-2B-Instruct's real dimensions,
     bfloat16, 4.4 GB; no LoRA layout)."""
@@ -167,18 +218,44 @@ def make_tiny_videoalign(root: str | Path, step: int = 11352, output_dim: int = 
         _write_model_config(root, output_dim, {"lora_enable": False})
         return root
     torch.manual_seed(seed)
-    tok = Qwen2TokenizerFast(tokenizer_object=_bpe(384, QWEN_SPECIAL), eos_token="<|im_end|>",
-                             pad_token="<|endoftext|>", model_max_length=32768)
+    tok = Qwen2TokenizerFast(
+        tokenizer_object=_bpe(384, QWEN_SPECIAL),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+    )
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok) + 13, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=ids["<|endoftext|>"],
-                         pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], tie_word_embeddings=False),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        text_config=dict(
+            vocab_size=len(tok) + 13,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            bos_token_id=ids["<|endoftext|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            depth=1,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
     model = Qwen2VLForConditionalGeneration(config).eval()
     model.save_pretrained(str(base))
     tok.save_pretrained(str(base))
@@ -214,9 +291,11 @@ def make_tiny_videoalign(root: str | Path, step: int = 11352, output_dim: int = 
             state[k + ".weight"] = w + (alpha / rank) * b @ a
         for k in ("model.embed_tokens.weight", "lm_head.weight", "rm_head.weight"):
             non_lora[f"base_model.model.{k}"] = state[k]
-        for k, v in state.items():  # the rest equals the base (the trainer saved only trained parts)
-            if k not in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight") \
-                    and f"base_model.model.{k}" not in non_lora:
+        for k in state:  # the rest equals the base (the trainer saved only trained parts)
+            if (
+                k not in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")
+                and f"base_model.model.{k}" not in non_lora
+            ):
                 state[k] = base_state[k]
         save_file(adapter, str(ckpt / "adapter_model.safetensors"))
         torch.save(non_lora, ckpt / "non_lora_state_dict.pth")
@@ -230,13 +309,29 @@ def make_tiny_videoalign(root: str | Path, step: int = 11352, output_dim: int = 
 
 def _write_model_config(root: Path, output_dim: int, lora_cfg: dict) -> None:
     meta = {
-        "data_config": {"fps": 2.0, "num_frames": None, "max_frame_pixels": 448 * 448, "sample_type": "uniform",
-                        "eval_dim": ["VQ", "MQ", "TA"], "prompt_template_type": "detailed_special"},
-        "model_config": {"model_name_or_path": "Qwen/Qwen2-VL-2B-Instruct", "output_dim": output_dim,
-                         "reward_token": "special", "use_special_tokens": True},
+        "data_config": {
+            "fps": 2.0,
+            "num_frames": None,
+            "max_frame_pixels": 448 * 448,
+            "sample_type": "uniform",
+            "eval_dim": ["VQ", "MQ", "TA"],
+            "prompt_template_type": "detailed_special",
+        },
+        "model_config": {
+            "model_name_or_path": "Qwen/Qwen2-VL-2B-Instruct",
+            "output_dim": output_dim,
+            "reward_token": "special",
+            "use_special_tokens": True,
+        },
         "peft_lora_config": lora_cfg,
-        "inference_config": {"VQ_mean": 3.6757, "VQ_std": 2.2476, "MQ_mean": 1.1646, "MQ_std": 1.3811,
-                             "TA_mean": 2.8105, "TA_std": 2.5121},
+        "inference_config": {
+            "VQ_mean": 3.6757,
+            "VQ_std": 2.2476,
+            "MQ_mean": 1.1646,
+            "MQ_std": 1.3811,
+            "TA_mean": 2.8105,
+            "TA_std": 2.5121,
+        },
     }
     (root / "model_config.json").write_text(json.dumps(meta, indent=2))
 
@@ -250,16 +345,36 @@ def make_tiny_clip(root: str | Path, seed: int = 0, max_positions: int = 77) -> 
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     special = ["<|startoftext|>", "<|endoftext|>"]
-    tok = CLIPTokenizer(tokenizer_object=_bpe(300, special, suffix="</w>", lowercase=True),
-                        bos_token=special[0], eos_token=special[1], pad_token=special[1], unk_token=special[1],
-                        model_max_length=max_positions)
+    tok = CLIPTokenizer(
+        tokenizer_object=_bpe(300, special, suffix="</w>", lowercase=True),
+        bos_token=special[0],
+        eos_token=special[1],
+        pad_token=special[1],
+        unk_token=special[1],
+        model_max_length=max_positions,
+    )
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=max_positions, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2),
-        projection_dim=16)
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=max_positions,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
+        projection_dim=16,
+    )
     CLIPModel(config).eval().save_pretrained(str(root))
     image = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image, tokenizer=tok).save_pretrained(str(root))

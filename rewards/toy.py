@@ -87,14 +87,16 @@ def motion_quality(videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     area, cx, cy = _moments(alpha)
     presence = 1 - torch.exp(-area.mean(1) / 8.0)
     vx, vy = cx.diff(dim=1), cy.diff(dim=1)
-    jerk = (vx.diff(dim=1).square() + vy.diff(dim=1).square()).mean(1) if vx.shape[1] > 1 else torch.zeros_like(presence)
+    jerk = (
+        (vx.diff(dim=1).square() + vy.diff(dim=1).square()).mean(1) if vx.shape[1] > 1 else torch.zeros_like(presence)
+    )
     steady_motion = torch.exp(-jerk / JERK_SCALE)
     flicker = (area.std(1, unbiased=False) / area.mean(1).clamp_min(1e-3)).square()
     steady_size = torch.exp(-flicker / 0.05)
     return (presence * steady_motion * steady_size).float()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shape_signature(shape: str) -> float:
     """Expected 4-fold anisotropy of a clean render of `shape` (see `_anisotropy`)."""
     centre = torch.tensor([8.0])
@@ -141,7 +143,7 @@ def text_alignment(videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return ((colour + background + direction + shape) / 4).float()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _expected_area(shape: str) -> float:
     centre = torch.tensor([8.0])
     return object_alpha(shape, centre, centre, 16).sum().item()

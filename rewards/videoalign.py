@@ -59,8 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import RewardError
-from rewards.base import (DTYPES, RewardModel, fps_frame_indices, resolve_device, smart_resize,
-                          truncate_tokens)
+from rewards.base import DTYPES, RewardModel, fps_frame_indices, resolve_device, smart_resize, truncate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -144,20 +143,26 @@ def translate_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         for prefix in ("module.", "base_model.model."):
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         if key.startswith("visual."):
             key = "model." + key
         elif key.startswith("model.") and not key.startswith(("model.visual.", "model.language_model.")):
-            key = "model.language_model." + key[len("model."):]
+            key = "model.language_model." + key[len("model.") :]
         out[key] = value
     return out
 
 
-def merge_lora(base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], non_lora: dict[str, torch.Tensor],
-               alpha: float, rank: int, rslora: bool = False) -> dict[str, torch.Tensor]:
+def merge_lora(
+    base: dict[str, torch.Tensor],
+    lora: dict[str, torch.Tensor],
+    non_lora: dict[str, torch.Tensor],
+    alpha: float,
+    rank: int,
+    rslora: bool = False,
+) -> dict[str, torch.Tensor]:
     """A peft LoRA checkpoint (adapter_model.safetensors + non_lora_state_dict.pth) merged into full
     weights: W + scale * B @ A with scale alpha / r (alpha / sqrt(r) with rsLoRA)."""
-    scale = alpha / (rank ** 0.5 if rslora else rank)
+    scale = alpha / (rank**0.5 if rslora else rank)
     merged = dict(base)
     for key, value in non_lora.items():
         if ".original_module." in key:
@@ -181,8 +186,9 @@ def merge_lora(base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], non
     return merged
 
 
-def patchify(frames: torch.Tensor, patch: int = 14, temporal: int = 2, merge: int = 2,
-             mean=CLIP_MEAN, std=CLIP_STD) -> tuple[torch.Tensor, list[int]]:
+def patchify(
+    frames: torch.Tensor, patch: int = 14, temporal: int = 2, merge: int = 2, mean=CLIP_MEAN, std=CLIP_STD
+) -> tuple[torch.Tensor, list[int]]:
     """uint8-valued float frames [T, 3, H, W] (H, W multiples of patch*merge, T of temporal) ->
     (Qwen2-VL pixel_values [t*h*w, 3*temporal*patch*patch], grid [t, h, w])."""
     x = frames.float() / 255.0
@@ -197,9 +203,21 @@ def patchify(frames: torch.Tensor, patch: int = 14, temporal: int = 2, merge: in
 class VideoAlignReward(RewardModel):
     name = "videoalign"
 
-    def __init__(self, path, base_model=None, checkpoint_step=None, device="cpu", dtype="float32",
-                 fps=2.0, max_pixels=448 * 448, min_pixels=128 * 28 * 28, normalize=True,
-                 prompt_template=None, max_prompt_tokens=None, prefix=""):
+    def __init__(
+        self,
+        path,
+        base_model=None,
+        checkpoint_step=None,
+        device="cpu",
+        dtype="float32",
+        fps=2.0,
+        max_pixels=448 * 448,
+        min_pixels=128 * 28 * 28,
+        normalize=True,
+        prompt_template=None,
+        max_prompt_tokens=None,
+        prefix="",
+    ):
         from transformers import AutoConfig, AutoTokenizer, Qwen2VLForConditionalGeneration
 
         path = Path(path)
@@ -213,11 +231,21 @@ class VideoAlignReward(RewardModel):
         self.fps, self.max_pixels, self.min_pixels, self.normalize = fps, max_pixels, min_pixels, normalize
         data = meta.get("data_config", {}) or {}
         if data.get("fps") not in (None, fps) or data.get("max_frame_pixels") not in (None, max_pixels):
-            log.warning("VideoAlign: sampling at %s fps / %s px, the checkpoint was trained with %s / %s",
-                        fps, max_pixels, data.get("fps"), data.get("max_frame_pixels"))
+            log.warning(
+                "VideoAlign: sampling at %s fps / %s px, the checkpoint was trained with %s / %s",
+                fps,
+                max_pixels,
+                data.get("fps"),
+                data.get("max_frame_pixels"),
+            )
         inference = meta.get("inference_config") or {}
-        self.norm = {d: (float(inference.get(f"{d.upper()}_mean", PUBLISHED_NORM[d][0])),
-                         float(inference.get(f"{d.upper()}_std", PUBLISHED_NORM[d][1]))) for d in DIMENSIONS}
+        self.norm = {
+            d: (
+                float(inference.get(f"{d.upper()}_mean", PUBLISHED_NORM[d][0])),
+                float(inference.get(f"{d.upper()}_std", PUBLISHED_NORM[d][1])),
+            )
+            for d in DIMENSIONS
+        }
 
         # Tokenizer with the reward tokens, chat template, prompt template.
         self.tokenizer = AutoTokenizer.from_pretrained(str(base))
@@ -267,20 +295,29 @@ class VideoAlignReward(RewardModel):
             # Merged in float32 matrix by matrix (merge_lora), kept in the serving dtype.
             model = Qwen2VLForConditionalGeneration.from_pretrained(str(base), dtype=self.dtype)
             model.resize_token_embeddings(len(self.tokenizer))
-            state = merge_lora(model.state_dict(), _load_state(lora_file), non_lora,
-                               float(lcfg.get("lora_alpha", 16)), int(lcfg.get("lora_r", 8)),
-                               bool(lcfg.get("use_rslora", False)))
+            state = merge_lora(
+                model.state_dict(),
+                _load_state(lora_file),
+                non_lora,
+                float(lcfg.get("lora_alpha", 16)),
+                int(lcfg.get("lora_r", 8)),
+                bool(lcfg.get("use_rslora", False)),
+            )
         head = state.pop("rm_head.weight", None)
         if head is None:
             raise RewardError(f"VideoAlign: {ckpt} has no rm_head.weight")
         out_dim = int(mcfg.get("output_dim", head.shape[0]))
         if head.shape != (out_dim, text_cfg.hidden_size) or out_dim not in (1, 3):
-            raise RewardError(f"VideoAlign: rm_head.weight has shape {tuple(head.shape)}, expected "
-                              f"({out_dim}, {text_cfg.hidden_size}) with output_dim 1 or 3")
+            raise RewardError(
+                f"VideoAlign: rm_head.weight has shape {tuple(head.shape)}, expected "
+                f"({out_dim}, {text_cfg.hidden_size}) with output_dim 1 or 3"
+            )
         embed = state.get("model.language_model.embed_tokens.weight")
         if embed is not None and embed.shape[0] != len(self.tokenizer):
-            raise RewardError(f"VideoAlign: checkpoint vocabulary {embed.shape[0]} != tokenizer {len(self.tokenizer)} "
-                              "(is base_model the Qwen2-VL the reward model was trained from?)")
+            raise RewardError(
+                f"VideoAlign: checkpoint vocabulary {embed.shape[0]} != tokenizer {len(self.tokenizer)} "
+                "(is base_model the Qwen2-VL the reward model was trained from?)"
+            )
         state.pop("lm_head.weight", None)  # unused (the decoder's hidden states are read), often tied
         if full is not None:
             # assign: the parameters become these tensors. One already in the serving dtype is used as
@@ -290,9 +327,11 @@ class VideoAlignReward(RewardModel):
         unexpected = list(result.unexpected_keys)
         missing = [k for k in result.missing_keys if k != "lm_head.weight"]
         if unexpected or missing:
-            raise RewardError(f"VideoAlign: checkpoint {ckpt} does not fit the base architecture: "
-                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+            raise RewardError(
+                f"VideoAlign: checkpoint {ckpt} does not fit the base architecture: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
         self.model = model.model.to(self.device, self.dtype).eval()  # the decoder; lm_head is not used
         del model
         self.head = torch.nn.Linear(text_cfg.hidden_size, out_dim, bias=False)
@@ -311,8 +350,10 @@ class VideoAlignReward(RewardModel):
         for c in candidates:
             if (c / "config.json").is_file():
                 return c
-        raise RewardError(f"VideoAlign: base Qwen2-VL directory not found (tried {[str(c) for c in candidates]}); "
-                          "set `base_model:` to a local Qwen2-VL-2B-Instruct directory (nothing is downloaded)")
+        raise RewardError(
+            f"VideoAlign: base Qwen2-VL directory not found (tried {[str(c) for c in candidates]}); "
+            "set `base_model:` to a local Qwen2-VL-2B-Instruct directory (nothing is downloaded)"
+        )
 
     def _chat_template(self, base: Path) -> str:
         jinja = base / "chat_template.jinja"
@@ -334,9 +375,11 @@ class VideoAlignReward(RewardModel):
         elif template:
             raise RewardError(f"VideoAlign: prompt template {file} not found")
         else:
-            warnings.warn("VideoAlign: no prompt_template.txt in the checkpoint directory; using the built-in "
-                          "template (scores of the released model depend on the training template's text)",
-                          stacklevel=3)
+            warnings.warn(
+                "VideoAlign: no prompt_template.txt in the checkpoint directory; using the built-in "
+                "template (scores of the released model depend on the training template's text)",
+                stacklevel=3,
+            )
             text = BUILTIN_TEMPLATE
         missing = [t for t in ("{text_prompt}", *REWARD_TOKENS) if t not in text]
         if missing:
@@ -361,10 +404,18 @@ class VideoAlignReward(RewardModel):
         prompt = self.tokenizer.decode(truncate_tokens(ids, self.max_prompt_tokens, "VideoAlign"))
         for token in REWARD_TOKENS:  # a prompt must not smuggle in a reward token
             prompt = prompt.replace(token, "")
-        messages = [{"role": "user", "content": [{"type": "video", "video": "<frames>"},
-                                                 {"type": "text", "text": self.template.format(text_prompt=prompt)}]}]
-        text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                  add_generation_prompt=True)
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video", "video": "<frames>"},
+                    {"type": "text", "text": self.template.format(text_prompt=prompt)},
+                ],
+            }
+        ]
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        )
         if text.count(self.video_token) != 1:
             raise RewardError(f"VideoAlign: the chat template produced {text.count(self.video_token)} video slots")
         text = text.replace(self.video_token, self.video_token * video_tokens)
@@ -372,37 +423,40 @@ class VideoAlignReward(RewardModel):
 
     def score(self, frames: torch.Tensor, prompts: list[str], fps: float) -> dict[str, torch.Tensor]:
         pixels, grids, sequences = [], [], []
-        for video, prompt in zip(frames, prompts):
+        for video, prompt in zip(frames, prompts, strict=True):
             x = self.sample_frames(video, fps)
             values, grid = patchify(x, self.patch, self.temporal, self.merge, self.mean, self.std)
             pixels.append(values)
             grids.append(grid)
-            sequences.append(self._text(prompt, grid[0] * grid[1] * grid[2] // self.merge ** 2))
+            sequences.append(self._text(prompt, grid[0] * grid[1] * grid[2] // self.merge**2))
         length = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, s in enumerate(sequences):  # right padding, as VideoAlign
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
         positions = []
         for i in range(len(sequences)):
             row = []
-            for tid, token in zip(self.reward_ids, REWARD_TOKENS):
+            for tid, token in zip(self.reward_ids, REWARD_TOKENS, strict=True):
                 where = (ids[i] == tid).nonzero().flatten()
                 if len(where) != 1:
                     raise RewardError(f"VideoAlign: {token} occurs {len(where)} times in the input of video {i}")
                 row.append(int(where[0]))
             positions.append(row)
         dev = self.device
-        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                         pixel_values_videos=torch.cat(pixels).to(dev, self.dtype),
-                         video_grid_thw=torch.tensor(grids, dtype=torch.long, device=dev),
-                         mm_token_type_ids=((ids == self.video_token_id).int() * 2).to(dev),
-                         use_cache=False)
+        out = self.model(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            pixel_values_videos=torch.cat(pixels).to(dev, self.dtype),
+            video_grid_thw=torch.tensor(grids, dtype=torch.long, device=dev),
+            mm_token_type_ids=((ids == self.video_token_id).int() * 2).to(dev),
+            use_cache=False,
+        )
         hidden = out.last_hidden_state
         rows = torch.arange(len(sequences), device=dev)[:, None]
-        at = hidden[rows, torch.tensor(positions, device=dev)]          # [B, 3, D]
-        logits = self.head(at).float()                                    # [B, 3, out_dim]
+        at = hidden[rows, torch.tensor(positions, device=dev)]  # [B, 3, D]
+        logits = self.head(at).float()  # [B, 3, out_dim]
         raw = logits[:, :, 0] if logits.shape[-1] == 1 else logits.diagonal(dim1=1, dim2=2)  # [B, 3]
         raw = raw.cpu()
         result = {}

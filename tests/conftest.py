@@ -68,9 +68,15 @@ def vae_dir(tmp_path_factory):
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True],
-                           latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0]).eval()
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.5, 2.0, 1.0],
+    ).eval()
     path = tmp_path_factory.mktemp("vae") / "vae"
     vae.save_pretrained(path)
     return path, vae
@@ -91,8 +97,9 @@ def make_umt5_dirs(root, seed: int = 0):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(root / "tokenizer")
     torch.manual_seed(seed)
-    UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=16, d_kv=4, num_heads=2, num_layers=1,
-                                d_ff=32)).save_pretrained(root / "text_encoder")
+    UMT5EncoderModel(
+        UMT5Config(vocab_size=len(vocab), d_model=16, d_kv=4, num_heads=2, num_layers=1, d_ff=32)
+    ).save_pretrained(root / "text_encoder")
     return root
 
 

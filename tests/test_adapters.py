@@ -64,8 +64,18 @@ def test_targets_cover_attention_and_ffn_of_every_block():
     model = _model_with_adapters()
     names = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A.on_policy" in n}
     for b in range(2):
-        for m in ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-                  "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2"]:
+        for m in [
+            "attn1.to_q",
+            "attn1.to_k",
+            "attn1.to_v",
+            "attn1.to_out.0",
+            "attn2.to_q",
+            "attn2.to_k",
+            "attn2.to_v",
+            "attn2.to_out.0",
+            "ffn.net.0.proj",
+            "ffn.net.2",
+        ]:
             assert f"blocks.{b}.{m}" in names
 
 
@@ -152,8 +162,9 @@ def test_saved_adapter_loads_into_diffusers_wan_with_same_outputs(tmp_path, dtyp
     reference = cast_copy(reference, dtype)
     base_weights = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
     reference.load_state_dict(base_weights)
-    reference.load_lora_adapter(str(tmp_path / "on_policy"), weight_name=path.name, prefix="transformer",
-                                adapter_name="aligned")
+    reference.load_lora_adapter(
+        str(tmp_path / "on_policy"), weight_name=path.name, prefix="transformer", adapter_name="aligned"
+    )
     adapters.use_adapter(model, adapters.ON_POLICY)
     x, t, text = _inputs(dtype)
     with torch.no_grad():

@@ -15,9 +15,30 @@ from common.dataflow.records import RecordError, RolloutGroup
 SECTIONS = list(Config.model_fields)
 KEYS = {name: list(Config.model_fields[name].annotation.model_fields) for name in SECTIONS}
 VALUES = st.one_of(
-    st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.sampled_from(["null", "true", "[]", "{}", "[1, 2]", "{a: 1}", "'x'", "-1", "0", "1e-9", "[[", "a: b: c",
-                     "uniform", "fifo", "pixels", "cpu", "float16", "''"]),
+    st.integers(-(10**6), 10**6).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(
+        [
+            "null",
+            "true",
+            "[]",
+            "{}",
+            "[1, 2]",
+            "{a: 1}",
+            "'x'",
+            "-1",
+            "0",
+            "1e-9",
+            "[[",
+            "a: b: c",
+            "uniform",
+            "fifo",
+            "pixels",
+            "cpu",
+            "float16",
+            "''",
+        ]
+    ),
     st.text(max_size=12),
 )
 
@@ -26,8 +47,9 @@ VALUES = st.one_of(
 def override(draw) -> str:
     section = draw(st.sampled_from(SECTIONS + ["nonsense"]))
     key = draw(st.sampled_from(KEYS.get(section, []) + ["not_a_key"]))
-    path = (f"{section}.{key}" if draw(st.booleans())
-            else draw(st.sampled_from([section, f"{section}.{key}.deeper", key])))
+    path = (
+        f"{section}.{key}" if draw(st.booleans()) else draw(st.sampled_from([section, f"{section}.{key}.deeper", key]))
+    )
     return f"{path}={draw(VALUES)}"
 
 
@@ -56,12 +78,20 @@ def test_any_yaml_file_loads_or_fails_with_config_error(tmp_path_factory, text):
 @pytest.fixture(scope="module")
 def record_bytes() -> bytes:
     g = torch.Generator().manual_seed(0)
-    group = RolloutGroup(prompt="p", pivot=1, sigma=0.5, plan_seed=1, fork_seed=2, policy_version=3,
-                         prefix_latents=torch.randn(1, 3, 2, 4, 4, generator=g),
-                         pivot_inputs=torch.randn(4, 2, 3, 2, 4, 4, generator=g),
-                         pivot_predictions=torch.randn(4, 2, 3, 2, 4, 4, generator=g),
-                         pivot_latents=torch.randn(4, 3, 2, 4, 4, generator=g), rewards=torch.rand(4, generator=g),
-                         reward_components={"vq": torch.rand(4, generator=g)})
+    group = RolloutGroup(
+        prompt="p",
+        pivot=1,
+        sigma=0.5,
+        plan_seed=1,
+        fork_seed=2,
+        policy_version=3,
+        prefix_latents=torch.randn(1, 3, 2, 4, 4, generator=g),
+        pivot_inputs=torch.randn(4, 2, 3, 2, 4, 4, generator=g),
+        pivot_predictions=torch.randn(4, 2, 3, 2, 4, 4, generator=g),
+        pivot_latents=torch.randn(4, 3, 2, 4, 4, generator=g),
+        rewards=torch.rand(4, generator=g),
+        reward_components={"vq": torch.rand(4, generator=g)},
+    )
     return group.to_bytes()
 
 
@@ -78,7 +108,7 @@ def test_mutated_records_decode_exactly_or_are_refused(record_bytes, data):
     elif kind == "insert":
         raw[at:at] = data.draw(st.binary(min_size=1, max_size=8))
     else:
-        raw[at:at + 8] = data.draw(st.binary(min_size=0, max_size=8))
+        raw[at : at + 8] = data.draw(st.binary(min_size=0, max_size=8))
     try:
         decoded = RolloutGroup.from_bytes(bytes(raw))
     except RecordError:
@@ -93,12 +123,15 @@ def test_random_bytes_are_refused(blob):
         RolloutGroup.from_bytes(blob)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "no prompts"),
-    (b"# only a comment\n\n   \n", "no prompts"),
-    (b"a fine prompt\n\xff\xfe broken\n", ":2: not UTF-8"),
-    (b"ok\n" + b"x" * (MAX_PROMPT_CHARS + 1) + b"\n", f":2: prompt of {MAX_PROMPT_CHARS + 1} characters"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "no prompts"),
+        (b"# only a comment\n\n   \n", "no prompts"),
+        (b"a fine prompt\n\xff\xfe broken\n", ":2: not UTF-8"),
+        (b"ok\n" + b"x" * (MAX_PROMPT_CHARS + 1) + b"\n", f":2: prompt of {MAX_PROMPT_CHARS + 1} characters"),
+    ],
+)
 def test_bad_prompt_files_are_refused_with_file_and_line(tmp_path, content, message):
     path = tmp_path / "prompts.txt"
     path.write_bytes(content)

@@ -80,8 +80,16 @@ def test_group_gradients_are_each_groups_own_first_step_gradient():
             group = toy.collect(rng.choice(toy.train_prompts), rng, 0, adapters.ON_POLICY)
         for p in params:
             p.grad = None
-        stats = arcopo_update(toy.sampler, [group], [group.rewards], [toy.text(group.prompt)], params,
-                              torch.optim.SGD(params, lr=0.0), settings, torch.Generator().manual_seed(5 + i))
+        stats = arcopo_update(
+            toy.sampler,
+            [group],
+            [group.rewards],
+            [toy.text(group.prompt)],
+            params,
+            torch.optim.SGD(params, lr=0.0),
+            settings,
+            torch.Generator().manual_seed(5 + i),
+        )
         assert stats.ratio_max_dev < 1e-5  # the first inner step is on policy
         alone = torch.cat([p.grad.flatten() for p in params])
         assert group.pivot == pivots[i]

@@ -17,8 +17,11 @@ def test_variants_differ_only_in_the_named_chunks_noise():
     for kind in ("initial", "solver"):
         noise = chunk_variants(plan, chunk=1, kind=kind, count=3, sigma=0.5, seed=9)
         for chunk in range(3):
-            tensors = {"initial": noise.initial(chunk), "context": noise.context(chunk),
-                       **{f"solver{s}": noise.solver(chunk, s) for s in range(3)}}
+            tensors = {
+                "initial": noise.initial(chunk),
+                "context": noise.context(chunk),
+                **{f"solver{s}": noise.solver(chunk, s) for s in range(3)},
+            }
             for name, t in tensors.items():
                 assert t.shape[0] in (1, 3) and t.shape[1:] == (3, 2, 4, 4)  # shared ones broadcast
                 t = t.expand(3, -1, -1, -1, -1)
@@ -43,8 +46,13 @@ def test_noise_sensitivity_runs_on_the_toy_generator(capsys):
     assert list(rows) == ["0", "1", "2", "3"]
     for row in rows.values():
         assert row["solver_spread"] > 0 and row["initial_spread"] > 0
-        assert set(row) == {"initial_spread", "initial_reward_std", "solver_spread", "solver_reward_std",
-                            "initial_over_solver"}
+        assert set(row) == {
+            "initial_spread",
+            "initial_reward_std",
+            "solver_spread",
+            "solver_reward_std",
+            "initial_over_solver",
+        }
     # Even one rollout of two variants shows chunk 0's premise, the clearest (docs/results.md: ratio 3.4 at the
     # bench's budget; measured here 2.7). With the kinds swapped it would be ~0.4.
     assert rows["0"]["initial_over_solver"] > 1.5, rows["0"]
@@ -67,8 +75,8 @@ def test_variants_of_a_chunk_change_that_chunk_and_what_follows_and_nothing_befo
         with torch.no_grad():
             latents = sampler.generate(text, noise)
         assert latents.shape[0] == 2
-        assert torch.equal(latents[0, :, :chunk * f], latents[1, :, :chunk * f]), (kind, chunk)
-        spread = latents[:, :, chunk * f:(chunk + 1) * f].std(0).mean().item()
+        assert torch.equal(latents[0, :, : chunk * f], latents[1, :, : chunk * f]), (kind, chunk)
+        spread = latents[:, :, chunk * f : (chunk + 1) * f].std(0).mean().item()
         assert spread > 1e-3, (kind, chunk, spread)  # docs/results.md: ~0.02 either way
 
 

@@ -23,14 +23,37 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 def test_real_width_job_trains_both_adapters_in_bf16(tmp_path, capsys):
     root = tmp_path / "real_size"
-    code = main(["--json", "--layers", "2", "--reward", "tiny", "--sample-prompts", "0", "--root", str(root),
-                 "sampler.height=32", "sampler.width=32", "sampler.num_chunks=2", "sampler.frames_per_chunk=1",
-                 "algorithm.group_size=4", "algorithm.num_anchors=2", "replay.num_reference_groups=1",
-                 "model.max_text_tokens=32"])
+    code = main(
+        [
+            "--json",
+            "--layers",
+            "2",
+            "--reward",
+            "tiny",
+            "--sample-prompts",
+            "0",
+            "--root",
+            str(root),
+            "sampler.height=32",
+            "sampler.width=32",
+            "sampler.num_chunks=2",
+            "sampler.frames_per_chunk=1",
+            "algorithm.group_size=4",
+            "algorithm.num_anchors=2",
+            "replay.num_reference_groups=1",
+            "model.max_text_tokens=32",
+        ]
+    )
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["finished"], result.get("error")
-    assert result["transformer"] == {"num_layers": 2, "dim": 1536, "heads": 12, "head_dim": 128, "ffn_dim": 8960,
-                                     "text_dim": 4096}
+    assert result["transformer"] == {
+        "num_layers": 2,
+        "dim": 1536,
+        "heads": 12,
+        "head_dim": 128,
+        "ffn_dim": 8960,
+        "text_dim": 4096,
+    }
     assert result["dtype"] == "bfloat16" and result["lora_dtype"] == "float32" and result["lora_rank"] == 64
     assert result["on_policy_updates"] >= 2 and result["groups"] == 3
     assert set(result["adapter_update_norm"]) == {"semi", "on_policy"}

@@ -11,8 +11,14 @@ from tests.conftest import BF16_ULP
 def test_streaming_bench_prints_its_json(capsys):
     assert main(["--json", "--repeats", "1", "sampler.num_chunks=3", "algorithm.group_size=4"]) == 0
     result = json.loads(capsys.readouterr().out)
-    for key in ("stream_vs_full_max_abs_err", "kv_cache_speedup", "fork_speedup", "fork_peak_memory_mb",
-                "stream_fps", "fork_cost_model_ratio"):
+    for key in (
+        "stream_vs_full_max_abs_err",
+        "kv_cache_speedup",
+        "fork_speedup",
+        "fork_peak_memory_mb",
+        "stream_fps",
+        "fork_cost_model_ratio",
+    ):
         assert key in result
     assert result["stream_vs_full_max_abs_err"] < 1e-4
     assert len(result["fork_s_by_pivot"]) == 3

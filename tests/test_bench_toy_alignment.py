@@ -15,9 +15,27 @@ import pytest
 from bench.toy_alignment import main
 from learner.merge import Scores, dual_improvement, pick_merge_scale
 
-SMOKE = ["--json", "--seeds", "0", "1", "--iterations", "1", "--buffer-size", "2", "--eval-prompts", "2",
-         "--eval-seeds", "1", "--diversity-groups", "1", "rollout.prompts_per_iteration=1", "algorithm.group_size=4",
-         "algorithm.num_anchors=2", "run.merge_scales=[0.0, 0.5, 1.0]", "run.merge_scale=0.5"]
+SMOKE = [
+    "--json",
+    "--seeds",
+    "0",
+    "1",
+    "--iterations",
+    "1",
+    "--buffer-size",
+    "2",
+    "--eval-prompts",
+    "2",
+    "--eval-seeds",
+    "1",
+    "--diversity-groups",
+    "1",
+    "rollout.prompts_per_iteration=1",
+    "algorithm.group_size=4",
+    "algorithm.num_anchors=2",
+    "run.merge_scales=[0.0, 0.5, 1.0]",
+    "run.merge_scale=0.5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +70,11 @@ def test_fork_diversity_measures_the_forks(smoke):
     assert diversity["pivot_chunk_spread"] > 0.02 and diversity["reward_std"] > 0.01, diversity
     # One group: the pivot-0 row, the mean and the median are that group's figures.
     row = diversity["per_pivot"]["0"]
-    assert row == {"groups": 1, "pivot_chunk_spread": diversity["pivot_chunk_spread"],
-                   "reward_std": diversity["reward_std"]}
+    assert row == {
+        "groups": 1,
+        "pivot_chunk_spread": diversity["pivot_chunk_spread"],
+        "reward_std": diversity["reward_std"],
+    }
     assert diversity["reward_std_median"] == diversity["reward_std"]
 
 

@@ -37,8 +37,9 @@ def test_single_chunk_without_cache_matches_diffusers_exactly(tiny_model, tiny_m
     model = cast_copy(perturbed, dtype)
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():
-        assert torch.equal(model(x.to(dtype), t, text.to(dtype)),
-                           reference(x.to(dtype), t, text.to(dtype), return_dict=False)[0])
+        assert torch.equal(
+            model(x.to(dtype), t, text.to(dtype)), reference(x.to(dtype), t, text.to(dtype), return_dict=False)[0]
+        )
 
 
 def test_state_dict_is_diffusers_layout(tiny_model):
@@ -82,8 +83,9 @@ _FP32_CASES = [(n, w, torch.float32) for w in [None, (4, 0), (4, 2)] for n in [1
 _BF16_CASES = [(3, None, torch.bfloat16), (5, (4, 2), torch.bfloat16)]
 
 
-@pytest.mark.parametrize("num_chunks, window, dtype", _FP32_CASES + _BF16_CASES,
-                         ids=lambda v: str(v).replace("torch.", "").replace(" ", ""))
+@pytest.mark.parametrize(
+    "num_chunks, window, dtype", _FP32_CASES + _BF16_CASES, ids=lambda v: str(v).replace("torch.", "").replace(" ", "")
+)
 def test_streaming_with_cache_equals_block_causal_full_forward(tiny_model_in, num_chunks, window, dtype):
     tiny_model = tiny_model_in(dtype)
     overrides = [f"sampler.num_chunks={num_chunks}"]
@@ -112,9 +114,7 @@ def test_local_window_changes_long_videos(tiny_model):
 
 def test_block_causal_mask_by_hand():
     mask = block_causal_mask(num_frames=4, frames_per_chunk=2, tokens_per_frame=1)
-    expected = torch.tensor(
-        [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool
-    )
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(mask, expected)
     windowed = block_causal_mask(6, 2, 1, local_attn_frames=2, sink_frames=1)
     # The last chunk (frames 4-5) sees itself and the sink frame 0 only.

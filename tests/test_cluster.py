@@ -22,18 +22,32 @@ pytestmark = pytest.mark.cluster  # local Ray and embedded redis-servers
 TOY = "configs/toy.yaml"
 # Small but real: every phase runs, on 2 cores. Each run gets its own namespace so named actors of
 # a finished run (killed asynchronously) never clash with the next one's.
-SMALL = ["metrics.port=0", "run.checkpoint_every=2", "run.iterations=3", "run.semi_iterations=2",
-         "replay.num_reference_groups=3", "run.eval_prompts=2", "run.eval_seeds=1", "run.sample_prompts=1",
-         "rollout.prompts_per_iteration=2", "algorithm.group_size=4", "algorithm.num_anchors=2",
-         "sampler.fork_batch_size=4", "rollout.num_cpus_per_worker=0.5", "rewards.num_cpus_per_server=0.5",
-         "learner.num_cpus_per_worker=0.5", "run.merge_scales=[0.0,1.0]"]
+SMALL = [
+    "metrics.port=0",
+    "run.checkpoint_every=2",
+    "run.iterations=3",
+    "run.semi_iterations=2",
+    "replay.num_reference_groups=3",
+    "run.eval_prompts=2",
+    "run.eval_seeds=1",
+    "run.sample_prompts=1",
+    "rollout.prompts_per_iteration=2",
+    "algorithm.group_size=4",
+    "algorithm.num_anchors=2",
+    "sampler.fork_batch_size=4",
+    "rollout.num_cpus_per_worker=0.5",
+    "rewards.num_cpus_per_server=0.5",
+    "learner.num_cpus_per_worker=0.5",
+    "run.merge_scales=[0.0,1.0]",
+]
 
 
 @pytest.fixture(scope="module")
 def local_ray():
     ray_env_defaults()
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False
+    )
     yield
     ray.shutdown()
 
@@ -42,8 +56,9 @@ def toy_job(tmp_path: Path, *overrides: str):
     from cluster.train import RunFolder, run
 
     name = f"t{uuid.uuid4().hex[:8]}"
-    cfg = load_config(TOY, [*SMALL, f"run.name={name}", f"run.output_dir={tmp_path}",
-                            f"cluster.namespace={name}", *overrides])
+    cfg = load_config(
+        TOY, [*SMALL, f"run.name={name}", f"run.output_dir={tmp_path}", f"cluster.namespace={name}", *overrides]
+    )
     folder = RunFolder(tmp_path / name)
     return run(cfg, folder), folder.root
 
@@ -66,9 +81,15 @@ def test_toy_job_runs_every_phase_and_writes_the_run_folder(local_ray, tmp_path)
     assert summary["weight_version"] == 5
     assert summary["worker_weight_versions"] == [5]
     assert summary["reward_failures"] == 0 and summary["dropped_stale"] == 0
-    for rel in ("config.yaml", "reward_curve.png", "summary.json", "samples/start_0.mp4", "samples/end_0.mp4",
-                "adapters/on_policy/pytorch_lora_weights.safetensors",
-                "adapters/semi/pytorch_lora_weights.safetensors"):
+    for rel in (
+        "config.yaml",
+        "reward_curve.png",
+        "summary.json",
+        "samples/start_0.mp4",
+        "samples/end_0.mp4",
+        "adapters/on_policy/pytorch_lora_weights.safetensors",
+        "adapters/semi/pytorch_lora_weights.safetensors",
+    ):
         assert (root / rel).is_file(), rel
     # reference done, semi 2/2, semi done, on-policy 2/3, on-policy done: each complete, none half-written.
     checkpoints = sorted((root / "checkpoints").iterdir())
@@ -134,8 +155,9 @@ def test_staleness_is_enforced(local_ray, tmp_path):
     assert strict["dropped_stale"] > 0
     assert strict["max_staleness_trained"] == 0
     # ... and trained at max_staleness 1, never older.
-    loose, root = toy_job(tmp_path, "run.phases=[on_policy]", "learner.max_staleness=1",
-                          "rollout.prefetch_iterations=1")
+    loose, root = toy_job(
+        tmp_path, "run.phases=[on_policy]", "learner.max_staleness=1", "rollout.prefetch_iterations=1"
+    )
     assert loose["dropped_stale"] == 0
     assert loose["max_staleness_trained"] == 1
     assert all(r.get("staleness_max", 0) <= 1 for r in metrics(root))
@@ -167,8 +189,14 @@ def test_scaling_rollout_workers_mid_run_loses_nothing(local_ray, tmp_path):
     from cluster.train import RunFolder, run
 
     name = f"t{uuid.uuid4().hex[:8]}"
-    overrides = [*SMALL, f"run.name={name}", f"run.output_dir={tmp_path}", f"cluster.namespace={name}",
-                 "run.phases=[on_policy]", "run.iterations=6"]
+    overrides = [
+        *SMALL,
+        f"run.name={name}",
+        f"run.output_dir={tmp_path}",
+        f"cluster.namespace={name}",
+        "run.phases=[on_policy]",
+        "run.iterations=6",
+    ]
     cfg = load_config(TOY, overrides)
     root = tmp_path / name
     name_box.update(root=root, ns=name)
@@ -182,15 +210,25 @@ def test_scaling_rollout_workers_mid_run_loses_nothing(local_ray, tmp_path):
     assert [r["groups"] for r in metrics(root) if r["phase"] == "on_policy"] == [2] * 6
     # Same seeds, same weights: the scaled run made exactly the unscaled run's groups.
     baseline, base_root = toy_job(tmp_path, "run.phases=[on_policy]", "run.iterations=6")
-    assert [r["reward_mean"] for r in metrics(root) if r["phase"] == "on_policy"] == \
-        [r["reward_mean"] for r in metrics(base_root) if r["phase"] == "on_policy"]
+    assert [r["reward_mean"] for r in metrics(root) if r["phase"] == "on_policy"] == [
+        r["reward_mean"] for r in metrics(base_root) if r["phase"] == "on_policy"
+    ]
 
 
 def _train_with(learners, iteration: int, refs: list) -> list[dict]:
     k = len(learners)
-    return ray.get([learner.train_groups.remote(iteration, "on_policy", list(range(r, len(refs), k)), len(refs),
-                                                *[refs[i] for i in range(r, len(refs), k)])
-                    for r, learner in enumerate(learners)])
+    return ray.get(
+        [
+            learner.train_groups.remote(
+                iteration,
+                "on_policy",
+                list(range(r, len(refs), k)),
+                len(refs),
+                *[refs[i] for i in range(r, len(refs), k)],
+            )
+            for r, learner in enumerate(learners)
+        ]
+    )
 
 
 def test_prompts_are_encoded_once_in_a_task_on_the_rollout_resources(local_ray, tmp_path, umt5_dirs, monkeypatch):
@@ -203,14 +241,23 @@ def test_prompts_are_encoded_once_in_a_task_on_the_rollout_resources(local_ray, 
     monkeypatch.setattr(loading.TextEncoder, "__init__", lambda *a, **k: built.append(1))  # never in the driver
 
     def config(umt5):
-        return with_cache_path(tiny_config(f"model.text_encoder={umt5 / 'text_encoder'}",
-                                           f"model.tokenizer={umt5 / 'tokenizer'}", "rollout.num_cpus_per_worker=0.5"),
-                               tmp_path)
+        return with_cache_path(
+            tiny_config(
+                f"model.text_encoder={umt5 / 'text_encoder'}",
+                f"model.tokenizer={umt5 / 'tokenizer'}",
+                "rollout.num_cpus_per_worker=0.5",
+            ),
+            tmp_path,
+        )
 
     cfg, prompts = config(umt5_dirs), ["a red circle", "a blue square moving left"]
     assert encode_prompts(cfg, prompts)["encoded"] == 2
     assert encode_prompts(cfg, [*prompts, "a green circle"]) == {
-        "path": str(cfg.model.prompt_cache), "prompts": 3, "encoded": 1, "seconds": pytest.approx(0, abs=60)}
+        "path": str(cfg.model.prompt_cache),
+        "prompts": 3,
+        "encoded": 1,
+        "seconds": pytest.approx(0, abs=60),
+    }
     assert CachedTextEncoder(cfg, encoder_on_miss=False).encode(prompts).shape == (2, 8, 16)
     # Another encoder's embeddings are refused with the file's own message, not a remote traceback.
     with pytest.raises(PromptCacheError, match=f"^{cfg.model.prompt_cache}: prompt embeddings of another text encoder"):
@@ -231,15 +278,29 @@ def test_two_learners_make_the_same_update_as_one(local_ray, tmp_path):
     policy = Policy.from_config(cfg)
     policy.set_mode("on_policy")
     weights = {"vq": 1.0, "mq": 1.0, "ta": 1.0}
-    prompts = ["a red circle moving left on a black background", "a green square moving up on a gray background",
-               "a blue cross moving down on a brown background"]
+    prompts = [
+        "a red circle moving left on a black background",
+        "a green square moving up on a gray background",
+        "a blue cross moving down on a brown background",
+    ]
     key = b"k" * 32
     refs = []
     for i, prompt in enumerate(prompts):  # three groups: the two ranks get uneven shards (2 and 1)
-        group = collect_group(policy.sampler, policy.text([prompt]), prompt, pivot=i % 4, group_size=4, sigma=0.5,
-                              plan_seed=i, fork_seed=100 + i, decode=policy.decode,
-                              reward_fn=lambda v, ps: score(from_uint8(v), ps, list(weights)), weights=weights,
-                              policy_version=0, adapter="on_policy")
+        group = collect_group(
+            policy.sampler,
+            policy.text([prompt]),
+            prompt,
+            pivot=i % 4,
+            group_size=4,
+            sigma=0.5,
+            plan_seed=i,
+            fork_seed=100 + i,
+            decode=policy.decode,
+            reward_fn=lambda v, ps: score(from_uint8(v), ps, list(weights)),
+            weights=weights,
+            policy_version=0,
+            adapter="on_policy",
+        )
         assert group.rewards.std() > 0
         refs.append(ray.put(group.to_bytes(key=key)))
 
@@ -274,8 +335,9 @@ def test_a_run_whose_learner_dies_resumes_to_the_uninterrupted_result(local_ray,
     reference, ref_root = toy_job(tmp_path, *common)
 
     name = f"t{uuid.uuid4().hex[:8]}"
-    cfg = load_config(TOY, [*SMALL, *common, f"run.name={name}", f"run.output_dir={tmp_path}",
-                            f"cluster.namespace={name}"])
+    cfg = load_config(
+        TOY, [*SMALL, *common, f"run.name={name}", f"run.output_dir={tmp_path}", f"cluster.namespace={name}"]
+    )
     root = tmp_path / name
 
     def kill_learner_mid_run():
@@ -311,8 +373,14 @@ def test_a_run_whose_learner_dies_resumes_to_the_uninterrupted_result(local_ray,
 def test_killed_workers_reward_servers_and_a_redis_restart_lose_no_group(local_ray, tmp_path):
     from bench.faults import run_with_faults
 
-    overrides = [*SMALL, "run.phases=[reference,on_policy]", "run.iterations=5", "replay.num_reference_groups=3",
-                 "rollout.num_workers=2", "run.checkpoint_every=1000"]
+    overrides = [
+        *SMALL,
+        "run.phases=[reference,on_policy]",
+        "run.iterations=5",
+        "replay.num_reference_groups=3",
+        "rollout.num_workers=2",
+        "run.checkpoint_every=1000",
+    ]
     result = run_with_faults(overrides, seed=1, kills=3, root=tmp_path, config_path=TOY)
     assert result["finished"], result["error"]
     assert result["faults_injected"] >= 3 and "restart redis" in result["events"]
@@ -331,9 +399,20 @@ def test_a_hung_rollout_worker_is_replaced(local_ray, tmp_path):
     from cluster.train import RunFolder, run
 
     name = f"t{uuid.uuid4().hex[:8]}"
-    cfg = load_config(TOY, [*SMALL, "run.phases=[on_policy]", "run.iterations=4", f"run.name={name}",
-                            f"run.output_dir={tmp_path}", f"cluster.namespace={name}", "cluster.heartbeat_s=0.5",
-                            "cluster.heartbeat_timeout_s=2", "cluster.call_timeout_s=15"])
+    cfg = load_config(
+        TOY,
+        [
+            *SMALL,
+            "run.phases=[on_policy]",
+            "run.iterations=4",
+            f"run.name={name}",
+            f"run.output_dir={tmp_path}",
+            f"cluster.namespace={name}",
+            "cluster.heartbeat_s=0.5",
+            "cluster.heartbeat_timeout_s=2",
+            "cluster.call_timeout_s=15",
+        ],
+    )
     root = tmp_path / name
     stopped = {}
 

@@ -34,8 +34,15 @@ def test_real_config_is_the_1_3b_wan():
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config("configs/tiny.yaml", ["sampler.num_chunks=6", "sampler.denoising_steps=[1000, 500]",
-                                            "sampler.local_attn_frames=null", "run.name=exp-1"])
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            "sampler.num_chunks=6",
+            "sampler.denoising_steps=[1000, 500]",
+            "sampler.local_attn_frames=null",
+            "run.name=exp-1",
+        ],
+    )
     assert cfg.sampler.num_chunks == 6
     assert cfg.sampler.denoising_steps == [1000, 500]
     assert cfg.run.name == "exp-1"
@@ -99,15 +106,18 @@ REAL = "configs/self_forcing_wan1.3b.yaml"
 TOY = "configs/toy.yaml"
 
 
-@pytest.mark.parametrize("config, overrides, keys", [
-    (REAL, ["rewards.models=[]"], ["rewards.models: empty", "model.latent_space=wan_vae", "VideoAlign"]),
-    (REAL, ["rewards.models=[{kind: toy}]"], ["rewards.models[0]: kind toy", "model.text_encoder_kind=umt5"]),
-    (REAL, ["rewards.models=[{kind: clip, path: /x}, {kind: toy}]"], ["rewards.models[1]: kind toy"]),
-    (REAL, ["rollout.prompts=null"], ["rollout.prompts: unset", "model.latent_space=wan_vae"]),
-    ("configs/tiny.yaml", ["run.phases=[on_policy]"], ["rewards.models: empty", "rollout.prompts: unset"]),
-    (REAL, ["model.text_encoder_kind=toy"], ["model.latent_space=wan_vae with model.text_encoder_kind=toy"]),
-    (TOY, ["model.text_encoder_kind=umt5"], ["model.latent_space=pixels with model.text_encoder_kind=umt5"]),
-])
+@pytest.mark.parametrize(
+    "config, overrides, keys",
+    [
+        (REAL, ["rewards.models=[]"], ["rewards.models: empty", "model.latent_space=wan_vae", "VideoAlign"]),
+        (REAL, ["rewards.models=[{kind: toy}]"], ["rewards.models[0]: kind toy", "model.text_encoder_kind=umt5"]),
+        (REAL, ["rewards.models=[{kind: clip, path: /x}, {kind: toy}]"], ["rewards.models[1]: kind toy"]),
+        (REAL, ["rollout.prompts=null"], ["rollout.prompts: unset", "model.latent_space=wan_vae"]),
+        ("configs/tiny.yaml", ["run.phases=[on_policy]"], ["rewards.models: empty", "rollout.prompts: unset"]),
+        (REAL, ["model.text_encoder_kind=toy"], ["model.latent_space=wan_vae with model.text_encoder_kind=toy"]),
+        (TOY, ["model.text_encoder_kind=umt5"], ["model.latent_space=pixels with model.text_encoder_kind=umt5"]),
+    ],
+)
 def test_a_real_model_never_falls_back_to_the_toy_world(config, overrides, keys):
     with pytest.raises(ConfigError) as err:
         load_config(config, overrides)
@@ -143,15 +153,26 @@ def test_scoring_and_prompts_of_a_model_only_config_are_not_the_toy_world():
 
 
 def test_preflight_names_every_missing_path(tmp_path):
-    overrides = [f"model.vae={tmp_path / 'vae'}", f"rollout.prompts={tmp_path / 'p.txt'}",
-                 f"rewards.models=[{{kind: videoalign, path: {tmp_path / 'vr'}, base_model: {tmp_path / 'qwen'}, "
-                 f"prompt_template: {tmp_path / 't.txt'}, num_gpus: 1}}, "
-                 f"{{kind: pickscore, path: {tmp_path / 'ps'}, processor: {tmp_path / 'proc'}}}]"]
+    overrides = [
+        f"model.vae={tmp_path / 'vae'}",
+        f"rollout.prompts={tmp_path / 'p.txt'}",
+        f"rewards.models=[{{kind: videoalign, path: {tmp_path / 'vr'}, base_model: {tmp_path / 'qwen'}, "
+        f"prompt_template: {tmp_path / 't.txt'}, num_gpus: 1}}, "
+        f"{{kind: pickscore, path: {tmp_path / 'ps'}, processor: {tmp_path / 'proc'}}}]",
+    ]
     lines = missing_paths(load_config(REAL, overrides))
     assert {line.split(":")[0] for line in lines} == {
-        "model.self_forcing_checkpoint", "model.vae", "model.text_encoder", "model.tokenizer", "rollout.prompts",
-        "rewards.models[0].path", "rewards.models[0].base_model", "rewards.models[0].prompt_template",
-        "rewards.models[1].path", "rewards.models[1].processor"}
+        "model.self_forcing_checkpoint",
+        "model.vae",
+        "model.text_encoder",
+        "model.tokenizer",
+        "rollout.prompts",
+        "rewards.models[0].path",
+        "rewards.models[0].base_model",
+        "rewards.models[0].prompt_template",
+        "rewards.models[1].path",
+        "rewards.models[1].processor",
+    }
     text = "\n".join(lines)
     assert f"rewards.models[0].path: {tmp_path / 'vr'} does not exist (a local VideoAlign/VideoReward" in text
     assert f"model.vae: {tmp_path / 'vae'} does not exist (a local Wan VAE directory)" in text
@@ -160,8 +181,11 @@ def test_preflight_names_every_missing_path(tmp_path):
         (tmp_path / name).mkdir()
     for name in ("p.txt", "t.txt", "sf.pt"):
         (tmp_path / name).write_text("x")
-    present = [f"model.self_forcing_checkpoint={tmp_path / 'sf.pt'}", f"model.text_encoder={tmp_path / 'umt5'}",
-               f"model.tokenizer={tmp_path / 'umt5'}"]
+    present = [
+        f"model.self_forcing_checkpoint={tmp_path / 'sf.pt'}",
+        f"model.text_encoder={tmp_path / 'umt5'}",
+        f"model.tokenizer={tmp_path / 'umt5'}",
+    ]
     cfg = load_config(REAL, [*overrides, *present])
     assert missing_paths(cfg) == []
     assert preflight(cfg) is None
@@ -186,8 +210,10 @@ def test_train_cli_refuses_missing_files_before_ray_starts():
     import time
 
     # Ray not even imported: the refusal comes before anything starts.
-    code = (f"import sys; from cluster.train import main; rc = main(['--config', {REAL!r}]); "
-            "print('ray imported' if 'ray' in sys.modules else 'no ray'); sys.exit(rc)")
+    code = (
+        f"import sys; from cluster.train import main; rc = main(['--config', {REAL!r}]); "
+        "print('ray imported' if 'ray' in sys.modules else 'no ray'); sys.exit(rc)"
+    )
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     took = time.perf_counter() - start

@@ -37,8 +37,9 @@ def test_the_toy_decoder_gives_what_the_job_always_scored():
     frames = pixels_as_video(latents)
     assert frames.dtype == torch.uint8 and frames.shape == (5, 8, 16, 16, 3)
     assert torch.equal(frames, to_uint8(latents.clamp(-1, 1)))
-    policy = Policy.from_config(load_config("configs/toy.yaml", ["model.diffusers_transformer=null",
-                                                                  "rollout.decode_batch_size=2"]))
+    policy = Policy.from_config(
+        load_config("configs/toy.yaml", ["model.diffusers_transformer=null", "rollout.decode_batch_size=2"])
+    )
     assert torch.equal(policy.decode(latents), frames)
 
 
@@ -58,8 +59,10 @@ def test_evaluation_does_not_depend_on_eval_batch_size():
     results = {}
     for size in (1, 2, 5):
         worker = _worker(f"run.eval_batch_size={size}")
-        results[size] = (worker.evaluate(PROMPTS, seeds, "reference", 1.0, None),
-                         worker.sample_videos(PROMPTS[:3], [7] * 3, "reference"))
+        results[size] = (
+            worker.evaluate(PROMPTS, seeds, "reference", 1.0, None),
+            worker.sample_videos(PROMPTS[:3], [7] * 3, "reference"),
+        )
     scores, videos = results[5]
     assert set(scores) == {"vq", "mq", "ta", "ood"} and all(len(v) == 5 for v in scores.values())
     assert len(videos) == 3

@@ -124,6 +124,7 @@ def test_rayjob_runtime_env_is_a_valid_ray_runtime_env(monkeypatch):
 
 def _mutate(path: str | list, value=None, delete: bool = False):
     """A copy-editing function: set (or delete) the value at a dotted path (a list for keys with dots)."""
+
     def apply(doc):
         node = doc
         keys = path.split(".") if isinstance(path, str) else list(path)
@@ -137,6 +138,7 @@ def _mutate(path: str | list, value=None, delete: bool = False):
         else:
             node[last] = value
         return doc
+
     return apply
 
 
@@ -157,23 +159,31 @@ BROKEN_CLUSTERS = {
     "no groupName": (_mutate("spec.workerGroupSpecs.1.groupName", delete=True), "groupName: required"),
     "duplicate groupName": (_mutate("spec.workerGroupSpecs.1.groupName", "rollout"), "duplicate 'rollout'"),
     "unquoted rayStartParams": (_mutate("spec.workerGroupSpecs.0.rayStartParams", {"num-gpus": 8}), "map of strings"),
-    "labels in rayStartParams": (_mutate("spec.workerGroupSpecs.0.rayStartParams", {"labels": "a=b"}),
-                                 "rayStartParams.labels"),
+    "labels in rayStartParams": (
+        _mutate("spec.workerGroupSpecs.0.rayStartParams", {"labels": "a=b"}),
+        "rayStartParams.labels",
+    ),
     "resources twice": (_mutate("spec.workerGroupSpecs.0.rayStartParams", {"num-gpus": "8"}), "both in rayStartParams"),
     "reserved label": (_mutate("spec.workerGroupSpecs.0.labels", {"ray.io/role": "rollout"}), "reserved"),
     "bad label value": (_mutate("spec.workerGroupSpecs.0.labels", {ROLE_LABEL: "roll out!"}), "Invalid label"),
     "fractional GPU limit": (_mutate(_CONTAINER0 + ["limits", "nvidia.com/gpu"], "0.5"), "whole number"),
     "GPU requests != limits": (_mutate(_CONTAINER0 + ["requests", "nvidia.com/gpu"], "4"), "requests == limits"),
-    "no memory limit": (_mutate("spec.workerGroupSpecs.2.template.spec.containers.0.resources.limits.memory",
-                                delete=True), "limits.memory"),
-    "bad quantity": (_mutate("spec.workerGroupSpecs.2.template.spec.containers.0.resources.limits.memory",
-                             "lots"), "not a Kubernetes quantity"),
+    "no memory limit": (
+        _mutate("spec.workerGroupSpecs.2.template.spec.containers.0.resources.limits.memory", delete=True),
+        "limits.memory",
+    ),
+    "bad quantity": (
+        _mutate("spec.workerGroupSpecs.2.template.spec.containers.0.resources.limits.memory", "lots"),
+        "not a Kubernetes quantity",
+    ),
     "typo in spec": (_mutate("spec.workerGroupSpec", []), "spec.workerGroupSpec: unknown field"),
     "typo in group": (_mutate("spec.workerGroupSpecs.0.maxReplica", 4), "maxReplica: unknown field"),
     "token auth on old Ray": (_mutate("spec.rayVersion", "2.40.0"), "needs rayVersion >= 2.52.0"),
     "bad auth mode": (_mutate("spec.authOptions", {"mode": "password"}), "authOptions.mode"),
-    "restartPolicy with autoscaler v2": (_mutate("spec.workerGroupSpecs.0.template.spec.restartPolicy", "Always"),
-                                         "restartPolicy"),
+    "restartPolicy with autoscaler v2": (
+        _mutate("spec.workerGroupSpecs.0.template.spec.restartPolicy", "Always"),
+        "restartPolicy",
+    ),
 }
 
 
@@ -209,6 +219,7 @@ def _append_to_entrypoint(words: str):
     def apply(doc):
         doc["spec"]["entrypoint"] += " " + words
         return doc
+
     return apply
 
 
@@ -218,16 +229,26 @@ def test_command_line_passes_the_shipped_manifests(capsys):
     assert out.err == "" and out.out.splitlines() == [f"{RAYCLUSTER}: ok", f"{RAYJOB}: ok"]
 
 
-@pytest.mark.parametrize("source, mutate, message", [
-    (RAYCLUSTER, BROKEN_CLUSTERS["min > max"][0], "spec.workerGroupSpecs[0]: minReplicas 9 > maxReplicas 4"),
-    (RAYCLUSTER, BROKEN_CLUSTERS["typo in group"][0], "spec.workerGroupSpecs[0].maxReplica: unknown field"),
-    (RAYJOB, BROKEN_JOBS["broken nested cluster"][0], "spec.rayClusterSpec.workerGroupSpecs[0]: minReplicas 7 >"),
-    # A structurally valid RayJob whose entrypoint's config is wrong, or does not fit its groups.
-    (RAYJOB, _append_to_entrypoint("sampler.num_chunk=4"), "spec.entrypoint: sampler.num_chunk: unknown key"),
-    (RAYJOB, _append_to_entrypoint("rollout.num_workers=17"), "spec.rayClusterSpec: rollout: the job asks for 17 GPU"),
-    (RAYJOB, _mutate("spec.entrypoint", "python -m cluster.train --config configs/nope.yaml"),
-     "spec.entrypoint: the entrypoint's config 'configs/nope.yaml' is not a file in configs/"),
-])
+@pytest.mark.parametrize(
+    "source, mutate, message",
+    [
+        (RAYCLUSTER, BROKEN_CLUSTERS["min > max"][0], "spec.workerGroupSpecs[0]: minReplicas 9 > maxReplicas 4"),
+        (RAYCLUSTER, BROKEN_CLUSTERS["typo in group"][0], "spec.workerGroupSpecs[0].maxReplica: unknown field"),
+        (RAYJOB, BROKEN_JOBS["broken nested cluster"][0], "spec.rayClusterSpec.workerGroupSpecs[0]: minReplicas 7 >"),
+        # A structurally valid RayJob whose entrypoint's config is wrong, or does not fit its groups.
+        (RAYJOB, _append_to_entrypoint("sampler.num_chunk=4"), "spec.entrypoint: sampler.num_chunk: unknown key"),
+        (
+            RAYJOB,
+            _append_to_entrypoint("rollout.num_workers=17"),
+            "spec.rayClusterSpec: rollout: the job asks for 17 GPU",
+        ),
+        (
+            RAYJOB,
+            _mutate("spec.entrypoint", "python -m cluster.train --config configs/nope.yaml"),
+            "spec.entrypoint: the entrypoint's config 'configs/nope.yaml' is not a file in configs/",
+        ),
+    ],
+)
 def test_command_line_names_the_file_and_field_and_exits_1(tmp_path, capsys, source, mutate, message):
     good, edited = tmp_path / "good.yaml", tmp_path / "edited.yaml"
     good.write_text(source.read_text())
@@ -244,8 +265,9 @@ def test_command_line_numbers_documents_and_refuses_what_it_cannot_check(tmp_pat
     broken = BROKEN_CLUSTERS["no image"][0](load(RAYCLUSTER))
     both.write_text(yaml.safe_dump(load(RAYJOB)) + "---\n" + yaml.safe_dump(broken))
     errors = validate_file(both)
-    assert errors and all(e.startswith(f"{both}#2: spec.workerGroupSpecs[0].template.spec.containers[0].image")
-                          for e in errors), errors
+    assert errors and all(
+        e.startswith(f"{both}#2: spec.workerGroupSpecs[0].template.spec.containers[0].image") for e in errors
+    ), errors
     service = tmp_path / "service.yaml"
     service.write_text(yaml.safe_dump({**load(RAYCLUSTER), "kind": "RayService"}))
     assert validate_file(service) == [f"{service}: kind: 'RayService' is not checked here (RayCluster or RayJob)"]
@@ -263,19 +285,27 @@ def test_python_dash_m_deploy_validate_runs_from_the_checkout(tmp_path):
 
     edited = tmp_path / "raycluster.yaml"
     edited.write_text(yaml.safe_dump(BROKEN_CLUSTERS["bad quantity"][0](load(RAYCLUSTER))))
-    proc = subprocess.run([sys.executable, "-m", "deploy.validate", str(RAYJOB), str(edited)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deploy.validate", str(RAYJOB), str(edited)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr
     assert f"{edited}: spec.workerGroupSpecs[2]: resources memory: 'lots' is not a Kubernetes quantity" in proc.stderr
     assert proc.stdout == f"{RAYJOB}: ok\n"
 
 
-@pytest.mark.parametrize("entrypoint, expected", [
-    ("python -m cluster.serve --config configs/toy.yaml", "python -m cluster.train"),
-    ("python -m cluster.train run.name=x", "no --config"),
-    ("python -m cluster.train --config configs/nope.yaml", "not a file in configs/"),
-    ("python -m cluster.train --config /app/README.md", "not a file in configs/"),
-])
+@pytest.mark.parametrize(
+    "entrypoint, expected",
+    [
+        ("python -m cluster.serve --config configs/toy.yaml", "python -m cluster.train"),
+        ("python -m cluster.train run.name=x", "no --config"),
+        ("python -m cluster.train --config configs/nope.yaml", "not a file in configs/"),
+        ("python -m cluster.train --config /app/README.md", "not a file in configs/"),
+    ],
+)
 def test_entrypoint_check_rejects(entrypoint, expected):
     with pytest.raises(ManifestError, match=re.escape(expected)):
         parse_entrypoint(entrypoint)
@@ -289,11 +319,14 @@ def test_entrypoint_with_an_unknown_config_key_is_rejected():
         load_entrypoint_config(entrypoint)
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("rollout.num_workers=17", "rollout: the job asks for 17 GPU"),
-    ("learner.num_cpus_per_worker=9", "learner: the job asks for 72 CPU"),
-    ("rewards.num_gpus_per_server=2", "reward: the job asks for 8 GPU"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("rollout.num_workers=17", "rollout: the job asks for 17 GPU"),
+        ("learner.num_cpus_per_worker=9", "learner: the job asks for 72 CPU"),
+        ("rewards.num_gpus_per_server=2", "reward: the job asks for 8 GPU"),
+    ],
+)
 def test_capacity_check_rejects_a_job_its_groups_cannot_hold(override, expected):
     doc = load(RAYJOB)
     config = load_entrypoint_config(doc["spec"]["entrypoint"] + " " + override)
@@ -334,16 +367,21 @@ def test_cluster_launcher_node_types_hold_the_rayjob_roles():
         capacity[name] = {k: float(v) * t["min_workers"] for k, v in t["resources"].items()}
     entrypoint = load(RAYJOB)["spec"]["entrypoint"]
     assert check_capacity(capacity, load_entrypoint_config(entrypoint)) == []
-    assert all("RAY_AUTH_MODE=token" in c for c in config["head_start_ray_commands"][1:]
-               + config["worker_start_ray_commands"][1:])
+    assert all(
+        "RAY_AUTH_MODE=token" in c
+        for c in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:]
+    )
 
 
-@pytest.mark.parametrize("mutate", [
-    _mutate("provider", {"region": "us-east-1"}),                       # provider.type is required
-    _mutate("available_node_types.rollout.resources", {"GPU": 0.5}),    # resources are integers
-    _mutate("available_node_types.reward.node_config", delete=True),    # node_config is required
-    _mutate("max_worker", 6),                                           # unknown top-level key
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        _mutate("provider", {"region": "us-east-1"}),  # provider.type is required
+        _mutate("available_node_types.rollout.resources", {"GPU": 0.5}),  # resources are integers
+        _mutate("available_node_types.reward.node_config", delete=True),  # node_config is required
+        _mutate("max_worker", 6),  # unknown top-level key
+    ],
+)
 def test_cluster_launcher_schema_rejects_broken_yaml(mutate):
     jsonschema = pytest.importorskip("jsonschema")
     with pytest.raises(jsonschema.ValidationError):
@@ -386,12 +424,15 @@ def test_runtime_env_pip_is_pyproject_without_ray_and_pins_torch():
     assert not any(p.startswith("ray") and not p.startswith("ray-") for p in packages)
 
 
-@pytest.mark.parametrize("broken", [
-    {"pip": {"packages": ["torch==2.13.0"], "pip_chek": False}},   # unknown pip field
-    {"pip": {"pip_check": False}},                                   # no packages
-    {"env_vars": {"RAY_AUTH_MODE": 1}},                              # env values are strings
-    {"working_dir": "does/not/exist"},
-])
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"pip": {"packages": ["torch==2.13.0"], "pip_chek": False}},  # unknown pip field
+        {"pip": {"pip_check": False}},  # no packages
+        {"env_vars": {"RAY_AUTH_MODE": 1}},  # env values are strings
+        {"working_dir": "does/not/exist"},
+    ],
+)
 def test_runtime_env_validation_rejects(broken, monkeypatch):
     from ray.runtime_env import RuntimeEnv
 
@@ -452,13 +493,16 @@ def test_dockerfile_pins_torch_on_every_install():
     assert TORCH_PIN in _pyproject_deps()
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (lambda t: t.replace("ARG TORCH_VERSION=2.13.0", "ARG TORCH_VERSION=2.12.0"), "TORCH_VERSION"),
-    (lambda t: t.replace("pip install -c constraints.txt -r", "pip install -r"), "without -c constraints.txt"),
-    (lambda t: t.replace("ARG PYTHON_VERSION=3.11", "ARG PYTHON_VERSION=3.12"), "python:3.11"),
-    (lambda t: t + "\nRUN pip install torchvision\n", "without -c constraints.txt"),
-    (lambda t: t.replace("assert v ==", "print(v) or"), "build-time check"),
-])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda t: t.replace("ARG TORCH_VERSION=2.13.0", "ARG TORCH_VERSION=2.12.0"), "TORCH_VERSION"),
+        (lambda t: t.replace("pip install -c constraints.txt -r", "pip install -r"), "without -c constraints.txt"),
+        (lambda t: t.replace("ARG PYTHON_VERSION=3.11", "ARG PYTHON_VERSION=3.12"), "python:3.11"),
+        (lambda t: t + "\nRUN pip install torchvision\n", "without -c constraints.txt"),
+        (lambda t: t.replace("assert v ==", "print(v) or"), "build-time check"),
+    ],
+)
 def test_dockerfile_check_rejects(edit, expected):
     text = DOCKERFILE.read_text()
     edited = edit(text)
@@ -477,14 +521,26 @@ def _rollout_group(seed: int, G: int, T: int, C: int, f: int, H: int, W: int, pi
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     comps = {name: torch.rand(G, generator=gen) for name in ("vq", "mq", "ta")}
-    return RolloutGroup(prompt=prompt, pivot=pivot, sigma=0.5, plan_seed=seed, fork_seed=seed + 1, policy_version=3,
-                        prefix_latents=r(1, C, pivot * f, H, W), pivot_inputs=r(G, T, C, f, H, W),
-                        pivot_predictions=r(G, T, C, f, H, W), pivot_latents=r(G, C, f, H, W),
-                        rewards=comps["vq"] + comps["ta"], reward_components=comps)
+    return RolloutGroup(
+        prompt=prompt,
+        pivot=pivot,
+        sigma=0.5,
+        plan_seed=seed,
+        fork_seed=seed + 1,
+        policy_version=3,
+        prefix_latents=r(1, C, pivot * f, H, W),
+        pivot_inputs=r(G, T, C, f, H, W),
+        pivot_predictions=r(G, T, C, f, H, W),
+        pivot_latents=r(G, C, f, H, W),
+        rewards=comps["vq"] + comps["ta"],
+        reward_components=comps,
+    )
 
 
-@pytest.mark.parametrize("dims, pivot", [((12, 4, 4, 3, 16, 24), 0), ((12, 4, 4, 3, 16, 24), 5),
-                                         ((2, 1, 1, 1, 2, 2), 1), ((4, 2, 16, 1, 6, 10), 3)])
+@pytest.mark.parametrize(
+    "dims, pivot",
+    [((12, 4, 4, 3, 16, 24), 0), ((12, 4, 4, 3, 16, 24), 5), ((2, 1, 1, 1, 2, 2), 1), ((4, 2, 16, 1, 6, 10), 3)],
+)
 def test_record_bytes_formula_matches_the_codec(dims, pivot):
     rs = sizing()
     prompt = "a red circle moving left on a black background"
@@ -493,8 +549,10 @@ def test_record_bytes_formula_matches_the_codec(dims, pivot):
     predicted = rs.record_bytes(rs.GroupShape(*dims, pivot=pivot, components=3, prompt_chars=len(prompt)))
     assert abs(predicted - actual) <= 64, (predicted, actual)
     G, T, C, f, H, W = dims
-    assert rs.tensor_bytes(rs.GroupShape(*dims, pivot=pivot)) == \
-        4 * (2 * G * T * C * f * H * W + G * C * f * H * W + C * pivot * f * H * W) + 4 * G * 4
+    assert (
+        rs.tensor_bytes(rs.GroupShape(*dims, pivot=pivot))
+        == 4 * (2 * G * T * C * f * H * W + G * C * f * H * W + C * pivot * f * H * W) + 4 * G * 4
+    )
 
 
 @pytest.fixture(scope="module")
@@ -530,10 +588,10 @@ def _measure(server, client, groups, max_value_bytes: int) -> float:
 
 
 SIZING_CASES = [  # G, T, C, f, H, W, pivot, max_value_bytes, items
-    ((12, 4, 4, 3, 16, 24), 2, 256 << 10, 12),        # ~2 MB records in 256 KiB parts: +23% (size classes)
+    ((12, 4, 4, 3, 16, 24), 2, 256 << 10, 12),  # ~2 MB records in 256 KiB parts: +23% (size classes)
     ((12, 4, 4, 3, 16, 24), 2, (256 << 10) - 10, 12),  # 10 bytes less per part: +0.2%
-    ((12, 4, 4, 3, 16, 24), 2, 4 << 20, 12),          # the default 4 MiB: one part each
-    ((4, 2, 2, 1, 2, 2), 2, 4 << 20, 200),            # tiny records: the per-key overhead dominates
+    ((12, 4, 4, 3, 16, 24), 2, 4 << 20, 12),  # the default 4 MiB: one part each
+    ((4, 2, 2, 1, 2, 2), 2, 4 << 20, 200),  # tiny records: the per-key overhead dominates
 ]
 
 
@@ -548,9 +606,11 @@ def test_redis_memory_formula_matches_a_real_redis(redis_server, dims, pivot, ma
     measured = _measure(server, client, groups, max_value_bytes)
     shape = rs.GroupShape(*dims, pivot=pivot, components=3, prompt_chars=len(prompt))
     predicted = rs.buffer_memory_bytes(items, shape, max_value_bytes) / items
-    print(f"\n{dims} pivot {pivot}, parts of {max_value_bytes}: record {record} B, per item measured "
-          f"{measured:.0f} B, predicted {predicted:.0f} B ({predicted / measured - 1:+.2%}), "
-          f"overhead x{measured / record:.3f}")
+    print(
+        f"\n{dims} pivot {pivot}, parts of {max_value_bytes}: record {record} B, per item measured "
+        f"{measured:.0f} B, predicted {predicted:.0f} B ({predicted / measured - 1:+.2%}), "
+        f"overhead x{measured / record:.3f}"
+    )
     assert abs(predicted - measured) <= 0.10 * measured
 
 

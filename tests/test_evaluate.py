@@ -22,11 +22,26 @@ def test_evaluate_writes_a_report_with_the_sweep_and_videos(tmp_path):
             p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
         adapters.save_adapter(policy.model, name, tmp_path / "adapters" / name)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle moving left on a black background\n"
-                       "a green square moving up on a gray background\n")
+    prompts.write_text(
+        "a red circle moving left on a black background\na green square moving up on a gray background\n"
+    )
 
-    code = main(["--adapters", str(tmp_path), "--prompts", str(prompts), "--seeds", "1", "--scales", "0", "1",
-                 "--videos", "1", *overrides])
+    code = main(
+        [
+            "--adapters",
+            str(tmp_path),
+            "--prompts",
+            str(prompts),
+            "--seeds",
+            "1",
+            "--scales",
+            "0",
+            "1",
+            "--videos",
+            "1",
+            *overrides,
+        ]
+    )
     assert code == 0
     out = tmp_path / "eval"
     scores = json.loads((out / "scores.json").read_text())

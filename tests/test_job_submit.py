@@ -21,13 +21,27 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture()
 def ray_head(tmp_path):
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="disabled",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        PATH=f"{BIN}:{os.environ.get('PATH', '')}",
+    )
     gcs, dash = free_port(), free_port()
     temp = Path("/tmp") / f"ray_t{os.getpid()}"  # Ray's socket paths must stay short
-    start = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             f"--temp-dir={temp}", "--disable-usage-stats"]
+    start = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={gcs}",
+        "--num-cpus=4",
+        "--node-ip-address=127.0.0.1",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+    ]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     try:
         yield env, f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
@@ -43,12 +57,34 @@ def ray_head(tmp_path):
 def test_toy_job_runs_through_ray_job_submit(ray_head, tmp_path):
     env, dashboard, _ = ray_head
     out = tmp_path / "runs"
-    cmd = [str(BIN / "ray"), "job", "submit", f"--address={dashboard}", "--working-dir", str(ROOT), "--",
-           sys.executable, "-m", "cluster.train", "--config", "configs/toy.yaml", "run.name=submitted",
-           "metrics.port=0", f"run.output_dir={out}", "run.phases=[on_policy]", "run.iterations=2",
-           "rollout.prompts_per_iteration=1", "run.eval_prompts=2", "run.eval_seeds=1", "run.sample_prompts=1",
-           "algorithm.group_size=4", "algorithm.num_anchors=2",
-           "rollout.num_cpus_per_worker=0.5", "rewards.num_cpus_per_server=0.5", "learner.num_cpus_per_worker=0.5"]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        f"--address={dashboard}",
+        "--working-dir",
+        str(ROOT),
+        "--",
+        sys.executable,
+        "-m",
+        "cluster.train",
+        "--config",
+        "configs/toy.yaml",
+        "run.name=submitted",
+        "metrics.port=0",
+        f"run.output_dir={out}",
+        "run.phases=[on_policy]",
+        "run.iterations=2",
+        "rollout.prompts_per_iteration=1",
+        "run.eval_prompts=2",
+        "run.eval_seeds=1",
+        "run.sample_prompts=1",
+        "algorithm.group_size=4",
+        "algorithm.num_anchors=2",
+        "rollout.num_cpus_per_worker=0.5",
+        "rewards.num_cpus_per_server=0.5",
+        "learner.num_cpus_per_worker=0.5",
+    ]
     for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if "No available agent" not in proc.stderr + proc.stdout:

@@ -62,8 +62,12 @@ def test_no_package_imports_a_layer_above_it_or_a_sibling_role():
 
 
 def test_imports_are_absolute():
-    relative = [f"{p.relative_to(ROOT)}:{line}" for p in _files(*PACKAGES, "tests")
-                for line, module, _ in _imports(p) if module.startswith(".")]
+    relative = [
+        f"{p.relative_to(ROOT)}:{line}"
+        for p in _files(*PACKAGES, "tests")
+        for line, module, _ in _imports(p)
+        if module.startswith(".")
+    ]
     assert relative == []
 
 
@@ -71,8 +75,10 @@ def test_the_check_sees_lazy_and_type_checking_imports(tmp_path, monkeypatch):
     # A forbidden arrow hidden in a function body or under TYPE_CHECKING is still one.
     fake = tmp_path / "common"
     fake.mkdir()
-    (fake / "bad.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import cluster.driver\n"
-                                 "def f():\n    from learner.update import arcopo_update\n")
+    (fake / "bad.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import cluster.driver\n"
+        "def f():\n    from learner.update import arcopo_update\n"
+    )
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert forbidden_arrows() == ["common/bad.py:3 imports cluster.driver", "common/bad.py:5 imports learner.update"]
 

@@ -129,21 +129,33 @@ def test_inverse_mapping_covers_the_real_self_forcing_size():
 def test_saving_refuses_layouts_without_original_names(tmp_path):
     from diffusers import WanTransformer3DModel
 
-    i2v = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                                out_channels=4, text_dim=16, ffn_dim=32, num_layers=1, image_dim=8,
-                                added_kv_proj_dim=24)
+    i2v = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        ffn_dim=32,
+        num_layers=1,
+        image_dim=8,
+        added_kv_proj_dim=24,
+    )
     with pytest.raises(CheckpointError, match="add_k_proj"):
         save_self_forcing_checkpoint(i2v, tmp_path / "i2v.pt")
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("key, short", [
-    ("model.blocks.0.ffn.0.weight", "blocks.0.ffn.0.weight"),
-    ("model._fsdp_wrapped_module.blocks.0._checkpoint_wrapped_module.ffn.0.weight", "blocks.0.ffn.0.weight"),
-    ("_orig_mod.model.head.head.bias", "head.head.bias"),
-    ("module.model.diffusion_model.head.modulation", "head.modulation"),
-    ("patch_embedding.weight", "patch_embedding.weight"),
-])
+@pytest.mark.parametrize(
+    "key, short",
+    [
+        ("model.blocks.0.ffn.0.weight", "blocks.0.ffn.0.weight"),
+        ("model._fsdp_wrapped_module.blocks.0._checkpoint_wrapped_module.ffn.0.weight", "blocks.0.ffn.0.weight"),
+        ("_orig_mod.model.head.head.bias", "head.head.bias"),
+        ("module.model.diffusion_model.head.modulation", "head.modulation"),
+        ("patch_embedding.weight", "patch_embedding.weight"),
+    ],
+)
 def test_wrapper_prefixes_are_stripped(key, short):
     assert strip_wrapper_prefixes(key) == short
 
@@ -212,8 +224,10 @@ def test_legacy_torch_format(tmp_path, config, writer):
 
 
 def test_fsdp_and_compile_fragments(tmp_path, config, writer):
-    state = {f"model._fsdp_wrapped_module.{k}".replace(".blocks.1.", ".blocks.1._orig_mod."): v
-             for k, v in to_original_layout(writer).items()}
+    state = {
+        f"model._fsdp_wrapped_module.{k}".replace(".blocks.1.", ".blocks.1._orig_mod."): v
+        for k, v in to_original_layout(writer).items()
+    }
     assert any("_orig_mod" in k for k in state)
     torch.save({"generator": state, "generator_ema": {}}, tmp_path / "fsdp.pt")
     loaded = load_self_forcing_checkpoint(tmp_path / "fsdp.pt", config, key="generator")
@@ -408,9 +422,11 @@ def _to_uint8(video: torch.Tensor) -> torch.Tensor:
     return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
 
 
-@pytest.mark.parametrize("latent_frames, frames, dtype",
-                         [(1, 1, torch.float32), (2, 5, torch.float32), (3, 9, torch.float32), (2, 5, torch.bfloat16)],
-                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "latent_frames, frames, dtype",
+    [(1, 1, torch.float32), (2, 5, torch.float32), (3, 9, torch.float32), (2, 5, torch.bfloat16)],
+    ids=lambda v: str(v).replace("torch.", ""),
+)
 def test_decode_latents(vae_dir, latent_frames, frames, dtype):
     path, reference = vae_dir
     vae = load_vae(path, dtype=dtype)

@@ -13,8 +13,13 @@ def test_dual_improvement_needs_both():
 
 def test_pick_the_largest_passing_scale():
     base = Scores(7.76, 82.15)
-    sweep = {0.0: Scores(7.61, 82.45), 0.4: Scores(7.9, 82.4), 0.6: Scores(8.0, 82.3),
-             0.8: Scores(8.22, 82.17), 1.0: Scores(8.4, 82.0)}
+    sweep = {
+        0.0: Scores(7.61, 82.45),
+        0.4: Scores(7.9, 82.4),
+        0.6: Scores(8.0, 82.3),
+        0.8: Scores(8.22, 82.17),
+        1.0: Scores(8.4, 82.0),
+    }
     assert pick_merge_scale(base, sweep) == 0.8
     assert pick_merge_scale(base, {1.0: Scores(8.4, 82.0)}) is None
 
@@ -29,8 +34,11 @@ def test_an_in_domain_tie_does_not_pass():
     assert pick_merge_scale(base, {0.8: Scores(7.76, 82.3), 1.0: Scores(7.76, 82.2)}) is None
 
 
-@pytest.mark.xfail(strict=True, reason="learner/merge.py passes an out-of-domain tie (`>=`, 'not down', its "
-                   "docstring), docs/method.md section 5 asks both scores to improve: open, for the lead to decide")
+@pytest.mark.xfail(
+    strict=True,
+    reason="learner/merge.py passes an out-of-domain tie (`>=`, 'not down', its "
+    "docstring), docs/method.md section 5 asks both scores to improve: open, for the lead to decide",
+)
 def test_an_out_of_domain_tie_does_not_pass():
     base = Scores(7.76, 82.15)
     assert not dual_improvement(base, Scores(8.22, 82.15))

@@ -22,12 +22,27 @@ ROOT = Path(__file__).resolve().parent.parent
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.cluster  # a toy run on local Ray, scraped by a real Prometheus
 PROMETHEUS = shutil.which("prometheus")
-CONTRACT = ["arcopo_rollout_groups_total", "arcopo_rollout_seconds_bucket", "arcopo_reward",
-            "arcopo_reward_failures_total", "arcopo_reward_seconds_bucket", "arcopo_learner_step_seconds_bucket",
-            "arcopo_loss", "arcopo_clip_fraction", "arcopo_weight_version", "arcopo_weight_sync_seconds_bucket",
-            "arcopo_weight_sync_bytes", "arcopo_staleness_bucket", "arcopo_dropped_stale_total", "arcopo_replay_size",
-            "arcopo_replay_inserts_total", "arcopo_replay_samples_total", "arcopo_queue_depth",
-            "arcopo_role_busy_ratio", "arcopo_rollout_workers"]
+CONTRACT = [
+    "arcopo_rollout_groups_total",
+    "arcopo_rollout_seconds_bucket",
+    "arcopo_reward",
+    "arcopo_reward_failures_total",
+    "arcopo_reward_seconds_bucket",
+    "arcopo_learner_step_seconds_bucket",
+    "arcopo_loss",
+    "arcopo_clip_fraction",
+    "arcopo_weight_version",
+    "arcopo_weight_sync_seconds_bucket",
+    "arcopo_weight_sync_bytes",
+    "arcopo_staleness_bucket",
+    "arcopo_dropped_stale_total",
+    "arcopo_replay_size",
+    "arcopo_replay_inserts_total",
+    "arcopo_replay_samples_total",
+    "arcopo_queue_depth",
+    "arcopo_role_busy_ratio",
+    "arcopo_rollout_workers",
+]
 
 
 def _query(port: int, expr: str) -> list:
@@ -48,9 +63,16 @@ def prometheus(tmp_path):
     config["scrape_configs"] = [c for c in config["scrape_configs"] if c["job_name"] == "arcopo"]
     config["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{target}"]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{web}"],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+    proc = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{web}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "prometheus.log", "wb"),
+    )
     try:
         for _ in range(100):
             try:
@@ -70,12 +92,26 @@ def test_prometheus_scrapes_every_contract_metric_of_a_toy_run(prometheus, tmp_p
 
     target, web = prometheus
     name = f"m{uuid.uuid4().hex[:8]}"
-    cfg = load_config("configs/toy.yaml", [
-        f"metrics.port={target}", f"run.name={name}", f"run.output_dir={tmp_path}", f"cluster.namespace={name}",
-        "run.phases=[reference,semi,on_policy]", "run.iterations=4", "run.semi_iterations=2",
-        "rollout.prompts_per_iteration=1",
-        "replay.num_reference_groups=2", "run.eval_prompts=1", "run.eval_seeds=1", "run.sample_prompts=0",
-        "algorithm.group_size=4", "algorithm.num_anchors=2", "cluster.num_cpus=4"])
+    cfg = load_config(
+        "configs/toy.yaml",
+        [
+            f"metrics.port={target}",
+            f"run.name={name}",
+            f"run.output_dir={tmp_path}",
+            f"cluster.namespace={name}",
+            "run.phases=[reference,semi,on_policy]",
+            "run.iterations=4",
+            "run.semi_iterations=2",
+            "rollout.prompts_per_iteration=1",
+            "replay.num_reference_groups=2",
+            "run.eval_prompts=1",
+            "run.eval_seeds=1",
+            "run.sample_prompts=0",
+            "algorithm.group_size=4",
+            "algorithm.num_anchors=2",
+            "cluster.num_cpus=4",
+        ],
+    )
     ray_env_defaults()
     # Slow the run's end down just enough that the 1 s scrape sees the final values.
     summary = run(cfg, RunFolder(tmp_path / name), linger_s=3.0)
@@ -94,7 +130,8 @@ def test_prometheus_scrapes_every_contract_metric_of_a_toy_run(prometheus, tmp_p
     assert last("arcopo_replay_inserts_total") == 2 and last("arcopo_replay_samples_total") == 2
     assert last("arcopo_rollout_workers") == 1
     # Nothing secret in any label.
-    with urllib.request.urlopen(f"http://127.0.0.1:{web}/api/v1/series?match[]=" +
-                                urllib.parse.quote('{__name__=~"arcopo_.*"}'), timeout=10) as r:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{web}/api/v1/series?match[]=" + urllib.parse.quote('{__name__=~"arcopo_.*"}'), timeout=10
+    ) as r:
         text = r.read().decode()
     assert "password" not in text.lower() and "redis://" not in text

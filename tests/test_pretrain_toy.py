@@ -47,13 +47,39 @@ def test_ode_endpoints_with_cache_match_the_full_sequence_euler():
 
 def test_both_stages_run_end_to_end(tmp_path):
     common = ["--threads", "1", "--batch-size", "2", "--steps", "2"]
-    assert main([*common, "--sigma-sampling", "uniform", "--out", str(tmp_path / "teacher"),
-                 "model.diffusers_transformer=null"]) == 0
-    assert main([*common, "--distill-from", str(tmp_path / "teacher"), "--pool-size", "4", "--ode-steps", "2",
-                 "--out", str(tmp_path / "student")]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--sigma-sampling",
+                "uniform",
+                "--out",
+                str(tmp_path / "teacher"),
+                "model.diffusers_transformer=null",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                *common,
+                "--distill-from",
+                str(tmp_path / "teacher"),
+                "--pool-size",
+                "4",
+                "--ode-steps",
+                "2",
+                "--out",
+                str(tmp_path / "student"),
+            ]
+        )
+        == 0
+    )
     for stage in ("teacher", "student"):
         assert {"config.json", "diffusion_pytorch_model.safetensors", "loss.csv", "samples.png"} <= {
-            p.name for p in (tmp_path / stage).iterdir()}
+            p.name for p in (tmp_path / stage).iterdir()
+        }
         # One row per optimiser step, each a finite positive loss, in time order.
         with open(tmp_path / stage / "loss.csv") as f:
             header, *rows = list(csv.reader(f))
@@ -72,8 +98,10 @@ def test_both_stages_run_end_to_end(tmp_path):
     assert architecture(student) == architecture(teacher)
     # Stage two starts from a copy of the teacher and trains it: the saved student is not the teacher
     # (saving the wrong model would make them equal), and it moved by about what two AdamW steps move.
-    moved = max((a - b).abs().max().item() for a, b in zip(student.state_dict().values(),
-                                                            teacher.state_dict().values(), strict=True))
+    moved = max(
+        (a - b).abs().max().item()
+        for a, b in zip(student.state_dict().values(), teacher.state_dict().values(), strict=True)
+    )
     assert 1e-6 < moved < 0.1, moved
     # What the job does with it: the student is a generator the streaming sampler loads and runs.
     cfg = load_config("configs/toy.yaml", [f"model.diffusers_transformer={tmp_path / 'student'}"])
@@ -98,7 +126,7 @@ def test_the_committed_generator_forks_into_different_samples_at_every_pivot():
         for seed in range(3):
             group = sampler.fork(text, sampler.noise_plan(seed), pivot=pivot, group_size=12, sigma=0.5, fork_seed=seed)
             videos = group.videos.clamp(-1.0, 1.0)  # the generator's frames, unquantised
-            spreads.append(videos[:, :, pivot * f:(pivot + 1) * f].std(0).mean().item())
+            spreads.append(videos[:, :, pivot * f : (pivot + 1) * f].std(0).mean().item())
             stds.append(sum(score(videos, [PROMPT] * 12, ["vq", "mq", "ta"]).values()).std().item())
         assert min(spreads) > 5e-3, (pivot, spreads)  # 30x the shift-1 generator's at pivots 1-3
         assert sum(stds) / 3 > 5e-3, (pivot, stds)  # as asserted at pivot 0 before; measured 0.012-0.072

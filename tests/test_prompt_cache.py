@@ -25,8 +25,12 @@ PROMPTS = ["a red circle", "a blue square moving left", "  a red   circle ", "a 
 
 
 def umt5_config(umt5, path, *overrides: str):
-    return tiny_config(f"model.text_encoder={umt5 / 'text_encoder'}", f"model.tokenizer={umt5 / 'tokenizer'}",
-                       f"model.prompt_cache={path if path is not None else 'null'}", *overrides)
+    return tiny_config(
+        f"model.text_encoder={umt5 / 'text_encoder'}",
+        f"model.tokenizer={umt5 / 'tokenizer'}",
+        f"model.prompt_cache={path if path is not None else 'null'}",
+        *overrides,
+    )
 
 
 @pytest.fixture()
@@ -73,10 +77,14 @@ def test_a_file_is_keyed_by_encoder_content_not_path(umt5_dirs, tmp_path):
     # Other weights, or another token count, are another encoder: refused by name, never rebuilt.
     other = make_umt5_dirs(tmp_path / "other", seed=1)
     before = path.read_bytes()
-    for cfg, what in ((umt5_config(other, path), "fingerprint"),
-                      (umt5_config(umt5_dirs, path, "model.max_text_tokens=6"), "tokens: file 8, configured 6")):
-        for make in (lambda cfg=cfg: CachedTextEncoder(cfg, encoder_on_miss=True),
-                     lambda cfg=cfg: build(cfg, PROMPTS, path)):
+    for cfg, what in (
+        (umt5_config(other, path), "fingerprint"),
+        (umt5_config(umt5_dirs, path, "model.max_text_tokens=6"), "tokens: file 8, configured 6"),
+    ):
+        for make in (
+            lambda cfg=cfg: CachedTextEncoder(cfg, encoder_on_miss=True),
+            lambda cfg=cfg: build(cfg, PROMPTS, path),
+        ):
             with pytest.raises(PromptCacheError, match=f"{path}: prompt embeddings of another text encoder.*{what}"):
                 make()
     assert path.read_bytes() == before

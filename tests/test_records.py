@@ -31,11 +31,20 @@ def fork(tiny_model):
 @pytest.fixture(scope="module")
 def group(fork):
     gen = torch.Generator().manual_seed(3)
-    components = {"vq": torch.rand(4, generator=gen), "mq": torch.rand(4, generator=gen),
-                  "ta": torch.rand(4, generator=gen)}
-    return RolloutGroup.from_fork(fork, PROMPT, rewards=components["vq"] + 0.5 * components["ta"],
-                                  reward_components=components, policy_version=7, keep_videos=True,
-                                  extra={"worker": "rollout-0", "attempt": 2, "temperature": 0.25, "replayed": False})
+    components = {
+        "vq": torch.rand(4, generator=gen),
+        "mq": torch.rand(4, generator=gen),
+        "ta": torch.rand(4, generator=gen),
+    }
+    return RolloutGroup.from_fork(
+        fork,
+        PROMPT,
+        rewards=components["vq"] + 0.5 * components["ta"],
+        reward_components=components,
+        policy_version=7,
+        keep_videos=True,
+        extra={"worker": "rollout-0", "attempt": 2, "temperature": 0.25, "replayed": False},
+    )
 
 
 def _assert_same(a: RolloutGroup, b: RolloutGroup):
@@ -59,12 +68,13 @@ def _split(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     _, _, _, head_len = PREFIX.unpack_from(data)
     blob_at = PREFIX.size + head_len
     (blob_len,) = BLOB_LEN.unpack_from(data, blob_at)
-    blob = data[blob_at + BLOB_LEN.size: blob_at + BLOB_LEN.size + blob_len]
-    return json.loads(data[PREFIX.size:blob_at]), st_load(blob)
+    blob = data[blob_at + BLOB_LEN.size : blob_at + BLOB_LEN.size + blob_len]
+    return json.loads(data[PREFIX.size : blob_at]), st_load(blob)
 
 
-def _frame(header, blob, *, key: bytes | None = None, version: int = SCHEMA_VERSION,
-           keyed: bool | None = None) -> bytes:
+def _frame(
+    header, blob, *, key: bytes | None = None, version: int = SCHEMA_VERSION, keyed: bool | None = None
+) -> bytes:
     """What a writer that skips every check would send: any header and blob, with a correct digest."""
     head = header if isinstance(header, bytes) else json.dumps(header).encode()
     blob = blob if isinstance(blob, bytes) else st_save(blob)
@@ -109,9 +119,13 @@ def test_round_trip_is_exact_with_and_without_videos(group):
 
 def test_bfloat16_and_non_contiguous_round_trip(group):
     half = dataclasses.replace(
-        group, prefix_latents=group.prefix_latents.bfloat16(), pivot_inputs=group.pivot_inputs.bfloat16(),
-        pivot_predictions=group.pivot_predictions.bfloat16(), pivot_latents=group.pivot_latents.bfloat16(),
-        videos=group.videos.bfloat16())
+        group,
+        prefix_latents=group.prefix_latents.bfloat16(),
+        pivot_inputs=group.pivot_inputs.bfloat16(),
+        pivot_predictions=group.pivot_predictions.bfloat16(),
+        pivot_latents=group.pivot_latents.bfloat16(),
+        videos=group.videos.bfloat16(),
+    )
     back = RolloutGroup.from_bytes(half.to_bytes())
     _assert_same(half, back)
     assert back.pivot_inputs.dtype == torch.bfloat16 and back.rewards.dtype == torch.float32
@@ -123,8 +137,9 @@ def test_bfloat16_and_non_contiguous_round_trip(group):
 
 def test_shared_storage_and_empty_prefix_round_trip(group):
     # A single reward term: the total *is* the component tensor; safetensors alone would refuse to save it.
-    single = dataclasses.replace(group, rewards=group.reward_components["vq"],
-                                 reward_components={"vq": group.reward_components["vq"]})
+    single = dataclasses.replace(
+        group, rewards=group.reward_components["vq"], reward_components={"vq": group.reward_components["vq"]}
+    )
     _assert_same(single, RolloutGroup.from_bytes(single.to_bytes()))
     _, C, _, H, W = group.prefix_latents.shape
     first = dataclasses.replace(group, pivot=0, prefix_latents=torch.zeros(1, C, 0, H, W), videos=None)
@@ -145,9 +160,14 @@ def test_truncation_anywhere_is_refused(group):
     _, _, _, head_len = PREFIX.unpack_from(data)
     blob_at = PREFIX.size + head_len
     cuts = {
-        "empty": 0, "inside magic": 4, "inside frame": 11, "inside header": PREFIX.size + head_len // 2,
-        "inside blob length": blob_at + 3, "inside blob": (blob_at + len(data)) // 2,
-        "digest dropped": len(data) - 32, "last byte dropped": len(data) - 1,
+        "empty": 0,
+        "inside magic": 4,
+        "inside frame": 11,
+        "inside header": PREFIX.size + head_len // 2,
+        "inside blob length": blob_at + 3,
+        "inside blob": (blob_at + len(data)) // 2,
+        "digest dropped": len(data) - 32,
+        "last byte dropped": len(data) - 1,
     }
     for where, cut in cuts.items():
         with pytest.raises(RecordError, match="truncated"):
@@ -190,8 +210,9 @@ def test_wrong_magic_and_future_version(group):
     # Even well-formed in every other way, with a correct digest.
     header, tensors = _split(data)
     with pytest.raises(RecordError, match=expected):
-        RolloutGroup.from_bytes(_frame({**header, "schema_version": SCHEMA_VERSION + 1}, tensors,
-                                       version=SCHEMA_VERSION + 1))
+        RolloutGroup.from_bytes(
+            _frame({**header, "schema_version": SCHEMA_VERSION + 1}, tensors, version=SCHEMA_VERSION + 1)
+        )
 
 
 # -- keys -------------------------------------------------------------------------------------------
@@ -201,7 +222,7 @@ def test_keyed_records_cannot_be_confused_or_forged(group):
     key = b"replay-buffer-secret"
     data = group.to_bytes(key=key)
     _assert_same(group, RolloutGroup.from_bytes(data, key=key))
-    assert data[PREFIX.size:] != group.to_bytes()[PREFIX.size:]
+    assert data[PREFIX.size :] != group.to_bytes()[PREFIX.size :]
     with pytest.raises(RecordError, match="digest"):
         RolloutGroup.from_bytes(data, key=b"another-secret")
     with pytest.raises(RecordError, match="written with an authentication key"):
@@ -253,25 +274,32 @@ def test_non_finite_rewards_refused_on_build_encode_and_decode(group):
         RolloutGroup.from_bytes(_frame(header, {**tensors, "reward/mq": mq}))
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda g: dataclasses.replace(g, prefix_latents=g.prefix_latents[:, :, :1]), "prefix_latents"),
-    (lambda g: dataclasses.replace(g, pivot=2), "prefix_latents .* for pivot 2"),
-    (lambda g: dataclasses.replace(g, pivot_predictions=g.pivot_predictions[:, :-1]), "pivot_predictions"),
-    (lambda g: dataclasses.replace(g, pivot_inputs=g.pivot_inputs[0]), "pivot_inputs"),
-    (lambda g: dataclasses.replace(g, pivot_latents=g.pivot_latents[:3]), "pivot_latents"),
-    (lambda g: dataclasses.replace(g, rewards=g.rewards[:3]), r"rewards must have shape \(4,\)"),
-    (lambda g: dataclasses.replace(g, rewards=g.rewards.double()), "rewards must be a float32"),
-    (lambda g: dataclasses.replace(g, reward_components={**g.reward_components, "ta": torch.zeros(5)}), "'ta'"),
-    (lambda g: dataclasses.replace(g, videos=g.videos[:, :, :, :4]), "videos"),
-    (lambda g: dataclasses.replace(g, videos=g.videos[:, :, :1]), "videos"),
-    (lambda g: dataclasses.replace(g, pivot_inputs=g.pivot_inputs.long(), pivot_predictions=g.pivot_predictions.long()),
-     "pivot_inputs must be float32, bfloat16 or float16"),
-    (lambda g: dataclasses.replace(g, pivot=True), "pivot must be an int"),
-    (lambda g: dataclasses.replace(g, prompt=None), "prompt must be a str"),
-    (lambda g: dataclasses.replace(g, sigma=float("nan")), "sigma"),
-    (lambda g: dataclasses.replace(g, extra={"a": [1]}), r"extra\['a'\]"),
-    (lambda g: dataclasses.replace(g, extra={"a": float("inf")}), r"extra\['a'\]"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda g: dataclasses.replace(g, prefix_latents=g.prefix_latents[:, :, :1]), "prefix_latents"),
+        (lambda g: dataclasses.replace(g, pivot=2), "prefix_latents .* for pivot 2"),
+        (lambda g: dataclasses.replace(g, pivot_predictions=g.pivot_predictions[:, :-1]), "pivot_predictions"),
+        (lambda g: dataclasses.replace(g, pivot_inputs=g.pivot_inputs[0]), "pivot_inputs"),
+        (lambda g: dataclasses.replace(g, pivot_latents=g.pivot_latents[:3]), "pivot_latents"),
+        (lambda g: dataclasses.replace(g, rewards=g.rewards[:3]), r"rewards must have shape \(4,\)"),
+        (lambda g: dataclasses.replace(g, rewards=g.rewards.double()), "rewards must be a float32"),
+        (lambda g: dataclasses.replace(g, reward_components={**g.reward_components, "ta": torch.zeros(5)}), "'ta'"),
+        (lambda g: dataclasses.replace(g, videos=g.videos[:, :, :, :4]), "videos"),
+        (lambda g: dataclasses.replace(g, videos=g.videos[:, :, :1]), "videos"),
+        (
+            lambda g: dataclasses.replace(
+                g, pivot_inputs=g.pivot_inputs.long(), pivot_predictions=g.pivot_predictions.long()
+            ),
+            "pivot_inputs must be float32, bfloat16 or float16",
+        ),
+        (lambda g: dataclasses.replace(g, pivot=True), "pivot must be an int"),
+        (lambda g: dataclasses.replace(g, prompt=None), "prompt must be a str"),
+        (lambda g: dataclasses.replace(g, sigma=float("nan")), "sigma"),
+        (lambda g: dataclasses.replace(g, extra={"a": [1]}), r"extra\['a'\]"),
+        (lambda g: dataclasses.replace(g, extra={"a": float("inf")}), r"extra\['a'\]"),
+    ],
+)
 def test_inconsistent_groups_refused(group, change, message):
     with pytest.raises(RecordError, match=message):
         change(group)
@@ -281,23 +309,28 @@ def _declare(header, tensors):
     return {**header, "tensors": {k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()}}
 
 
-@pytest.mark.parametrize("tamper, message", [
-    (lambda h, t: (b"[1, 2]", t), "JSON object"),
-    (lambda h, t: (b"\xff{not json", t), "not JSON"),
-    (lambda h, t: (b"[" * 100_000 + b"]" * 100_000, t), "not JSON"),
-    (lambda h, t: (h, b"\x10\x00\x00\x00\x00\x00\x00\x00garbage!"), "safetensors"),
-    (lambda h, t: ({k: v for k, v in h.items() if k != "prompt"}, t), r"misses field\(s\) \['prompt'\]"),
-    (lambda h, t: ({**h, "schema_version": 0}, t), "header says schema version 0"),
-    (lambda h, t: (h, {**t, "rewards": t["rewards"].double()}), r"do not match its header .*\['rewards'\]"),
-    (lambda h, t: (h, {**t, "pivot_inputs": t["pivot_inputs"][:, :1].clone()}), "do not match its header"),
-    (lambda h, t: (_declare(h, t2 := {**t, "rewards": t["rewards"].double()}), t2), "rewards must be a float32"),
-    (lambda h, t: (_declare(h, t2 := {**t, "evil": torch.zeros(1)}), t2), r"unexpected \['evil'\]"),
-    (lambda h, t: (_declare(h, t2 := {k: v for k, v in t.items() if k != "reward/mq"}), t2),
-     r"missing \['reward/mq'\]"),
-    (lambda h, t: ({**h, "pivot": 1.0}, t), "pivot must be an int"),
-    (lambda h, t: ({**h, "components": "vq"}, t), "components"),
-    (lambda h, t: ({**h, "extra": [1]}, t), "extra must be a dict"),
-])
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda h, t: (b"[1, 2]", t), "JSON object"),
+        (lambda h, t: (b"\xff{not json", t), "not JSON"),
+        (lambda h, t: (b"[" * 100_000 + b"]" * 100_000, t), "not JSON"),
+        (lambda h, t: (h, b"\x10\x00\x00\x00\x00\x00\x00\x00garbage!"), "safetensors"),
+        (lambda h, t: ({k: v for k, v in h.items() if k != "prompt"}, t), r"misses field\(s\) \['prompt'\]"),
+        (lambda h, t: ({**h, "schema_version": 0}, t), "header says schema version 0"),
+        (lambda h, t: (h, {**t, "rewards": t["rewards"].double()}), r"do not match its header .*\['rewards'\]"),
+        (lambda h, t: (h, {**t, "pivot_inputs": t["pivot_inputs"][:, :1].clone()}), "do not match its header"),
+        (lambda h, t: (_declare(h, t2 := {**t, "rewards": t["rewards"].double()}), t2), "rewards must be a float32"),
+        (lambda h, t: (_declare(h, t2 := {**t, "evil": torch.zeros(1)}), t2), r"unexpected \['evil'\]"),
+        (
+            lambda h, t: (_declare(h, t2 := {k: v for k, v in t.items() if k != "reward/mq"}), t2),
+            r"missing \['reward/mq'\]",
+        ),
+        (lambda h, t: ({**h, "pivot": 1.0}, t), "pivot must be an int"),
+        (lambda h, t: ({**h, "components": "vq"}, t), "components"),
+        (lambda h, t: ({**h, "extra": [1]}, t), "extra must be a dict"),
+    ],
+)
 def test_decoding_checks_the_contents_behind_a_valid_digest(group, tamper, message):
     header, tensors = _split(group.to_bytes())
     with pytest.raises(RecordError, match=message):

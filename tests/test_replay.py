@@ -51,14 +51,24 @@ def make_buffer(server):
         buf = ReplayBuffer(server.url, name or uuid.uuid4().hex[:12], **kw)
         made.append(buf)
         return buf
+
     yield make
     for buf in made:
         buf.close()
 
 
 def assert_same(a: RolloutGroup, b: RolloutGroup) -> None:
-    for name in ("prompt", "pivot", "sigma", "plan_seed", "fork_seed", "policy_version", "adapter", "group_id",
-                 "extra"):
+    for name in (
+        "prompt",
+        "pivot",
+        "sigma",
+        "plan_seed",
+        "fork_seed",
+        "policy_version",
+        "adapter",
+        "group_id",
+        "extra",
+    ):
         assert getattr(a, name) == getattr(b, name), name
     for name in ("prefix_latents", "pivot_inputs", "pivot_predictions", "pivot_latents", "rewards"):
         x, y = getattr(a, name), getattr(b, name)
@@ -114,12 +124,24 @@ def test_hmac_key(make_buffer):
 
 
 def test_from_config(server):
-    cfg = ReplayConfig(capacity=3, on_full="wait", sampling="fifo", max_times_sampled=2, samples_per_insert=2.0,
-                       samples_per_insert_error=1.0, min_size_to_sample=2, max_value_bytes=2048)
+    cfg = ReplayConfig(
+        capacity=3,
+        on_full="wait",
+        sampling="fifo",
+        max_times_sampled=2,
+        samples_per_insert=2.0,
+        samples_per_insert_error=1.0,
+        min_size_to_sample=2,
+        max_value_bytes=2048,
+    )
     buf = ReplayBuffer.from_config(cfg, server.url, "cfg-" + uuid.uuid4().hex[:8])
     assert (buf.capacity, buf.on_full, buf.sampling, buf.max_times_sampled) == (3, "wait", "fifo", 2)
-    assert (buf.samples_per_insert, buf.samples_per_insert_error, buf.min_size_to_sample, buf.max_value_bytes) == \
-        (2.0, 1.0, 2, 2048)
+    assert (buf.samples_per_insert, buf.samples_per_insert_error, buf.min_size_to_sample, buf.max_value_bytes) == (
+        2.0,
+        1.0,
+        2,
+        2048,
+    )
     with pytest.raises(ReplayError, match="redis_tls"):
         ReplayBuffer.from_config(ReplayConfig(redis_tls=True), server.url, "x")
     with pytest.raises(ReplayError, match="replay.sampling"):
@@ -153,6 +175,7 @@ def test_concurrent_inserters_cannot_overfill(make_buffer, server):
             results.append(buf.insert(group(seed)))
         except BufferFull:
             results.append(None)
+
     threads = [threading.Thread(target=insert, args=(b, i)) for i, b in enumerate(clients)]
     for t in threads:
         t.start()
@@ -241,8 +264,10 @@ def test_concurrent_samplers_share_a_queue(make_buffer):
         producer.insert(group(i))
     consumers = [make_buffer(name, sampling="fifo", max_times_sampled=1) for _ in range(4)]
     got = []
-    threads = [threading.Thread(target=lambda b=b: got.extend(g.plan_seed for _ in range(3) for g in b.sample(1)))
-               for b in consumers]
+    threads = [
+        threading.Thread(target=lambda b=b: got.extend(g.plan_seed for _ in range(3) for g in b.sample(1)))
+        for b in consumers
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -359,7 +384,7 @@ def test_crash_between_parts_and_publish_leaves_no_half_item(make_buffer, server
     # A writer that dies after its parts: reserve an id and write the parts, never publish.
     orphan = int(buf._reserve(args=[buf.prefix, repr(time.time())]))
     data = group(1).to_bytes()
-    buf._write_parts(orphan, [memoryview(data)[i:i + 200] for i in range(0, len(data), 200)])
+    buf._write_parts(orphan, [memoryview(data)[i : i + 200] for i in range(0, len(data), 200)])
     server.client().set(f"{buf.prefix}item:999999:part:0", b"x")  # a stray part with no pending record
     assert buf.ids() == [kept] and buf.stats()["pending"] == 1
     assert buf.collect_garbage(older_than_s=60) == 1  # the young pending item is spared, the stray is not

@@ -13,8 +13,11 @@ from common.toy.world import render_batch
 from common.video import to_uint8
 from rewards.server import RewardServer, check_videos
 
-PROMPTS = ["a red circle moving left on a black background", "a green square moving up on a gray background",
-           "a blue cross moving down on a brown background"]
+PROMPTS = [
+    "a red circle moving left on a black background",
+    "a green square moving up on a gray background",
+    "a blue cross moving down on a brown background",
+]
 
 
 class PoisonedModel:
@@ -63,12 +66,15 @@ def test_a_non_finite_score_fails_only_its_own_request():
     assert s.stats["failures"] == 1
 
 
-@pytest.mark.parametrize("frames, prompts, message", [
-    (torch.zeros(0, 8, 16, 16, 3, dtype=torch.uint8), [], "empty"),
-    (torch.zeros(1, 8, 16, 16, 3), ["x"], "uint8"),
-    (torch.zeros(1, 16, 16, 3, dtype=torch.uint8), ["x"], "uint8 [B, F, H, W, 3]"),
-    (torch.zeros(2, 8, 16, 16, 3, dtype=torch.uint8), ["x"], "2 videos but 1 prompts"),
-])
+@pytest.mark.parametrize(
+    "frames, prompts, message",
+    [
+        (torch.zeros(0, 8, 16, 16, 3, dtype=torch.uint8), [], "empty"),
+        (torch.zeros(1, 8, 16, 16, 3), ["x"], "uint8"),
+        (torch.zeros(1, 16, 16, 3, dtype=torch.uint8), ["x"], "uint8 [B, F, H, W, 3]"),
+        (torch.zeros(2, 8, 16, 16, 3, dtype=torch.uint8), ["x"], "2 videos but 1 prompts"),
+    ],
+)
 def test_bad_videos_are_refused_by_name(frames, prompts, message):
     with pytest.raises(RewardError, match=message.replace("[", r"\[").replace("]", r"\]")):
         check_videos(frames, prompts)

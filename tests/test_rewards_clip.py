@@ -26,10 +26,14 @@ def videos(b=2, f=9, seed=0):
 
 
 def test_clip_and_pickscore_load_from_the_config_and_average_over_frames(clip_dir):
-    cfg = load_config("configs/toy.yaml", [
-        f"rewards.models=[{{kind: clip, path: {clip_dir}, num_frames: 3}}, "
-        f"{{kind: pickscore, path: {clip_dir}, processor: {clip_dir}, num_frames: 3}}]",
-        "rewards.terms=[{name: clip_score}, {name: pickscore, weight: 0.5}]"])
+    cfg = load_config(
+        "configs/toy.yaml",
+        [
+            f"rewards.models=[{{kind: clip, path: {clip_dir}, num_frames: 3}}, "
+            f"{{kind: pickscore, path: {clip_dir}, processor: {clip_dir}, num_frames: 3}}]",
+            "rewards.terms=[{name: clip_score}, {name: pickscore, weight: 0.5}]",
+        ],
+    )
     clip, pick = build_models(cfg)
     assert clip.components == ["clip_score"] and pick.components == ["pickscore"]
     v = videos()
@@ -38,7 +42,7 @@ def test_clip_and_pickscore_load_from_the_config_and_average_over_frames(clip_di
         assert out[k].shape == (2,) and torch.isfinite(out[k]).all()
     assert (out["clip_score"] >= 0).all() and (out["clip_score"] <= 100).all()
     # Frames 0, 4, 8 are the ones sampled; the score is their mean.
-    per_frame = [pick(v[:, i:i + 1], PROMPTS)["pickscore"] for i in (0, 4, 8)]
+    per_frame = [pick(v[:, i : i + 1], PROMPTS)["pickscore"] for i in (0, 4, 8)]
     torch.testing.assert_close(out["pickscore"], torch.stack(per_frame).mean(0), atol=1e-4, rtol=1e-4)
 
 

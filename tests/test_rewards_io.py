@@ -63,8 +63,17 @@ def test_score_command_scores_videos_and_names_bad_ones(tmp_path, capsys):
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "junk.mp4").write_bytes(b"junk" * 50)
     prompts.write_text("\n".join(PROMPTS + PROMPTS[:1]) + "\n")
-    rc = score_main(["--config", "configs/toy.yaml", paths[0], str(tmp_path / "empty.mp4"), str(tmp_path / "junk.mp4"),
-                     "--prompts", str(prompts)])
+    rc = score_main(
+        [
+            "--config",
+            "configs/toy.yaml",
+            paths[0],
+            str(tmp_path / "empty.mp4"),
+            str(tmp_path / "junk.mp4"),
+            "--prompts",
+            str(prompts),
+        ]
+    )
     err = capsys.readouterr()
     assert rc == 1 and "empty.mp4: " in err.err and "empty file" in err.err and "junk.mp4" in err.err
     assert "v0.mp4: total=" in err.out
@@ -94,9 +103,15 @@ def test_config_entries_are_checked_when_loading():
         load_config("configs/toy.yaml", ["rewards.models=[{kind: hpsv9, path: /x}]"])
     with pytest.raises(ConfigError, match="declare 1 GPU"):
         load_config("configs/toy.yaml", ["rewards.models=[{kind: clip, path: /x, num_gpus: 1}]"])
-    ok = load_config("configs/toy.yaml", ["rewards.num_gpus_per_server=1",
-                                          "rewards.models=[{kind: clip, path: /x, num_gpus: 1}]",
-                                          "rewards.runtime_env={env_vars: {A: '1'}}", "rewards.resources={rm: 1}"])
+    ok = load_config(
+        "configs/toy.yaml",
+        [
+            "rewards.num_gpus_per_server=1",
+            "rewards.models=[{kind: clip, path: /x, num_gpus: 1}]",
+            "rewards.runtime_env={env_vars: {A: '1'}}",
+            "rewards.resources={rm: 1}",
+        ],
+    )
     assert server_options(ok) == {"runtime_env": {"env_vars": {"A": "1"}}, "resources": {"rm": 1.0}}
     assert server_options(cfg) == {}
 
@@ -105,11 +120,16 @@ def test_config_entries_are_checked_when_loading():
 def real_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     va, clip = make_tiny_videoalign(root / "videoalign"), make_tiny_clip(root / "clip")
-    cfg = load_config("configs/toy.yaml", [
-        f"rewards.models=[{{kind: videoalign, path: {va}}}, {{kind: clip, path: {clip}, num_frames: 2}}, "
-        "{kind: toy, prefix: toy_, components: [vq, ood]}]",
-        "rewards.terms=[{name: overall}, {name: clip_score, weight: 0.01}, {name: toy_vq, weight: 0}]",
-        "rewards.batch_timeout_s=0.2", "rewards.video_fps=8"])
+    cfg = load_config(
+        "configs/toy.yaml",
+        [
+            f"rewards.models=[{{kind: videoalign, path: {va}}}, {{kind: clip, path: {clip}, num_frames: 2}}, "
+            "{kind: toy, prefix: toy_, components: [vq, ood]}]",
+            "rewards.terms=[{name: overall}, {name: clip_score, weight: 0.01}, {name: toy_vq, weight: 0}]",
+            "rewards.batch_timeout_s=0.2",
+            "rewards.video_fps=8",
+        ],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return RewardServer(cfg.model_dump(mode="json"))
@@ -121,8 +141,10 @@ def test_server_with_real_models_batches_and_reports_per_model_latency(real_serv
 
     async def main():
         good = [s.score(toy_videos([p]), [p]) for p in PROMPTS]
-        bad = [s.score(torch.zeros(1, 8, 16, 16, 3), ["x"]),
-               s.score(torch.zeros(1, 8, 0, 16, 3, dtype=torch.uint8), ["x"])]
+        bad = [
+            s.score(torch.zeros(1, 8, 16, 16, 3), ["x"]),
+            s.score(torch.zeros(1, 8, 0, 16, 3, dtype=torch.uint8), ["x"]),
+        ]
         first = await asyncio.gather(*good, *bad, return_exceptions=True)
         # The server still answers after the bad requests (one event loop, as in the Ray actor).
         return first, await s.score(toy_videos(PROMPTS[:1]), PROMPTS[:1])

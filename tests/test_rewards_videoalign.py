@@ -72,10 +72,24 @@ def test_scores_are_finite_declared_and_normalised_as_published(model, ckpt):
 
 
 def test_legacy_keys_translate_to_transformers_5():
-    state = translate_keys({"visual.blocks.0.x": 1, "model.layers.0.y": 2, "lm_head.weight": 3, "rm_head.weight": 4,
-                            "base_model.model.model.norm.weight": 5, "model.visual.z": 6})
-    assert set(state) == {"model.visual.blocks.0.x", "model.language_model.layers.0.y", "lm_head.weight",
-                          "rm_head.weight", "model.language_model.norm.weight", "model.visual.z"}
+    state = translate_keys(
+        {
+            "visual.blocks.0.x": 1,
+            "model.layers.0.y": 2,
+            "lm_head.weight": 3,
+            "rm_head.weight": 4,
+            "base_model.model.model.norm.weight": 5,
+            "model.visual.z": 6,
+        }
+    )
+    assert set(state) == {
+        "model.visual.blocks.0.x",
+        "model.language_model.layers.0.y",
+        "lm_head.weight",
+        "rm_head.weight",
+        "model.language_model.norm.weight",
+        "model.visual.z",
+    }
 
 
 def test_lora_checkpoint_is_merged_into_the_base_weights(tmp_path):
@@ -87,7 +101,7 @@ def test_lora_checkpoint_is_merged_into_the_base_weights(tmp_path):
     state = m.model.state_dict()
     for k, v in expected.items():
         if k.startswith("model."):
-            torch.testing.assert_close(state[k[len("model."):]], v, msg=k)
+            torch.testing.assert_close(state[k[len("model.") :]], v, msg=k)
     torch.testing.assert_close(m.head.weight, expected["rm_head.weight"])
     out = m(clip()[None], PROMPTS[:1], fps=8.0)
     assert all(torch.isfinite(v).all() for v in out.values())
@@ -117,12 +131,15 @@ def test_long_prompt_is_truncated_with_a_warning(ckpt):
     assert torch.isfinite(out["overall"]).all()
 
 
-@pytest.mark.parametrize("frames, prompts, message", [
-    (torch.zeros(1, 0, 56, 56, 3, dtype=torch.uint8), ["x"], "empty"),
-    (torch.zeros(1, 4, 56, 56, 3), ["x"], "uint8"),
-    (torch.zeros(4, 56, 56, 3, dtype=torch.uint8), ["x"], "uint8"),
-    (torch.zeros(2, 4, 56, 56, 3, dtype=torch.uint8), ["x"], "2 videos but 1 prompts"),
-])
+@pytest.mark.parametrize(
+    "frames, prompts, message",
+    [
+        (torch.zeros(1, 0, 56, 56, 3, dtype=torch.uint8), ["x"], "empty"),
+        (torch.zeros(1, 4, 56, 56, 3), ["x"], "uint8"),
+        (torch.zeros(4, 56, 56, 3, dtype=torch.uint8), ["x"], "uint8"),
+        (torch.zeros(2, 4, 56, 56, 3, dtype=torch.uint8), ["x"], "2 videos but 1 prompts"),
+    ],
+)
 def test_bad_inputs_raise_reward_errors(model, frames, prompts, message):
     with pytest.raises(RewardError, match=message):
         model(frames, prompts, fps=16.0)

@@ -27,9 +27,22 @@ def toy():
 
 def _collect(toy, reward_fn, **kw):
     sampler, encoder = toy
-    return collect_group(sampler, encoder.encode([PROMPT]), PROMPT, pivot=1, group_size=4, sigma=0.5,
-                         plan_seed=3, fork_seed=4, decode=pixels_as_video, reward_fn=reward_fn,
-                         weights=WEIGHTS, policy_version=5, adapter="on_policy", **kw)
+    return collect_group(
+        sampler,
+        encoder.encode([PROMPT]),
+        PROMPT,
+        pivot=1,
+        group_size=4,
+        sigma=0.5,
+        plan_seed=3,
+        fork_seed=4,
+        decode=pixels_as_video,
+        reward_fn=reward_fn,
+        weights=WEIGHTS,
+        policy_version=5,
+        adapter="on_policy",
+        **kw,
+    )
 
 
 def test_collect_group_scores_whole_videos(toy):

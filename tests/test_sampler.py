@@ -94,8 +94,11 @@ def test_branch_noise_shares_everything_but_the_pivot_start():
 
 
 # bf16 at one pivot with chunks on both sides (the edge pivots are not about the dtype).
-@pytest.mark.parametrize("pivot, dtype", [(0, torch.float32), (2, torch.float32), (3, torch.float32),
-                                          (2, torch.bfloat16)], ids=["0", "2", "3", "2-bf16"])
+@pytest.mark.parametrize(
+    "pivot, dtype",
+    [(0, torch.float32), (2, torch.float32), (3, torch.float32), (2, torch.bfloat16)],
+    ids=["0", "2", "3", "2-bf16"],
+)
 def test_fork_reproduces_prefix_bit_for_bit(tiny_model_in, text, pivot, dtype):
     sampler = make_sampler(tiny_model_in(dtype))
     plan = sampler.noise_plan(21)

@@ -63,6 +63,7 @@ def test_later_chunks_keep_or_change_their_velocity():
     # Real videos' later chunks are not determined by the earlier ones; the toy world's are not either:
     # at each chunk boundary the velocity is kept or re-drawn, so a chunk's noise has a choice to make.
     import random
+
     prompt = ToyPrompt.parse("a red circle moving right on a black background")
     kept = changed = 0
     for seed in range(200):
@@ -122,12 +123,15 @@ def _swap(prompt: str, **change) -> str:
     return ToyPrompt(**{**p.__dict__, **change}).text
 
 
-@pytest.mark.parametrize("reward, degradations", [
-    ("vq", ["noise", "blur"]),
-    ("mq", ["shuffled", "flicker"]),
-    ("ta", ["noise", "blur", "flicker"]),
-    ("ood", ["noise", "flicker"]),
-])
+@pytest.mark.parametrize(
+    "reward, degradations",
+    [
+        ("vq", ["noise", "blur"]),
+        ("mq", ["shuffled", "flicker"]),
+        ("ta", ["noise", "blur", "flicker"]),
+        ("ood", ["noise", "flicker"]),
+    ],
+)
 def test_rewards_rank_clean_above_degraded(clean, reward, degradations):
     base = TOY_REWARDS[reward](clean, PROMPTS).mean()
     for name in degradations:

@@ -66,8 +66,9 @@ def test_update_touches_only_the_trained_adapter():
     group = sampler.fork(text, sampler.noise_plan(5), pivot=2, group_size=4, sigma=0.5, fork_seed=1)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     opt = torch.optim.AdamW(params, lr=1e-3)
-    arcopo_update(sampler, [group], [torch.tensor([1.0, 0.0, 0.5, 2.0])], [text], params, opt,
-                  UpdateSettings(num_anchors=2))
+    arcopo_update(
+        sampler, [group], [torch.tensor([1.0, 0.0, 0.5, 2.0])], [text], params, opt, UpdateSettings(num_anchors=2)
+    )
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
@@ -85,8 +86,10 @@ def _real_path_setup(dtype: torch.dtype, **update):
     torch.manual_seed(0)
     model = CausalWanTransformer3DModel(**tiny_config().model.transformer.kwargs()).eval().cast(dtype)
     adapters.add_adapters(model, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    start = {k: 0.025 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
-             for i, (k, v) in enumerate(sorted(adapters.adapter_state_dict(model, adapters.ON_POLICY).items()))}
+    start = {
+        k: 0.025 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
+        for i, (k, v) in enumerate(sorted(adapters.adapter_state_dict(model, adapters.ON_POLICY).items()))
+    }
     adapters.load_adapter_state_dict(model, adapters.ON_POLICY, start)
     params = adapters.train_adapter(model, adapters.ON_POLICY)
     sampler = make_sampler(model)
@@ -101,8 +104,9 @@ def _real_path_setup(dtype: torch.dtype, **update):
 def _one_update(dtype: torch.dtype, **update):
     model, params, sampler, group, rewards, text, opt, settings = _real_path_setup(dtype, **update)
     before = [p.detach().clone() for p in params]
-    stats = arcopo_update(sampler, [group], [rewards], [text], params, opt, settings,
-                          anchor_generators=[torch.Generator().manual_seed(0)])
+    stats = arcopo_update(
+        sampler, [group], [rewards], [text], params, opt, settings, anchor_generators=[torch.Generator().manual_seed(0)]
+    )
     step = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before, strict=True)])
     return step, params, opt, stats
 
@@ -152,8 +156,9 @@ def test_a_wrong_cache_moves_the_first_inner_step_off_policy(monkeypatch, dtype,
         return original(text, prefix_latents, *args, **kwargs)
 
     monkeypatch.setattr(sampler, "rebuild_cache", wrong_cache)
-    stats = arcopo_update(sampler, [group], [rewards], [text], params, opt, settings,
-                          anchor_generators=[torch.Generator().manual_seed(0)])
+    stats = arcopo_update(
+        sampler, [group], [rewards], [text], params, opt, settings, anchor_generators=[torch.Generator().manual_seed(0)]
+    )
     # Measured max |rho - 1|: 0 on the right cache in both dtypes; here 1.1e-4 / 2.3e-4 / 1.1e-4 in fp32
     # and 3.8e-4 / 4.5e-4 / 4.1e-4 in bf16 (prefix / text / adapter). Small, because rho compares
     # softmaxes of mean squared distances at tau = 1, but over twice the on-policy tolerance each time.
@@ -165,8 +170,9 @@ def test_gradient_checkpointing_and_anchor_micro_batches_do_not_change_the_updat
     model, params, sampler, group, rewards, text, opt, settings = _real_path_setup(torch.float32, anchor_micro_batch=1)
     model.enable_gradient_checkpointing()
     before = [p.detach().clone() for p in params]
-    stats = arcopo_update(sampler, [group], [rewards], [text], params, opt, settings,
-                          anchor_generators=[torch.Generator().manual_seed(0)])
+    stats = arcopo_update(
+        sampler, [group], [rewards], [text], params, opt, settings, anchor_generators=[torch.Generator().manual_seed(0)]
+    )
     step = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before, strict=True)])
     assert plain.abs().max() > 0
     # Adam divides by |grad|, so weights with a near-zero gradient amplify the float reordering of
@@ -190,8 +196,9 @@ def test_every_inner_step_sees_the_cache_of_the_weights_the_update_started_with(
         return cache
 
     monkeypatch.setattr(sampler, "rebuild_cache", recording)
-    arcopo_update(sampler, [group], [rewards], [text], params, opt, settings,
-                  anchor_generators=[torch.Generator().manual_seed(0)])
+    arcopo_update(
+        sampler, [group], [rewards], [text], params, opt, settings, anchor_generators=[torch.Generator().manual_seed(0)]
+    )
     assert len(rebuilt) == 2  # one group, rebuilt for each of the 2 inner steps
     for first, second in zip(*rebuilt, strict=True):
         assert torch.equal(first, second)

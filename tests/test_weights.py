@@ -14,8 +14,13 @@ from tests.conftest import DTYPES
 
 def test_pack_splits_into_bounded_buckets_and_unpacks_exactly():
     g = torch.Generator().manual_seed(0)
-    tensors = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(100, generator=g).bfloat16(),
-               "c": torch.arange(5), "d": torch.zeros(0), "e": torch.rand(2, 2, generator=g) > 0.5}
+    tensors = {
+        "a": torch.randn(3, 4, generator=g),
+        "b": torch.randn(100, generator=g).bfloat16(),
+        "c": torch.arange(5),
+        "d": torch.zeros(0),
+        "e": torch.rand(2, 2, generator=g) > 0.5,
+    }
     packet = pack(tensors, version=7, what="adapters", bucket_bytes=256)
     assert len(packet.buckets) > 1 and all(b.numel() <= 256 for b in packet.buckets)
     assert packet.nbytes == sum(t.numel() * t.element_size() for t in tensors.values())
@@ -28,10 +33,13 @@ def test_pack_splits_into_bounded_buckets_and_unpacks_exactly():
 
 
 def _policies(dtype=torch.float32):
-    cfg = load_config("configs/toy.yaml", ["model.diffusers_transformer=null",
-                                           f"model.dtype={str(dtype).removeprefix('torch.')}"])
-    learner, worker = Policy.from_config(cfg), Policy.from_config(cfg.model_copy(
-        update={"model": cfg.model.model_copy(update={"seed": 1})}))
+    cfg = load_config(
+        "configs/toy.yaml", ["model.diffusers_transformer=null", f"model.dtype={str(dtype).removeprefix('torch.')}"]
+    )
+    learner, worker = (
+        Policy.from_config(cfg),
+        Policy.from_config(cfg.model_copy(update={"model": cfg.model.model_copy(update={"seed": 1})})),
+    )
     for p in learner.model.parameters():  # make every tensor differ between the two sides
         p.data.add_(0.01)
     return learner, worker

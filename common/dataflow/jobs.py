@@ -49,5 +49,12 @@ def job_rng(run_seed: int, phase: str, job_id: int) -> random.Random:
 
 def make_job(run_seed: int, phase: str, job_id: int, prompts: list[str], num_chunks: int, mode: str) -> GroupJob:
     rng = job_rng(run_seed, phase, job_id)
-    return GroupJob(job_id=job_id, phase=phase, prompt=rng.choice(prompts), pivot=rng.randrange(num_chunks),
-                    plan_seed=rng.randrange(2**31), fork_seed=rng.randrange(2**31), mode=mode)
+    return GroupJob(
+        job_id=job_id,
+        phase=phase,
+        prompt=rng.choice(prompts),
+        pivot=rng.randrange(num_chunks),
+        plan_seed=rng.randrange(2**31),
+        fork_seed=rng.randrange(2**31),
+        mode=mode,
+    )

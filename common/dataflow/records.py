@@ -70,20 +70,36 @@ class RolloutGroup:
         self.validate()
 
     @classmethod
-    def from_fork(cls, group, prompt: str, rewards: torch.Tensor, reward_components: dict[str, torch.Tensor],
-                  policy_version: int, *, keep_videos: bool = False, **kw) -> "RolloutGroup":
+    def from_fork(
+        cls,
+        group,
+        prompt: str,
+        rewards: torch.Tensor,
+        reward_components: dict[str, torch.Tensor],
+        policy_version: int,
+        *,
+        keep_videos: bool = False,
+        **kw,
+    ) -> RolloutGroup:
         """The record of a `ForkedGroup` and its scores; whole videos only with `keep_videos`."""
         f = group.pivot_inputs.shape[-3]
         start = group.pivot * f
         return cls(
-            prompt=prompt, pivot=group.pivot, sigma=float(group.sigma), plan_seed=group.plan_seed,
-            fork_seed=group.fork_seed, policy_version=policy_version,
-            prefix_latents=group.prefix_latents, pivot_inputs=group.pivot_inputs,
+            prompt=prompt,
+            pivot=group.pivot,
+            sigma=float(group.sigma),
+            plan_seed=group.plan_seed,
+            fork_seed=group.fork_seed,
+            policy_version=policy_version,
+            prefix_latents=group.prefix_latents,
+            pivot_inputs=group.pivot_inputs,
             pivot_predictions=group.pivot_predictions,
             # A copy, not a view: a view would keep the whole videos alive after they are dropped.
             pivot_latents=group.videos[:, :, start : start + f].clone(),
-            rewards=rewards, reward_components=reward_components,
-            videos=group.videos if keep_videos else None, **kw,
+            rewards=rewards,
+            reward_components=reward_components,
+            videos=group.videos if keep_videos else None,
+            **kw,
         )
 
     @property
@@ -119,23 +135,30 @@ class RolloutGroup:
         if self.pivot_inputs.ndim != 6 or self.pivot_predictions.shape != self.pivot_inputs.shape:
             raise RecordError(
                 f"pivot_inputs {tuple(self.pivot_inputs.shape)} and pivot_predictions "
-                f"{tuple(self.pivot_predictions.shape)} must both be [G, T, C, f, H, W]")
+                f"{tuple(self.pivot_predictions.shape)} must both be [G, T, C, f, H, W]"
+            )
         _, _, C, f, H, W = self.pivot_inputs.shape
         if G < 1 or f < 1:
             raise RecordError(f"pivot_inputs {tuple(self.pivot_inputs.shape)} has no branch or no frame")
         if tuple(self.pivot_latents.shape) != (G, C, f, H, W):
             raise RecordError(f"pivot_latents must be {(G, C, f, H, W)}, got {tuple(self.pivot_latents.shape)}")
         if tuple(self.prefix_latents.shape) != (1, C, self.pivot * f, H, W):
-            raise RecordError(f"prefix_latents must be {(1, C, self.pivot * f, H, W)} for pivot {self.pivot}, "
-                              f"got {tuple(self.prefix_latents.shape)}")
+            raise RecordError(
+                f"prefix_latents must be {(1, C, self.pivot * f, H, W)} for pivot {self.pivot}, "
+                f"got {tuple(self.prefix_latents.shape)}"
+            )
         if self.videos is not None:
             v = tuple(self.videos.shape)
             if len(v) != 5 or v[:2] != (G, C) or v[3:] != (H, W) or v[2] % f or v[2] <= self.pivot * f:
-                raise RecordError(f"videos must be [G={G}, C={C}, F, H={H}, W={W}] with F whole chunks of "
-                                  f"{f} frames past pivot {self.pivot}, got {v}")
+                raise RecordError(
+                    f"videos must be [G={G}, C={C}, F, H={H}, W={W}] with F whole chunks of "
+                    f"{f} frames past pivot {self.pivot}, got {v}"
+                )
 
-        for name, value in [("rewards", self.rewards), *(
-                (f"reward component {k!r}", v) for k, v in self.reward_components.items())]:
+        for name, value in [
+            ("rewards", self.rewards),
+            *((f"reward component {k!r}", v) for k, v in self.reward_components.items()),
+        ]:
             if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
                 raise RecordError(f"{name} must be a float32 tensor, got {getattr(value, 'dtype', type(value))}")
             if tuple(value.shape) != (G,):
@@ -155,8 +178,12 @@ class RolloutGroup:
 
     def _header(self, tensors: dict[str, torch.Tensor]) -> bytes:
         header = {name: getattr(self, name) for name in _SCALARS}
-        header.update(schema_version=SCHEMA_VERSION, components=sorted(self.reward_components), extra=self.extra,
-                      tensors={k: _meta(v) for k, v in tensors.items()})
+        header.update(
+            schema_version=SCHEMA_VERSION,
+            components=sorted(self.reward_components),
+            extra=self.extra,
+            tensors={k: _meta(v) for k, v in tensors.items()},
+        )
         return json.dumps(header, sort_keys=True, allow_nan=False).encode()
 
     def nbytes(self) -> int:
@@ -185,7 +212,7 @@ class RolloutGroup:
         return body + _digest(body, key)
 
     @classmethod
-    def from_bytes(cls, data: bytes, key: bytes | None = None) -> "RolloutGroup":
+    def from_bytes(cls, data: bytes, key: bytes | None = None) -> RolloutGroup:
         _check_key(key)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise RecordError(f"a record is bytes, got {type(data).__name__}")
@@ -200,8 +227,11 @@ class RolloutGroup:
         if version != SCHEMA_VERSION:
             raise RecordError(f"unsupported record schema version {version} (expected {SCHEMA_VERSION})")
         if bool(keyed) != (key is not None):
-            raise RecordError("record was written with an authentication key; pass key= to decode it" if keyed
-                              else "record carries no authentication key but one was expected: refusing it")
+            raise RecordError(
+                "record was written with an authentication key; pass key= to decode it"
+                if keyed
+                else "record carries no authentication key but one was expected: refusing it"
+            )
         blob_at = _PREFIX.size + head_len
         if len(data) < blob_at + _BLOB_LEN.size + _DIGEST:
             raise RecordError(f"record truncated inside its header: {len(data)} bytes, header ends at {blob_at}")
@@ -216,17 +246,17 @@ class RolloutGroup:
         # Past the digest, the bytes are what some writer produced; unkeyed, that writer may be anyone.
         # Both parsers are pickle-free; whatever they raise on malformed input is a bad record.
         try:
-            header = json.loads(data[_PREFIX.size:blob_at])
+            header = json.loads(data[_PREFIX.size : blob_at])
         except (ValueError, RecursionError) as exc:
             raise RecordError(f"record header is not JSON: {exc}") from None
         try:
-            tensors = st_load(data[blob_at + _BLOB_LEN.size:end])
+            tensors = st_load(data[blob_at + _BLOB_LEN.size : end])
         except Exception as exc:
             raise RecordError(f"record tensor blob is not valid safetensors: {exc}") from None
         return cls._from_parts(header, tensors, version)
 
     @classmethod
-    def _from_parts(cls, header, tensors: dict[str, torch.Tensor], version: int) -> "RolloutGroup":
+    def _from_parts(cls, header, tensors: dict[str, torch.Tensor], version: int) -> RolloutGroup:
         if not isinstance(header, dict):
             raise RecordError(f"record header must be a JSON object, got {type(header).__name__}")
         missing = [k for k in (*_SCALARS, "schema_version", "components", "extra", "tensors") if k not in header]
@@ -253,7 +283,8 @@ class RolloutGroup:
             **{k: header[k] for k in _SCALARS},
             **{k: tensors[k] for k in _TENSORS},
             reward_components={c: tensors[_COMPONENT + c] for c in components},
-            extra=header["extra"], videos=tensors.get("videos"),
+            extra=header["extra"],
+            videos=tensors.get("videos"),
         )
 
 

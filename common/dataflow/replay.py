@@ -52,7 +52,8 @@ import logging
 import random
 import time
 import uuid
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import redis
 import redis.backoff
@@ -110,7 +111,8 @@ redis.call('HSET', p .. 'pending', id, ARGV[2] .. ' 0')
 return id
 """
 
-_PUBLISH = """
+_PUBLISH = (
+    """
 local p, id = ARGV[1], ARGV[2]
 local cap, nparts, len = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local item = p .. 'item:' .. id
@@ -131,12 +133,15 @@ redis.call('HDEL', p .. 'pending', id)
 redis.call('HINCRBY', p .. 'stats', 'inserts', 1)
 redis.call('HINCRBY', p .. 'stats', 'bytes', len)
 return 'ok'
-""" % _MARKER_TTL_MS
+"""
+    % _MARKER_TTL_MS
+)
 
 # ARGV: prefix, token, max_times_sampled, samples_per_insert ('' = off), error, n, linger ms, then id, count
 # pairs. A retired item leaves the index at once; with linger > 0 its meta and parts expire after linger ms
 # (so ranks can still get() an id from sample_ids), else they are deleted now.
-_CLAIM = """
+_CLAIM = (
+    """
 local p, token = ARGV[1], ARGV[2]
 local cap, spi, err, n = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local linger = tonumber(ARGV[7])
@@ -180,7 +185,9 @@ for i = 8, #ARGV, 2 do
   end
 end
 return {'ok', tostring(retired)}
-""" % _MARKER_TTL_MS
+"""
+    % _MARKER_TTL_MS
+)
 
 _QUARANTINE = """
 local p, id = ARGV[1], ARGV[2]
@@ -241,9 +248,11 @@ return #ids
 
 
 def _oom_message(exc: Exception) -> str:
-    return ("Redis refused the write: out of memory (its maxmemory cap, replay.maxmemory_mb, is reached; "
-            "policy noeviction, so nothing was evicted). Raise replay.maxmemory_mb, lower replay.capacity "
-            f"or replay.max_times_sampled, or clear items. Redis said: {exc}")
+    return (
+        "Redis refused the write: out of memory (its maxmemory cap, replay.maxmemory_mb, is reached; "
+        "policy noeviction, so nothing was evicted). Raise replay.maxmemory_mb, lower replay.capacity "
+        f"or replay.max_times_sampled, or clear items. Redis said: {exc}"
+    )
 
 
 class ReplayBuffer:
@@ -252,23 +261,43 @@ class ReplayBuffer:
     Any number of ReplayBuffer objects, in any processes, may share one name: all state is in Redis.
     """
 
-    def __init__(self, url: str, name: str, *, key: bytes | None = None, capacity: int = 100,
-                 on_full: str = "error", wait_timeout_s: float | None = None, sampling: str = "uniform",
-                 max_times_sampled: int = 0, samples_per_insert: float | None = None,
-                 samples_per_insert_error: float = 100.0, min_size_to_sample: int = 1,
-                 max_value_bytes: int = 4 << 20, retry_timeout_s: float = 30.0, socket_timeout_s: float = 60.0,
-                 retired_linger_s: float = 600.0, password: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        *,
+        key: bytes | None = None,
+        capacity: int = 100,
+        on_full: str = "error",
+        wait_timeout_s: float | None = None,
+        sampling: str = "uniform",
+        max_times_sampled: int = 0,
+        samples_per_insert: float | None = None,
+        samples_per_insert_error: float = 100.0,
+        min_size_to_sample: int = 1,
+        max_value_bytes: int = 4 << 20,
+        retry_timeout_s: float = 30.0,
+        socket_timeout_s: float = 60.0,
+        retired_linger_s: float = 600.0,
+        password: str | None = None,
+    ):
         if not name or any(c in name for c in ": \t\r\n*?[]"):
-            raise ReplayError(f"replay buffer name must be non-empty without ':', spaces or glob characters, got {name!r}")
+            raise ReplayError(
+                f"replay buffer name must be non-empty without ':', spaces or glob characters, got {name!r}"
+            )
         checks = [
             (capacity >= 1, f"replay.capacity must be >= 1, got {capacity}"),
             (on_full in ("error", "wait"), f"replay.on_full must be 'error' or 'wait', got {on_full!r}"),
             (sampling in ("uniform", "fifo"), f"replay.sampling must be 'uniform' or 'fifo', got {sampling!r}"),
             (max_times_sampled >= 0, f"replay.max_times_sampled must be >= 0, got {max_times_sampled}"),
-            (samples_per_insert is None or samples_per_insert > 0,
-             f"replay.samples_per_insert must be > 0 or None, got {samples_per_insert}"),
-            (samples_per_insert_error >= 0,
-             f"replay.samples_per_insert_error must be >= 0, got {samples_per_insert_error}"),
+            (
+                samples_per_insert is None or samples_per_insert > 0,
+                f"replay.samples_per_insert must be > 0 or None, got {samples_per_insert}",
+            ),
+            (
+                samples_per_insert_error >= 0,
+                f"replay.samples_per_insert_error must be >= 0, got {samples_per_insert_error}",
+            ),
             (min_size_to_sample >= 1, f"replay.min_size_to_sample must be >= 1, got {min_size_to_sample}"),
             (max_value_bytes >= 1, f"replay.max_value_bytes must be >= 1, got {max_value_bytes}"),
             (retry_timeout_s >= 0, f"retry_timeout_s must be >= 0, got {retry_timeout_s}"),
@@ -297,9 +326,14 @@ class ReplayBuffer:
         kw = {"password": password} if password is not None else {}
         # from_url handles rediss:// (TLS) and its ssl_* query parameters. The client's own retry is off:
         # all retrying is ours (one budget, one place).
-        self._r = redis.Redis.from_url(url, decode_responses=False, socket_timeout=socket_timeout_s,
-                                       socket_connect_timeout=min(5.0, socket_timeout_s),
-                                       retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0), **kw)
+        self._r = redis.Redis.from_url(
+            url,
+            decode_responses=False,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=min(5.0, socket_timeout_s),
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+            **kw,
+        )
         self._where = self._describe(url)
         s = self._r.register_script
         self._reserve, self._publish, self._claim = s(_RESERVE), s(_PUBLISH), s(_CLAIM)
@@ -307,7 +341,7 @@ class ReplayBuffer:
         self._drop_orphan, self._clear = s(_DROP_ORPHAN_PART), s(_CLEAR)
 
     @classmethod
-    def from_config(cls, replay_cfg, url: str | None, name: str, key: bytes | None = None, **kw) -> "ReplayBuffer":
+    def from_config(cls, replay_cfg, url: str | None, name: str, key: bytes | None = None, **kw) -> ReplayBuffer:
         """A buffer with the settings of a `common.config.ReplayConfig` (url=None: replay.redis_url)."""
         url = url or replay_cfg.redis_url
         if not url:
@@ -316,12 +350,20 @@ class ReplayBuffer:
             raise ReplayError(f"replay.redis_tls is true but the URL is not rediss://: {cls._describe(url)}")
         if replay_cfg.redis_password is not None and "password" not in kw:
             kw["password"] = replay_cfg.redis_password
-        return cls(url, name, key=key, capacity=replay_cfg.capacity, on_full=replay_cfg.on_full,
-                   sampling=replay_cfg.sampling, max_times_sampled=replay_cfg.max_times_sampled,
-                   samples_per_insert=replay_cfg.samples_per_insert,
-                   samples_per_insert_error=replay_cfg.samples_per_insert_error,
-                   min_size_to_sample=replay_cfg.min_size_to_sample,
-                   max_value_bytes=replay_cfg.max_value_bytes, **kw)
+        return cls(
+            url,
+            name,
+            key=key,
+            capacity=replay_cfg.capacity,
+            on_full=replay_cfg.on_full,
+            sampling=replay_cfg.sampling,
+            max_times_sampled=replay_cfg.max_times_sampled,
+            samples_per_insert=replay_cfg.samples_per_insert,
+            samples_per_insert_error=replay_cfg.samples_per_insert_error,
+            min_size_to_sample=replay_cfg.min_size_to_sample,
+            max_value_bytes=replay_cfg.max_value_bytes,
+            **kw,
+        )
 
     @staticmethod
     def _describe(url: str) -> str:
@@ -345,8 +387,10 @@ class ReplayBuffer:
             try:
                 return fn()
             except redis.AuthenticationError as exc:
-                raise ReplayUnavailable(f"Redis at {self._where} refused our credentials while {what} "
-                                        f"(replay.redis_url / replay.redis_password): {exc}") from None
+                raise ReplayUnavailable(
+                    f"Redis at {self._where} refused our credentials while {what} "
+                    f"(replay.redis_url / replay.redis_password): {exc}"
+                ) from None
             except redis.OutOfMemoryError as exc:
                 raise ReplayMemoryError(_oom_message(exc)) from None
             except redis.ResponseError as exc:
@@ -356,8 +400,9 @@ class ReplayBuffer:
             except (redis.ConnectionError, redis.TimeoutError) as exc:  # includes BusyLoadingError
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ReplayUnavailable(f"Redis at {self._where} unreachable for {self.retry_timeout_s:.0f} s "
-                                            f"while {what}: {exc}") from None
+                    raise ReplayUnavailable(
+                        f"Redis at {self._where} unreachable for {self.retry_timeout_s:.0f} s while {what}: {exc}"
+                    ) from None
                 log.warning("replay %s: Redis unreachable while %s (%s); retrying", self.name, what, exc)
                 time.sleep(min(delay, left))
                 delay = min(delay * 2, 1.0)
@@ -375,7 +420,7 @@ class ReplayBuffer:
         self.last_insert_bytes = len(data)
         m = self.max_value_bytes
         view = memoryview(data)
-        parts = [view[i:i + m] for i in range(0, len(data), m)]
+        parts = [view[i : i + m] for i in range(0, len(data), m)]
         meta = []
         for field in _META_FIELDS:
             meta += [field, str(getattr(group, field))]
@@ -390,8 +435,10 @@ class ReplayBuffer:
             missing = 0
             while True:
                 self._write_parts(item_id, parts)
-                status = self._call(lambda: self._publish(
-                    args=[self.prefix, item_id, self.capacity, len(parts), len(data), *meta]), "publishing an item")
+                status = self._call(
+                    lambda: self._publish(args=[self.prefix, item_id, self.capacity, len(parts), len(data), *meta]),
+                    "publishing an item",
+                )
                 status = status.decode() if isinstance(status, bytes) else status
                 if status in ("ok", "dup"):
                     published = True
@@ -419,11 +466,14 @@ class ReplayBuffer:
             for k, part in enumerate(parts):
                 pipe.set(f"{self.prefix}item:{item_id}:part:{k}", part)
             pipe.execute()
+
         self._call(write, "writing item parts")
 
     def _drop_parts(self, item_id: int, nparts: int) -> None:
-        self._call(lambda: self._r.delete(*(f"{self.prefix}item:{item_id}:part:{k}" for k in range(nparts))),
-                   "dropping unpublished parts")
+        self._call(
+            lambda: self._r.delete(*(f"{self.prefix}item:{item_id}:part:{k}" for k in range(nparts))),
+            "dropping unpublished parts",
+        )
 
     def _wait_for_room(self, deadline: float | None) -> None:
         delay = 0.01
@@ -434,9 +484,11 @@ class ReplayBuffer:
             if self.on_full == "error" or (deadline is not None and time.monotonic() >= deadline):
                 self._call(lambda: self._r.hincrby(self.prefix + "stats", "refused_full", 1), "counting a refusal")
                 waited = "" if self.on_full == "error" else " after waiting (replay.on_full=wait, timeout reached)"
-                raise BufferFull(f"replay buffer {self.name!r} is full: size {size} >= replay.capacity "
-                                 f"{self.capacity}{waited}; nothing is evicted, items leave by sampling "
-                                 f"(replay.max_times_sampled) or clear()")
+                raise BufferFull(
+                    f"replay buffer {self.name!r} is full: size {size} >= replay.capacity "
+                    f"{self.capacity}{waited}; nothing is evicted, items leave by sampling "
+                    f"(replay.max_times_sampled) or clear()"
+                )
             sleep = delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))
             time.sleep(sleep)
             delay = min(delay * 2, 0.5)
@@ -464,6 +516,7 @@ class ReplayBuffer:
             for k in range(nparts):
                 pipe.get(f"{item}:part:{k}")
             return pipe.execute()
+
         score, retired, *values = self._call(read, "reading item parts")
         if score is None and retired is None:
             return None  # not published (quarantined, or retired and expired)
@@ -527,6 +580,7 @@ class ReplayBuffer:
 
     def stats(self) -> dict[str, int]:
         """The shared counters (see the module docstring) plus size, pending and quarantined."""
+
         def read():
             pipe = self._r.pipeline(transaction=True)
             pipe.hgetall(self.prefix + "stats")
@@ -534,6 +588,7 @@ class ReplayBuffer:
             pipe.hlen(self.prefix + "pending")
             pipe.zcard(self.prefix + "quarantine")
             return pipe.execute()
+
         counters, size, pending, quarantined = self._call(read, "reading stats")
         out = {name: 0 for name in _COUNTERS}
         out.update({k.decode(): int(v) for k, v in counters.items()})
@@ -593,10 +648,12 @@ class ReplayBuffer:
         if samples + n > allowed:
             if count:
                 self._call(lambda: self._r.hincrby(self.prefix + "stats", "rate_limited", 1), "counting a refusal")
-            raise RateLimited(f"replay buffer {self.name!r}: sampling {n} more would make {samples + n} samples for "
-                              f"{inserts} inserts, over replay.samples_per_insert ({self.samples_per_insert}) x "
-                              f"{inserts} + replay.samples_per_insert_error ({self.samples_per_insert_error}) "
-                              f"= {allowed:g}; insert more first")
+            raise RateLimited(
+                f"replay buffer {self.name!r}: sampling {n} more would make {samples + n} samples for "
+                f"{inserts} inserts, over replay.samples_per_insert ({self.samples_per_insert}) x "
+                f"{inserts} + replay.samples_per_insert_error ({self.samples_per_insert_error}) "
+                f"= {allowed:g}; insert more first"
+            )
 
     def _sample_once(self, n: int, seed: int, linger_ms: int) -> tuple[list[int], dict] | None:
         def snapshot():
@@ -604,12 +661,15 @@ class ReplayBuffer:
             pipe.zrange(self.prefix + "sampled", 0, -1, withscores=True)
             pipe.hmget(self.prefix + "stats", "samples", "inserts")
             return pipe.execute()
+
         entries, (samples, inserts) = self._call(snapshot, "reading the index")
         times = {int(member): int(score) for member, score in entries}  # fifo order is preserved by dict
         size = len(times)
         if size < self.min_size_to_sample:
-            raise NotEnoughData(f"replay buffer {self.name!r} has {size} item(s), fewer than "
-                                f"replay.min_size_to_sample = {self.min_size_to_sample}")
+            raise NotEnoughData(
+                f"replay buffer {self.name!r} has {size} item(s), fewer than "
+                f"replay.min_size_to_sample = {self.min_size_to_sample}"
+            )
         self._check_rate(n, int(samples or 0), int(inserts or 0), count=True)
 
         loaded: dict[int, tuple[bytes, RolloutGroup] | None] = {}
@@ -631,8 +691,10 @@ class ReplayBuffer:
                     return None  # gone: another client retired it; start again
                 drawn.append(item_id)
             if len(drawn) < n:
-                raise NotEnoughData(f"replay buffer {self.name!r}: fifo sample of {n} distinct items, only "
-                                    f"{len(drawn)} usable (size {size})")
+                raise NotEnoughData(
+                    f"replay buffer {self.name!r}: fifo sample of {n} distinct items, only "
+                    f"{len(drawn)} usable (size {size})"
+                )
         else:
             rng = random.Random(seed)
             pool = sorted(times)
@@ -640,8 +702,10 @@ class ReplayBuffer:
             budget = {i: cap - t for i, t in times.items()} if cap else {}
             while len(drawn) < n:
                 if not pool:
-                    raise NotEnoughData(f"replay buffer {self.name!r}: {len(drawn)} of {n} draws made, then no item "
-                                        f"left with sample budget (replay.max_times_sampled = {cap}) or decodable")
+                    raise NotEnoughData(
+                        f"replay buffer {self.name!r}: {len(drawn)} of {n} draws made, then no item "
+                        f"left with sample budget (replay.max_times_sampled = {cap}) or decodable"
+                    )
                 at = rng.randrange(len(pool))
                 item_id = pool[at]
                 got = load(item_id)
@@ -659,28 +723,37 @@ class ReplayBuffer:
         counts: dict[int, int] = {}
         for item_id in drawn:
             counts[item_id] = counts.get(item_id, 0) + 1
-        args = [self.prefix, uuid.uuid4().hex, self.max_times_sampled,
-                "" if self.samples_per_insert is None else repr(float(self.samples_per_insert)),
-                repr(float(self.samples_per_insert_error)), len(drawn), linger_ms]
+        args = [
+            self.prefix,
+            uuid.uuid4().hex,
+            self.max_times_sampled,
+            "" if self.samples_per_insert is None else repr(float(self.samples_per_insert)),
+            repr(float(self.samples_per_insert_error)),
+            len(drawn),
+            linger_ms,
+        ]
         for item_id, count in counts.items():
             args += [item_id, count]
         reply = self._call(lambda: self._claim(args=args), "claiming a sample")
         status = reply[0].decode()
         if status == "rate":
             self._check_rate(n, int(reply[1]), int(reply[2]), count=False)  # raises with the numbers
-            raise RateLimited(f"replay buffer {self.name!r}: sampling {n} refused by the rate limiter "
-                              f"(replay.samples_per_insert)")
+            raise RateLimited(
+                f"replay buffer {self.name!r}: sampling {n} refused by the rate limiter (replay.samples_per_insert)"
+            )
         if status in ("gone", "conflict"):
             return None
         return drawn, loaded  # ok (or dup: our own claim, applied once, whose reply was lost)
 
     def _exists(self, item_id: int) -> bool:
         """Still published, or quarantined by us just now (as opposed to retired by someone else)."""
+
         def read():
             pipe = self._r.pipeline(transaction=True)
             pipe.zscore(self.prefix + "index", item_id)
             pipe.zscore(self.prefix + "quarantine", item_id)
             return pipe.execute()
+
         in_index, in_quarantine = self._call(read, "reading the index")
         return in_index is not None or in_quarantine is not None
 
@@ -704,16 +777,24 @@ class ReplayBuffer:
             except ValueError:
                 when, nparts = 0.0, 0
             if now - when >= older_than_s:
-                deleted += int(self._call(lambda: self._drop_unpublished(args=[self.prefix, item_id, nparts]),
-                                          "dropping unpublished parts"))
+                deleted += int(
+                    self._call(
+                        lambda: self._drop_unpublished(args=[self.prefix, item_id, nparts]),  # noqa: B023 (called at once)
+                        "dropping unpublished parts",
+                    )
+                )
         cursor = 0
         pattern = f"{self.prefix}item:*:part:*".encode()
         while True:
-            cursor, keys = self._call(lambda: self._r.scan(cursor, match=pattern, count=1000), "scanning keys")
+            cursor, keys = self._call(lambda: self._r.scan(cursor, match=pattern, count=1000), "scanning keys")  # noqa: B023 (called at once)
             for key in keys:
-                item_id = key[len(self.prefix) + 5:].split(b":", 1)[0]
-                deleted += int(self._call(lambda: self._drop_orphan(keys=[key], args=[self.prefix, item_id]),
-                                          "dropping an orphan part"))
+                item_id = key[len(self.prefix) + 5 :].split(b":", 1)[0]
+                deleted += int(
+                    self._call(
+                        lambda key=key, item_id=item_id: self._drop_orphan(keys=[key], args=[self.prefix, item_id]),
+                        "dropping an orphan part",
+                    )
+                )
             if cursor == 0:
                 return deleted
 
@@ -725,7 +806,7 @@ class ReplayBuffer:
         ids = self.quarantined()
         for item_id in ids:
             item = f"{self.prefix}item:{item_id}"
-            nparts = self._call(lambda: self._r.hget(item, "parts"), "reading meta")
+            nparts = self._call(lambda: self._r.hget(item, "parts"), "reading meta")  # noqa: B023 (called at once)
             try:
                 nparts = int(nparts or 0)
             except ValueError:
@@ -734,9 +815,10 @@ class ReplayBuffer:
 
             def purge():
                 pipe = self._r.pipeline(transaction=True)
-                pipe.delete(*keys)
-                pipe.zrem(self.prefix + "quarantine", item_id)
+                pipe.delete(*keys)  # noqa: B023 (called at once)
+                pipe.zrem(self.prefix + "quarantine", item_id)  # noqa: B023 (called at once)
                 pipe.execute()
+
             self._call(purge, "purging quarantine")
         return len(ids)
 

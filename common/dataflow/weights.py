@@ -15,13 +15,23 @@ Transports, behind one interface (`publish` on the learner, `receive` on a rollo
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
-                               torch.int32, torch.uint8, torch.bool)}
+_DTYPES = {
+    str(d): d
+    for d in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.uint8,
+        torch.bool,
+    )
+}
 
 
 @dataclass
@@ -37,13 +47,14 @@ class WeightPacket:
     def nbytes(self) -> int:
         return sum(self.bucket_sizes)
 
-    def handle(self) -> "WeightPacket":
+    def handle(self) -> WeightPacket:
         """The packet without its buckets: what travels through the driver."""
         return WeightPacket(self.version, self.what, self.table, self.bucket_sizes, None, self.base_fingerprint)
 
 
-def pack(tensors: dict[str, torch.Tensor], version: int, what: str, bucket_bytes: int,
-         base_fingerprint: str = "") -> WeightPacket:
+def pack(
+    tensors: dict[str, torch.Tensor], version: int, what: str, bucket_bytes: int, base_fingerprint: str = ""
+) -> WeightPacket:
     """Flatten `tensors` (sorted by name, so every side agrees) into byte buckets."""
     table, sizes, current, parts = [], [], 0, [[]]
     for name in sorted(tensors):
@@ -72,7 +83,7 @@ def unpack(packet: WeightPacket, buckets: list[torch.Tensor] | None = None) -> d
         for s in shape:
             numel *= s
         n = numel * torch.tensor([], dtype=dt).element_size()
-        out[name] = buckets[b][offset:offset + n].view(dt).reshape(shape).clone()
+        out[name] = buckets[b][offset : offset + n].view(dt).reshape(shape).clone()
     return out
 
 
@@ -97,8 +108,17 @@ class CollectiveGroup:
     belongs to the learners' gradients), one group per membership generation, so scaling the rollout
     workers forms a new group instead of tearing anything down."""
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, generation: int, backend: str,
-                 store=None, timeout_s: float = 300.0):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        generation: int,
+        backend: str,
+        store=None,
+        timeout_s: float = 300.0,
+    ):
         import datetime
 
         import torch.distributed as dist
@@ -119,8 +139,9 @@ class CollectiveGroup:
 
         import torch.distributed as dist
 
-        return dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
-                             timeout=datetime.timedelta(seconds=timeout_s))
+        return dist.TCPStore(
+            host, port, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
+        )
 
     def send(self, packet: WeightPacket) -> None:
         for bucket in packet.buckets:
@@ -133,5 +154,3 @@ class CollectiveGroup:
             self.group.broadcast(bucket, 0).wait()
             buckets.append(bucket.cpu())
         return unpack(handle, buckets)
-
-

@@ -18,8 +18,8 @@ import contextlib
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
@@ -155,8 +155,9 @@ def save_adapter(model, name: str, directory: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         layers = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, name).items()}
-        WanLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=layers,
-                                             transformer_lora_adapter_metadata=config)
+        WanLoraLoaderMixin.save_lora_weights(
+            tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config
+        )
         fsync_file(tmp / LORA_FILE)
         replace_directory(tmp, directory)
     except BaseException:

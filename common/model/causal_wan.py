@@ -67,7 +67,7 @@ class KVCache:
     def num_frames(self) -> int:
         return self.chunks[-1].end_frame if self.chunks else 0
 
-    def fork(self) -> "KVCache":
+    def fork(self) -> KVCache:
         """A cache that shares everything cached so far (read-only) and appends on its own."""
         return KVCache(
             num_blocks=self.num_blocks,
@@ -129,9 +129,7 @@ class KVCache:
         if self.local_attn_frames is None:
             return
         window_start = max(0, next_start_frame + next_num_frames - self.local_attn_frames)
-        self.chunks = [
-            c for c in self.chunks if c.end_frame > window_start or c.start_frame < self.sink_frames
-        ]
+        self.chunks = [c for c in self.chunks if c.end_frame > window_start or c.start_frame < self.sink_frames]
 
     def nbytes(self) -> int:
         total = 0
@@ -182,9 +180,7 @@ def _rms_norm_fp32(norm: torch.nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     # [batch, tokens, heads, dim] in and out, as diffusers' processors use.
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
-    )
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
 
 
@@ -283,7 +279,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             if not isinstance(block.attn2.processor, CachedCrossAttnProcessor):
                 block.attn2.set_processor(CachedCrossAttnProcessor(i))
 
-    def cast(self, dtype: torch.dtype) -> "CausalWanTransformer3DModel":
+    def cast(self, dtype: torch.dtype) -> CausalWanTransformer3DModel:
         """Cast to `dtype` but keep diffusers' `_keep_in_fp32_modules` (time embedding, modulation,
         norms, rope) in float32, as `from_pretrained(torch_dtype=...)` does for loaded weights."""
         keep = set(self._keep_in_fp32_modules or [])
@@ -360,9 +356,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             temb = temb.repeat_interleave(tokens_per_frame, dim=1)  # [B, tokens, dim]
             timestep_proj = timestep_proj.unflatten(2, (6, -1)).repeat_interleave(tokens_per_frame, dim=1)
         else:
-            raise ValueError(
-                f"timestep must be [B] or [B, F]=({batch}, {num_frames}), got {tuple(timestep.shape)}"
-            )
+            raise ValueError(f"timestep must be [B] or [B, F]=({batch}, {num_frames}), got {tuple(timestep.shape)}")
 
         mask, write = None, None
         if frames_per_chunk is not None:

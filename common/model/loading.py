@@ -101,7 +101,7 @@ def strip_wrapper_prefixes(key: str) -> str:
         stripped = False
         for prefix in _LEADING_PREFIXES:
             if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
+                key, stripped = key[len(prefix) :], True
     return key
 
 
@@ -123,14 +123,17 @@ def _diffusers_names(file_keys: Iterable[str], where: str) -> dict[str, str]:
             raise CheckpointError(f"{where}: state dict key {key!r} is not a string")
         short = strip_wrapper_prefixes(key)
         if short in stripped:
-            raise CheckpointError(f"{where}: keys {stripped[short]!r} and {key!r} both name {short!r} "
-                                  "once wrapper prefixes are removed")
+            raise CheckpointError(
+                f"{where}: keys {stripped[short]!r} and {key!r} both name {short!r} once wrapper prefixes are removed"
+            )
         stripped[short] = key
     diffusers_like = [old for short, old in stripped.items() if any(m in short for m in _DIFFUSERS_ONLY)]
     if diffusers_like:
-        raise CheckpointError(f"{where}: keys in the diffusers layout, not the original Wan one "
-                              f"({_shown(diffusers_like)}); load a diffusers directory with "
-                              "load_diffusers_transformer instead")
+        raise CheckpointError(
+            f"{where}: keys in the diffusers layout, not the original Wan one "
+            f"({_shown(diffusers_like)}); load a diffusers directory with "
+            "load_diffusers_transformer instead"
+        )
     unsupported = [k for k in stripped.values() if any(m in k for m in _UNSUPPORTED)]
     if unsupported:
         raise CheckpointError(f"{where}: Wan-Animate keys are not supported ({_shown(unsupported)})")
@@ -219,8 +222,9 @@ def _read_weights_file(path: Path) -> object:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): "
-                                  f"{_first_line(exc)}") from None
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file (truncated or corrupted?): {_first_line(exc)}"
+            ) from None
     try:
         # weights_only: a checkpoint is data. Pickled objects other than tensors and containers are
         # refused by torch's restricted unpickler rather than executed.
@@ -236,10 +240,14 @@ def _read_weights_file(path: Path) -> object:
         if "Weights only load failed" in str(exc):
             # torch's first line is boilerplate; the unpickler's own reason follows it.
             reason = next((ln.strip() for ln in str(exc).splitlines() if "Unpickler error" in ln), _first_line(exc))
-            raise CheckpointError(f"{path}: refused by torch's weights_only loader (pickled objects other "
-                                  f"than tensors, or a damaged file): {reason[:300]}") from None
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupted?): "
-                              f"{type(exc).__name__}: {_first_line(exc)}") from None
+            raise CheckpointError(
+                f"{path}: refused by torch's weights_only loader (pickled objects other "
+                f"than tensors, or a damaged file): {reason[:300]}"
+            ) from None
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint (truncated or corrupted?): "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -247,9 +255,14 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def _load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str,
-                 file_names: Mapping[str, str] | None = None, wanted_names: Mapping[str, str] | None = None,
-                 assign: bool = False) -> None:
+def _load_strict(
+    model: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    where: str,
+    file_names: Mapping[str, str] | None = None,
+    wanted_names: Mapping[str, str] | None = None,
+    assign: bool = False,
+) -> None:
     """Load `state` (diffusers keys) into `model`, refusing missing, unexpected and mis-shaped keys.
 
     `file_names` / `wanted_names` translate diffusers keys back to the names a user would find in
@@ -271,8 +284,12 @@ def _load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], wher
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s): " + _shown([file_names.get(k, k) for k in unexpected]))
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es) [file vs model]: " + _shown(
-            [f"{named(k, file_names)} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in mismatched]))
+        problems.append(
+            f"{len(mismatched)} shape mismatch(es) [file vs model]: "
+            + _shown(
+                [f"{named(k, file_names)} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in mismatched]
+            )
+        )
     if problems:
         raise CheckpointError(f"{where}: does not fit {type(model).__name__} as configured: " + "; ".join(problems))
     model.load_state_dict(state, strict=True, assign=assign)
@@ -284,8 +301,14 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model.cast(dtype) if hasattr(model, "cast") else model.to(dtype)
 
 
-def load_self_forcing_checkpoint(path, model_config: dict, *, key: str = "generator_ema",
-                                 model_cls=CausalWanTransformer3DModel, dtype: torch.dtype = torch.float32):
+def load_self_forcing_checkpoint(
+    path,
+    model_config: dict,
+    *,
+    key: str = "generator_ema",
+    model_cls=CausalWanTransformer3DModel,
+    dtype: torch.dtype = torch.float32,
+):
     """Build `model_cls(**model_config)` and load a Self-Forcing checkpoint into it, strictly.
 
     `path` is either Self-Forcing's torch file, a dict whose `key` entry (`"generator_ema"` or
@@ -304,8 +327,10 @@ def load_self_forcing_checkpoint(path, model_config: dict, *, key: str = "genera
             raise CheckpointError(f"{path}: expected a dict with a {key!r} entry, found a {type(payload).__name__}")
         if key not in payload:
             found = [str(k) for k in payload]
-            raise CheckpointError(f"{path}: no {key!r} entry (found {_shown(found) if found else 'nothing'}); "
-                                  "choose the entry with model.checkpoint_key")
+            raise CheckpointError(
+                f"{path}: no {key!r} entry (found {_shown(found) if found else 'nothing'}); "
+                "choose the entry with model.checkpoint_key"
+            )
         state, where = payload[key], f"{path} [{key!r}]"
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{where}: expected a state dict, found a {type(state).__name__}")
@@ -363,8 +388,11 @@ def _as_parameter_data(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 def _target_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
     """Each state-dict key's dtype after `cast(dtype)`: diffusers' fp32 modules stay float32."""
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    return {name: torch.float32 if keep.intersection(name.split(".")) else dtype
-            for name, value in model.state_dict().items() if value.is_floating_point()}
+    return {
+        name: torch.float32 if keep.intersection(name.split(".")) else dtype
+        for name, value in model.state_dict().items()
+        if value.is_floating_point()
+    }
 
 
 def save_self_forcing_checkpoint(model: torch.nn.Module, path, key: str = "generator_ema") -> Path:
@@ -419,8 +447,9 @@ def load_diffusers_transformer(path, model_cls=CausalWanTransformer3DModel, dtyp
     path = Path(path)
     _check_diffusers_dir(path, "transformer")
     try:
-        model, info = model_cls.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True,
-                                                output_loading_info=True)
+        model, info = model_cls.from_pretrained(
+            str(path), torch_dtype=dtype, use_safetensors=True, output_loading_info=True
+        )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: cannot load as {model_cls.__name__}: {_first_line(exc)}") from None
     _refuse_incomplete(info, path, model_cls.__name__)
@@ -434,8 +463,9 @@ def load_vae(path, dtype: torch.dtype = torch.float32):
     path = Path(path)
     _check_diffusers_dir(path, "VAE")
     try:
-        vae, info = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True,
-                                                     output_loading_info=True)
+        vae, info = AutoencoderKLWan.from_pretrained(
+            str(path), torch_dtype=dtype, use_safetensors=True, output_loading_info=True
+        )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: cannot load the Wan VAE: {_first_line(exc)}") from None
     _refuse_incomplete(info, path, "AutoencoderKLWan")
@@ -448,8 +478,10 @@ def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if len(mean) != z or len(std) != z:
         raise ValueError(f"VAE config has {len(mean)} latents_mean / {len(std)} latents_std values for z_dim {z}")
     shape = (1, z, 1, 1, 1)
-    return (torch.tensor(mean, dtype=like.dtype, device=like.device).view(shape),
-            torch.tensor(std, dtype=like.dtype, device=like.device).view(shape))
+    return (
+        torch.tensor(mean, dtype=like.dtype, device=like.device).view(shape),
+        torch.tensor(std, dtype=like.dtype, device=like.device).view(shape),
+    )
 
 
 def _vae_device(vae) -> torch.device:
@@ -511,8 +543,17 @@ class TextEncoder:
     kept, a fraction of the padded 512 x 4096 block.
     """
 
-    def __init__(self, encoder_path, tokenizer_path=None, *, max_length: int = 512, cache_size: int = 1024,
-                 batch_size: int = 16, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        encoder_path,
+        tokenizer_path=None,
+        *,
+        max_length: int = 512,
+        cache_size: int = 1024,
+        batch_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         encoder_path = Path(encoder_path)
@@ -559,16 +600,23 @@ class TextEncoder:
     def _encode_uncached(self, prompts: list[str]) -> list[torch.Tensor]:
         """Embeddings of each prompt's own tokens, [length_i, dim] on CPU."""
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True, truncation=False)["input_ids"]]
-        for prompt, n in zip(prompts, lengths):
+        for prompt, n in zip(prompts, lengths, strict=True):
             if n > self.max_length:
                 log.warning("prompt truncated from %d to %d tokens: %.80r", n, self.max_length, prompt)
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                                add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
         mask = tokens.attention_mask.to(self.device)
         hidden = self.model(input_ids=tokens.input_ids.to(self.device), attention_mask=mask).last_hidden_state
         seq_lens = mask.gt(0).sum(dim=1).tolist()
         # A copy, not a view: a view would keep the whole padded [batch, 512, dim] block alive in the cache.
-        return [h[:n].to("cpu", copy=True) for h, n in zip(hidden, seq_lens)]
+        return [h[:n].to("cpu", copy=True) for h, n in zip(hidden, seq_lens, strict=True)]
 
     def token_embeddings(self, prompts: list[str]) -> list[torch.Tensor]:
         """Each prompt's own tokens' embeddings [length_i, dim] on CPU, through the LRU cache: what
@@ -579,8 +627,8 @@ class TextEncoder:
         todo = [k for k in dict.fromkeys(keys) if k not in self._cache]
         fresh: dict[str, torch.Tensor] = {}
         for i in range(0, len(todo), self.batch_size):
-            batch = todo[i:i + self.batch_size]
-            fresh.update(zip(batch, self._encode_uncached(batch)))
+            batch = todo[i : i + self.batch_size]
+            fresh.update(zip(batch, self._encode_uncached(batch), strict=True))
         embeddings = [fresh[k] if k in fresh else self._cache[k] for k in keys]
         for k in keys:  # update the LRU order only after every embedding is taken
             if k in fresh:
@@ -609,13 +657,16 @@ def load_policy(config: Config) -> CausalWanTransformer3DModel:
     m = config.model
     dtype = getattr(torch, m.dtype)
     if m.self_forcing_checkpoint is not None:
-        model = load_self_forcing_checkpoint(m.self_forcing_checkpoint, m.transformer.kwargs(),
-                                             key=m.checkpoint_key, dtype=dtype)
+        model = load_self_forcing_checkpoint(
+            m.self_forcing_checkpoint, m.transformer.kwargs(), key=m.checkpoint_key, dtype=dtype
+        )
     elif m.diffusers_transformer is not None:
         model = load_diffusers_transformer(m.diffusers_transformer, dtype=dtype)
         if model.config.patch_size is not None and tuple(model.config.patch_size) != tuple(m.transformer.patch_size):
-            raise CheckpointError(f"{m.diffusers_transformer}: patch size {model.config.patch_size} differs from "
-                                  f"model.transformer.patch_size {m.transformer.patch_size}")
+            raise CheckpointError(
+                f"{m.diffusers_transformer}: patch size {model.config.patch_size} differs from "
+                f"model.transformer.patch_size {m.transformer.patch_size}"
+            )
     else:
         torch.manual_seed(m.seed)
         model = CausalWanTransformer3DModel(**m.transformer.kwargs()).cast(dtype)
@@ -631,5 +682,6 @@ def load_text_encoder(config: Config):
         return ToyTextEncoder(dim=m.transformer.text_dim)
     if m.text_encoder is None:
         raise CheckpointError("model.text_encoder is not set (a local UMT5 encoder directory)")
-    return TextEncoder(m.text_encoder, m.tokenizer, max_length=m.max_text_tokens,
-                       dtype=getattr(torch, m.dtype), device=m.device)
+    return TextEncoder(
+        m.text_encoder, m.tokenizer, max_length=m.max_text_tokens, dtype=getattr(torch, m.dtype), device=m.device
+    )

@@ -80,8 +80,9 @@ class BranchNoise:
 
     def directions(self, device=None, dtype=torch.float32) -> torch.Tensor:
         """d_i ~ N(0, I) for the branches, [n, C, f, H, W]."""
-        d = torch.stack([seeded_normal(self.plan.chunk_shape, self.fork_seed, "fork", self.pivot, i)
-                         for i in self.branches])
+        d = torch.stack(
+            [seeded_normal(self.plan.chunk_shape, self.fork_seed, "fork", self.pivot, i) for i in self.branches]
+        )
         return d.to(device=device, dtype=dtype)
 
     def initial(self, chunk: int, device=None, dtype=torch.float32) -> torch.Tensor:

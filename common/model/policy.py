@@ -12,8 +12,9 @@ tensors (or, with `cluster.weight_sync=full`, every tensor) and both sides agree
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,7 +39,7 @@ class Policy:
     decode: Callable[[torch.Tensor], torch.Tensor]  # latents -> uint8 frames [B, F, H, W, 3] on the CPU
 
     @classmethod
-    def from_config(cls, config: Config, role: str = "rollout") -> "Policy":
+    def from_config(cls, config: Config, role: str = "rollout") -> Policy:
         """`role="rollout"` (rollout workers, in-process tools): prompt embeddings from
         model.prompt_cache, the text encoder built on a miss, and the decoder. `role="learner"`:
         embeddings from the file only, and no decoder (a learner never sees pixels), so neither the
@@ -86,7 +87,7 @@ class Policy:
         """(prompts, uint8 frames) of `batch_size` videos at a time (`run.eval_batch_size`): a batch's
         KV cache bounds evaluation memory, and each video depends only on its prompt and noise seed."""
         for i in range(0, len(prompts), batch_size):
-            p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
+            p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
             yield p, self.decode(self.sampler.generate(self.text(p), self.sampler.noise_plan(*s)))
 
     def set_mode(self, mode: str, merge_scale: float = 1.0) -> None:
@@ -103,8 +104,11 @@ class Policy:
         """The tensors a weight sync ships: both adapters (prefixed by adapter name), or all of them."""
         if what == "full":
             return {k: v.detach() for k, v in self.model.state_dict().items()}
-        return {f"{name}/{k}": v for name in adapters.ADAPTERS
-                for k, v in adapters.adapter_state_dict(self.model, name).items()}
+        return {
+            f"{name}/{k}": v
+            for name in adapters.ADAPTERS
+            for k, v in adapters.adapter_state_dict(self.model, name).items()
+        }
 
     def load_synced_tensors(self, tensors: dict[str, torch.Tensor], what: str = "adapters") -> None:
         if what == "full":
@@ -115,20 +119,22 @@ class Policy:
         for name in adapters.ADAPTERS:
             prefix = f"{name}/"
             adapters.load_adapter_state_dict(
-                self.model, name, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+                self.model, name, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            )
 
 
 def no_decoder(latents: torch.Tensor) -> torch.Tensor:
     raise RuntimeError("a learner's policy has no decoder (Policy.from_config(role='learner') loads no VAE)")
 
 
-def decode_in_batches(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor,
-                      batch_size: int) -> torch.Tensor:
+def decode_in_batches(
+    decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, batch_size: int
+) -> torch.Tensor:
     """`decode` on `batch_size` videos at a time: the device holds one sub-batch's float frames,
     and each leaves it as uint8 before the next is decoded."""
     if latents.shape[0] <= batch_size:
         return decode(latents)
-    return torch.cat([decode(latents[i:i + batch_size]) for i in range(0, latents.shape[0], batch_size)])
+    return torch.cat([decode(latents[i : i + batch_size]) for i in range(0, latents.shape[0], batch_size)])
 
 
 def pixels_as_video(latents: torch.Tensor) -> torch.Tensor:

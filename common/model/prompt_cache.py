@@ -33,8 +33,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -170,11 +171,15 @@ class PromptFile:
             self._handle = safe_open(str(self.path), framework="pt", device="cpu")
             meta = self._handle.metadata() or {}
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type, OSError or ValueError
-            raise PromptCacheError(f"{self.path}: not a readable prompt-embedding file (truncated or not "
-                                   f"safetensors?): {str(exc).strip()[:300]}") from None
+            raise PromptCacheError(
+                f"{self.path}: not a readable prompt-embedding file (truncated or not "
+                f"safetensors?): {str(exc).strip()[:300]}"
+            ) from None
         if meta.get("format") != FORMAT:
-            raise PromptCacheError(f"{self.path}: not a prompt-embedding file (metadata format "
-                                   f"{meta.get('format')!r}, expected {FORMAT!r})")
+            raise PromptCacheError(
+                f"{self.path}: not a prompt-embedding file (metadata format "
+                f"{meta.get('format')!r}, expected {FORMAT!r})"
+            )
         try:
             found = json.loads(meta["encoder"])
             self.source = json.loads(meta.get("source", "{}"))
@@ -182,17 +187,22 @@ class PromptFile:
         except (KeyError, ValueError) as exc:
             raise PromptCacheError(f"{self.path}: damaged metadata ({exc})") from None
         if found != identity:
-            differ = [f"{k}: file {found.get(k)!r}, configured {identity.get(k)!r}"
-                      for k in sorted(set(found) | set(identity)) if found.get(k) != identity.get(k)]
+            differ = [
+                f"{k}: file {found.get(k)!r}, configured {identity.get(k)!r}"
+                for k in sorted(set(found) | set(identity))
+                if found.get(k) != identity.get(k)
+            ]
             made_from = f" (made from {self.source})" if self.source else ""
             raise PromptCacheError(
                 f"{self.path}: prompt embeddings of another text encoder{made_from}: {'; '.join(differ)}. "
-                "Delete the file, or point model.prompt_cache at another file, to encode the prompts again")
+                "Delete the file, or point model.prompt_cache at another file, to encode the prompts again"
+            )
         names = set(self._handle.keys())
         lost = sorted(set(self.prompts) - names)
         if lost:
-            raise PromptCacheError(f"{self.path}: metadata lists {len(lost)} prompt(s) without a tensor, e.g. "
-                                   f"{self.prompts[lost[0]]!r}")
+            raise PromptCacheError(
+                f"{self.path}: metadata lists {len(lost)} prompt(s) without a tensor, e.g. {self.prompts[lost[0]]!r}"
+            )
         self.by_key = {key: name for name, key in self.prompts.items()}
 
     def __contains__(self, key: str) -> bool:
@@ -203,8 +213,9 @@ class PromptFile:
         emb = self._handle.get_tensor(self.by_key[key])
         tokens, dim = self.identity["tokens"], self.identity["dim"]
         if emb.ndim != 2 or emb.shape[1] != dim or not 0 < emb.shape[0] <= tokens:
-            raise PromptCacheError(f"{self.path}: embeddings of {key!r} have shape {tuple(emb.shape)}, expected "
-                                   f"[1..{tokens}, {dim}]")
+            raise PromptCacheError(
+                f"{self.path}: embeddings of {key!r} have shape {tuple(emb.shape)}, expected [1..{tokens}, {dim}]"
+            )
         return emb
 
 
@@ -221,9 +232,12 @@ def write_file(path: Path, embeddings: dict[str, torch.Tensor], identity: dict, 
 
     # clone: an encoder's rows can be views of one batch tensor, which safetensors refuses to save.
     tensors = {tensor_name(k): v.detach().to("cpu").contiguous().clone() for k, v in embeddings.items()}
-    metadata = {"format": FORMAT, "encoder": json.dumps(identity, sort_keys=True),
-                "source": json.dumps(source, sort_keys=True),
-                "prompts": json.dumps({tensor_name(k): k for k in embeddings}, ensure_ascii=False)}
+    metadata = {
+        "format": FORMAT,
+        "encoder": json.dumps(identity, sort_keys=True),
+        "source": json.dumps(source, sort_keys=True),
+        "prompts": json.dumps({tensor_name(k): k for k in embeddings}, ensure_ascii=False),
+    }
     return write_bytes_atomic(path, save(tensors, metadata=metadata))
 
 
@@ -244,7 +258,7 @@ def build(config: Config, prompts: list[str], path: Path) -> dict:
         if key(p) not in held:
             todo.setdefault(key(p), p)
     if todo:
-        held.update(zip(todo, load_text_encoder(config).token_embeddings(list(todo.values()))))
+        held.update(zip(todo, load_text_encoder(config).token_embeddings(list(todo.values())), strict=True))
         write_file(path, held, identity, source)
     return {"path": str(path), "prompts": len(held), "encoded": len(todo), "seconds": time.perf_counter() - start}
 
@@ -279,14 +293,18 @@ class CachedTextEncoder:
         self.encoder_on_miss = encoder_on_miss
         self.path = None if config.model.prompt_cache is None else Path(config.model.prompt_cache)
         if self.path is None and not encoder_on_miss:
-            raise PromptCacheError("model.prompt_cache is not set: a learner never loads the text encoder and "
-                                   "reads prompt embeddings from the file the job writes (cluster.train sets it)")
+            raise PromptCacheError(
+                "model.prompt_cache is not set: a learner never loads the text encoder and "
+                "reads prompt embeddings from the file the job writes (cluster.train sets it)"
+            )
         self.file = None
         if self.path is not None:
             self.file = open_file(self.path, encoder_identity(config)[0])
             if self.file is None and not encoder_on_miss:
-                raise PromptCacheError(f"model.prompt_cache: no prompt-embedding file at {self.path}; the job "
-                                       "writes it before learners start (cluster/placement.encode_prompts)")
+                raise PromptCacheError(
+                    f"model.prompt_cache: no prompt-embedding file at {self.path}; the job "
+                    "writes it before learners start (cluster/placement.encode_prompts)"
+                )
         self._key = key_function(config)
         self.encoder = None  # built on the first miss
 
@@ -299,18 +317,20 @@ class CachedTextEncoder:
         keys = [self._key(p) for p in prompts]
         rows = {k: self.file.get(k) for k in dict.fromkeys(keys) if self.file is not None and k in self.file}
         missing: dict[str, str] = {}  # key text -> the first prompt with it
-        for k, p in zip(keys, prompts):
+        for k, p in zip(keys, prompts, strict=True):
             if k not in rows:
                 missing.setdefault(k, p)
         if missing:
             if not self.encoder_on_miss:
-                raise PromptCacheError(f"prompt {next(iter(missing.values()))!r} is not in the prompt-embedding file "
-                                       f"{self.path} (model.prompt_cache; {len(missing)} prompt(s) missing), and a "
-                                       "learner never loads the text encoder; were prompts added after the job "
-                                       "started?")
+                raise PromptCacheError(
+                    f"prompt {next(iter(missing.values()))!r} is not in the prompt-embedding file "
+                    f"{self.path} (model.prompt_cache; {len(missing)} prompt(s) missing), and a "
+                    "learner never loads the text encoder; were prompts added after the job "
+                    "started?"
+                )
             if self.encoder is None:
                 self.encoder = load_text_encoder(self.config)
-            rows.update(zip(missing, self.encoder.token_embeddings(list(missing.values()))))
+            rows.update(zip(missing, self.encoder.token_embeddings(list(missing.values())), strict=True))
         shape = layout(self.config)
         if not keys:
             return torch.zeros(0, shape["tokens"], shape["dim"], dtype=getattr(torch, shape["dtype"]))

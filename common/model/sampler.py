@@ -13,8 +13,9 @@ Chunk indices are 0-based here (docs/method.md counts from 1).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -91,15 +92,23 @@ class StreamingSampler:
         self.progress = progress
 
     @classmethod
-    def from_config(cls, model: CausalWanTransformer3DModel, config: Config,
-                    progress: bool = False) -> "StreamingSampler":
+    def from_config(
+        cls, model: CausalWanTransformer3DModel, config: Config, progress: bool = False
+    ) -> StreamingSampler:
         s = config.sampler
         _, h, w = config.latent_shape
         scheduler = FewStepFlowScheduler(s.denoising_steps, s.shift, s.num_train_timesteps, s.context_noise)
         return cls(
-            model, scheduler, num_chunks=s.num_chunks, frames_per_chunk=s.frames_per_chunk,
-            latent_height=h, latent_width=w, local_attn_frames=s.local_attn_frames,
-            sink_frames=s.sink_frames, fork_batch_size=s.fork_batch_size, progress=progress,
+            model,
+            scheduler,
+            num_chunks=s.num_chunks,
+            frames_per_chunk=s.frames_per_chunk,
+            latent_height=h,
+            latent_width=w,
+            local_attn_frames=s.local_attn_frames,
+            sink_frames=s.sink_frames,
+            fork_batch_size=s.fork_batch_size,
+            progress=progress,
         )
 
     # -- shapes and helpers -------------------------------------------------------------------
@@ -141,8 +150,9 @@ class StreamingSampler:
         flow = self.model(x_t.to(dtype), t, text.to(dtype), start_frame=chunk * self.frames_per_chunk, cache=cache)
         return self.scheduler.predict_x0(x_t, flow.float(), step)
 
-    def predict_x0_without_cache(self, x_t: torch.Tensor, step: int, chunk: int, text: torch.Tensor,
-                                 clean_prefix: torch.Tensor) -> torch.Tensor:
+    def predict_x0_without_cache(
+        self, x_t: torch.Tensor, step: int, chunk: int, text: torch.Tensor, clean_prefix: torch.Tensor
+    ) -> torch.Tensor:
         """The same prediction as `predict_x0`, recomputed from scratch: one block-causal forward
         over the clean earlier chunks and this chunk's x_t. It is the reference the cache must
         match, and the cost the cache saves (benchmarks compare the two)."""
@@ -153,17 +163,21 @@ class StreamingSampler:
         t = torch.full((batch, start + self.frames_per_chunk), self.scheduler.context_timestep, device=x.device)
         t[:, start:] = self.scheduler.timesteps[step]
         window = self.new_cache()  # stays empty: it only carries the local-attention window
-        flow = self.model(x.to(self.model_dtype), t, text.to(self.model_dtype), cache=window,
-                          frames_per_chunk=self.frames_per_chunk)
+        flow = self.model(
+            x.to(self.model_dtype), t, text.to(self.model_dtype), cache=window, frames_per_chunk=self.frames_per_chunk
+        )
         return self.scheduler.predict_x0(x_t, flow[:, :, start:].float(), step)
 
-    def _write_context(self, x0: torch.Tensor, chunk: int, noise: NoiseSource, text: torch.Tensor, cache: KVCache) -> None:
+    def _write_context(
+        self, x0: torch.Tensor, chunk: int, noise: NoiseSource, text: torch.Tensor, cache: KVCache
+    ) -> None:
         x = x0
         if self.scheduler.context_sigma > 0:
             x = self.scheduler.add_noise(x0, noise.context(chunk, x0.device), self.scheduler.context_sigma)
         t = torch.full((x.shape[0],), self.scheduler.context_timestep, device=x.device)
-        self.model(x.to(self.model_dtype), t, text, start_frame=chunk * self.frames_per_chunk,
-                   cache=cache, write_cache=True)
+        self.model(
+            x.to(self.model_dtype), t, text, start_frame=chunk * self.frames_per_chunk, cache=cache, write_cache=True
+        )
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -256,8 +270,11 @@ class StreamingSampler:
             raise ValueError("a fork continues one prompt: text must have batch 1")
         cache = self.new_cache()
         prefix = [out.latents for out in self.stream(text, plan, cache=cache, end_chunk=pivot)]
-        prefix_latents = torch.cat(prefix, dim=2) if prefix else torch.zeros(
-            (1, self.chunk_shape[0], 0, self.latent_height, self.latent_width), device=self.device)
+        prefix_latents = (
+            torch.cat(prefix, dim=2)
+            if prefix
+            else torch.zeros((1, self.chunk_shape[0], 0, self.latent_height, self.latent_width), device=self.device)
+        )
 
         branch_chunks, inputs, predictions, branch_noise = [], [], [], []
         for first in range(0, group_size, self.fork_batch_size):
@@ -287,7 +304,9 @@ class StreamingSampler:
     # -- the learner's rebuild ------------------------------------------------------------------
 
     @torch.no_grad()
-    def rebuild_cache(self, text: torch.Tensor, prefix_latents: torch.Tensor, noise: NoiseSource | None = None) -> KVCache:
+    def rebuild_cache(
+        self, text: torch.Tensor, prefix_latents: torch.Tensor, noise: NoiseSource | None = None
+    ) -> KVCache:
         """h_{p-1} from the prefix's clean latents [B, C, p*f, H, W]: the rollout's context passes
         replayed chunk by chunk.
 
@@ -307,6 +326,6 @@ class StreamingSampler:
         text = text.to(device=device, dtype=self.model_dtype)
         f = self.frames_per_chunk
         for chunk in range(num_frames // f):
-            x0 = prefix_latents[:, :, chunk * f:(chunk + 1) * f].to(device=device, dtype=torch.float32)
+            x0 = prefix_latents[:, :, chunk * f : (chunk + 1) * f].to(device=device, dtype=torch.float32)
             self._write_context(x0, chunk, noise, text, cache)
         return cache

@@ -13,8 +13,9 @@ import torch
 
 
 class FewStepFlowScheduler:
-    def __init__(self, denoising_steps: list[int], shift: float = 5.0, num_train_timesteps: int = 1000,
-                 context_noise: int = 0):
+    def __init__(
+        self, denoising_steps: list[int], shift: float = 5.0, num_train_timesteps: int = 1000, context_noise: int = 0
+    ):
         self.num_train_timesteps = num_train_timesteps
         self.shift = shift
         self.sigmas = [self.warp(t) for t in denoising_steps]

@@ -57,15 +57,21 @@ class ToyPrompt:
         return f"a {self.colour} {self.shape} moving {self.direction} on a {self.background} background"
 
     @classmethod
-    def parse(cls, text: str) -> "ToyPrompt":
+    def parse(cls, text: str) -> ToyPrompt:
         words = text.strip().lower().split()
         pattern = ["a", None, None, "moving", None, "on", "a", None, "background"]
-        if len(words) != len(pattern) or any(p is not None and w != p for w, p in zip(words, pattern)):
-            raise ValueError(f"not a toy prompt: {text!r} (expected 'a <colour> <shape> moving <direction> "
-                             f"on a <background> background')")
+        if len(words) != len(pattern) or any(p is not None and w != p for w, p in zip(words, pattern, strict=True)):
+            raise ValueError(
+                f"not a toy prompt: {text!r} (expected 'a <colour> <shape> moving <direction> "
+                f"on a <background> background')"
+            )
         colour, shape, direction, background = words[1], words[2], words[4], words[7]
-        for word, vocab, kind in ((colour, COLOURS, "colour"), (shape, SHAPES, "shape"),
-                                  (direction, DIRECTIONS, "direction"), (background, BACKGROUNDS, "background")):
+        for word, vocab, kind in (
+            (colour, COLOURS, "colour"),
+            (shape, SHAPES, "shape"),
+            (direction, DIRECTIONS, "direction"),
+            (background, BACKGROUNDS, "background"),
+        ):
             if word not in vocab:
                 raise ValueError(f"unknown {kind} {word!r} in {text!r}; known: {sorted(vocab)}")
         return cls(colour, shape, direction, background)
@@ -104,8 +110,14 @@ def object_alpha(shape: str, cx: torch.Tensor, cy: torch.Tensor, size: int, r: f
     return (_signed_inside(shape, dx, dy, r) + 0.5).clamp(0.0, 1.0)
 
 
-def chunk_velocities(prompt: ToyPrompt, num_chunks: int, speed: float, rng: random.Random,
-                     variation: float = VARIATION, keep_probability: float = KEEP_PROBABILITY) -> list[tuple[float, float]]:
+def chunk_velocities(
+    prompt: ToyPrompt,
+    num_chunks: int,
+    speed: float,
+    rng: random.Random,
+    variation: float = VARIATION,
+    keep_probability: float = KEEP_PROBABILITY,
+) -> list[tuple[float, float]]:
     """One (vx, vy) per chunk, pixels per frame. The first chunk draws its velocity: the stated
     direction at `speed` times U(1 - variation, 1 + variation), plus a perpendicular drift of `speed`
     times U(-variation, variation); each later chunk keeps the previous chunk's velocity with
@@ -124,9 +136,16 @@ def chunk_velocities(prompt: ToyPrompt, num_chunks: int, speed: float, rng: rand
     return velocities
 
 
-def render(prompt: ToyPrompt | str, num_frames: int = 8, size: int = 16, speed: float = 1.0, seed: int = 0,
-           frames_per_chunk: int = 2, variation: float = VARIATION,
-           keep_probability: float = KEEP_PROBABILITY) -> torch.Tensor:
+def render(
+    prompt: ToyPrompt | str,
+    num_frames: int = 8,
+    size: int = 16,
+    speed: float = 1.0,
+    seed: int = 0,
+    frames_per_chunk: int = 2,
+    variation: float = VARIATION,
+    keep_probability: float = KEEP_PROBABILITY,
+) -> torch.Tensor:
     """The clip a prompt describes, [3, F, H, W] in [-1, 1]. The object moves in the stated direction
     at about `speed` pixels a frame; per chunk of `frames_per_chunk` frames it keeps its velocity or
     changes it (`chunk_velocities`), and the start position is random, chosen so the whole path stays
@@ -153,11 +172,12 @@ def render(prompt: ToyPrompt | str, num_frames: int = 8, size: int = 16, speed: 
     return (bg * (1 - alpha) + obj * alpha) * 2.0 - 1.0
 
 
-def render_batch(prompts, num_frames: int = 8, size: int = 16, speed: float = 1.0, seeds=None,
-                 **motion) -> torch.Tensor:
+def render_batch(
+    prompts, num_frames: int = 8, size: int = 16, speed: float = 1.0, seeds=None, **motion
+) -> torch.Tensor:
     """`render` for each prompt; `motion`: render's frames_per_chunk, variation, keep_probability."""
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    return torch.stack([render(p, num_frames, size, speed, s, **motion) for p, s in zip(prompts, seeds)])
+    return torch.stack([render(p, num_frames, size, speed, s, **motion) for p, s in zip(prompts, seeds, strict=True)])
 
 
 def _word_vector(seed: int, slot: int, word: str, dim: int) -> torch.Tensor:
