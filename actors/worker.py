@@ -18,6 +18,7 @@ import torch
 
 from actors.rollout import collect_group
 from common.dataflow.jobs import GroupJob, GroupSummary
+from common.evaluation import score_policy
 
 
 class RolloutWorker:
@@ -166,13 +167,17 @@ class RolloutWorker:
     def evaluate(
         self, prompts: list[str], seeds: list[int], mode: str, merge_scale: float, reward_server
     ) -> dict[str, list[float]]:
-        """Per-video scores of every reward component for fixed prompts and noise seeds."""
+        """Per-video scores of every reward component for fixed prompts and noise seeds
+        (common/evaluation.py: the one evaluation loop)."""
         start = time.perf_counter()
         self.policy.set_mode(mode, merge_scale)
-        out: dict[str, list[float]] = {}
-        for p, frames in self.policy.videos(prompts, seeds, self.config.run.eval_batch_size):
-            for k, v in self._scores(reward_server, frames, p).items():
-                out.setdefault(k, []).extend(v.tolist())
+        out = score_policy(
+            self.policy,
+            prompts,
+            seeds,
+            lambda frames, p: self._scores(reward_server, frames, p),
+            self.config.run.eval_batch_size,
+        )
         self.busy_seconds += time.perf_counter() - start
         return out
 

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench import load_toy_config, toy_bench_parser
-from bench.toy_alignment import ToyRun
+from cluster.inprocess import InProcessRun
 from common.model import adapters
 from learner.update import UpdateSettings, arcopo_update
 
@@ -53,11 +53,11 @@ def signal_to_noise(n: int, cosine: float) -> float:
     return cosine / (n * (1 - cosine))
 
 
-def group_gradients(toy: ToyRun, num_groups: int, seed: int) -> tuple[torch.Tensor, list[int]]:
+def group_gradients(toy: InProcessRun, num_groups: int, seed: int) -> tuple[torch.Tensor, list[int]]:
     """[num_groups, D] flattened gradients of the `on_policy` adapter, one row a group, and the pivots."""
     params = adapters.train_adapter(toy.model, adapters.ON_POLICY)
     adapters.use_adapter(toy.model, adapters.ON_POLICY)
-    settings = UpdateSettings.from_config(toy.cfg)
+    settings = UpdateSettings.from_config(toy.config)
     settings.inner_steps, settings.grad_clip = 1, float("inf")
     optimizer = torch.optim.SGD(params, lr=0.0)  # the update runs, the weights stay
     rng, rows, pivots = random.Random(seed), [], []
@@ -68,7 +68,7 @@ def group_gradients(toy: ToyRun, num_groups: int, seed: int) -> tuple[torch.Tens
             toy.sampler,
             [group],
             [group.rewards],
-            [toy.text(group.prompt)],
+            [toy.policy.text([group.prompt])],
             params,
             optimizer,
             settings,
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--groups {args.groups}: two disjoint batches need at least 2 groups", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    toy = ToyRun(cfg, eval_prompts=1, eval_seeds=1)
+    toy = InProcessRun(cfg)
     grads, pivots = group_gradients(toy, args.groups, args.seed)
     sizes = [2**k for k in range(args.groups.bit_length()) if 2 ** (k + 1) <= args.groups]
     cosines = batch_cosines(grads, sizes, args.splits, args.seed)

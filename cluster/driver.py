@@ -29,9 +29,11 @@ from typing import TYPE_CHECKING
 from cluster.checkpoints import read_checkpoint_state
 from cluster.controller import Counters
 from common.dataflow.jobs import GroupJob, GroupSummary, make_job
+from common.evaluation import EvalSet, Scores
 from common.model import adapters
 from common.seeds import derive_seed
-from learner.merge import Scores, pick_merge_scale
+from learner.merge import pick_merge_scale, unresolved_margins
+from rewards.combine import policy_scores
 
 if TYPE_CHECKING:
     from common.config import Config
@@ -78,7 +80,8 @@ class Driver:
 
     roles          cluster.placement.RunRoles: learners, reward servers, rollout pool, controller
     counters       cluster.controller.Counters, the same object the roles add to
-    prompts        training prompts (evaluation and sample prompts are their first ones)
+    prompts        training prompts (in-domain evaluation and sample prompts are their first ones)
+    heldout        held-out prompts, never trained on (the out-of-domain evaluation's are their first ones)
     log_metrics    takes one record per iteration, phase and evaluation (metrics.jsonl)
     save_samples   (tag, prompts, mp4 bytes) -> the paths it wrote them to
     metrics        common.metrics.RunMetrics, or None
@@ -100,11 +103,13 @@ class Driver:
         replay_stats: Callable[[], dict] | None = None,
         progress_bar=None,
         checkpoint_dir=None,
+        heldout: list[str] = (),
     ):
         self.config = config
         self.roles = roles
         self.counters = counters
         self.prompts = prompts
+        self.eval_set = EvalSet.from_config(config, prompts, heldout)
         self.log_metrics = log_metrics
         self.save_samples = save_samples
         self.metrics = metrics
@@ -134,10 +139,14 @@ class Driver:
         if "before" not in self.progress_state:
             before, before_parts = self.evaluate("reference")
             self._log_eval("reference", before, before_parts)
-            self.progress_state["before"] = [before.in_domain, before.out_of_domain, before_parts]
+            self.progress_state["before"] = {
+                "in_domain": list(before.in_domain.values),
+                "out_of_domain": list(before.out_of_domain.values),
+                "parts": before_parts,
+            }
             self.progress_state["samples_start"] = self.samples("start", "reference", 1.0)
         b = self.progress_state["before"]
-        before, before_parts = Scores(b[0], b[1]), b[2]
+        before, before_parts = Scores(b["in_domain"], b["out_of_domain"]), b["parts"]
         samples = {"start": self.progress_state["samples_start"]}
 
         # Section 4: the fixed reference buffer, then the semi adapter trained on it.
@@ -188,8 +197,11 @@ class Driver:
                 "phase": "eval",
                 "policy": policy,
                 **extra,
-                "reward": scores.in_domain,
-                "ood": scores.out_of_domain,
+                "reward": scores.in_domain.mean,
+                "reward_stderr": scores.in_domain.stderr,
+                "ood": scores.out_of_domain.mean,
+                "ood_stderr": scores.out_of_domain.stderr,
+                "videos": len(self.eval_set.pairs),
                 **{f"reward/{k}": v for k, v in parts.items()},
             }
         )
@@ -280,22 +292,12 @@ class Driver:
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    def eval_set(self) -> tuple[list[str], list[int]]:
-        r = self.config.run
-        pairs = [(p, 10_000 + s) for p in self.prompts[: r.eval_prompts] for s in range(r.eval_seeds)]
-        return [p for p, _ in pairs], [s for _, s in pairs]
-
     def evaluate(self, mode: str, merge_scale: float = 1.0) -> tuple[Scores, dict[str, float]]:
-        """(training reward, OOD score) of a policy on the fixed evaluation set, plus every component."""
-        prompts, seeds = self.eval_set()
-        per_video: dict[str, list[float]] = {}
-        for components in self.roles.evaluate(prompts, seeds, mode, merge_scale):
-            for k, v in components.items():
-                per_video.setdefault(k, []).append(v)
-        means = {k: sum(v) / len(v) for k, v in per_video.items()}
-        weights = {t.name: t.weight for t in self.config.rewards.terms}
-        reward = sum(w * means[n] for n, w in weights.items())
-        return Scores(reward, means.get("ood", float("nan"))), means
+        """(in-domain, out-of-domain) Scores of a policy on the run's fixed evaluation set
+        (common/evaluation.py), plus every component's mean."""
+        rows = self.roles.evaluate(self.eval_set.prompts, self.eval_set.seeds, mode, merge_scale)
+        per_video = {k: [row[k] for row in rows] for k in rows[0]} if rows else {}
+        return policy_scores(self.eval_set, per_video, self.config)
 
     # -- phases ---------------------------------------------------------------------------------
 
@@ -378,17 +380,28 @@ class Driver:
             self.checkpoint("on_policy", it)
 
     def merge(self, base: Scores) -> dict:
+        """Sweep the merge scale, choose by the dual-improvement rule (learner/merge.py). When no
+        scale passes, run.merge_scale is used and the summary says the rule failed."""
         sweep = {}
         for scale in self.config.run.merge_scales:
             sweep[scale], _ = self.evaluate("merged", scale)
         chosen = pick_merge_scale(base, sweep)
         # The sweep always includes dW_semi; the on-policy adapter alone is the paper's other row.
         on_policy, _ = self.evaluate(adapters.ON_POLICY)
+        scale = chosen if chosen is not None else self.config.run.merge_scale
+        if chosen is None:
+            log.warning(
+                "no merge scale passes the dual-improvement rule (in-domain and out-of-domain both up); "
+                "using run.merge_scale = %g",
+                scale,
+            )
+        unresolved = unresolved_margins(base, sweep[scale]) if scale in sweep else []
         return {
-            "merge_scale": chosen if chosen is not None else self.config.run.merge_scale,
+            "merge_scale": scale,
             "dual_improvement_passed": chosen is not None,
-            "sweep": {str(s): [v.in_domain, v.out_of_domain] for s, v in sweep.items()},
-            "on_policy_alone": [on_policy.in_domain, on_policy.out_of_domain],
+            "within_two_stderr": unresolved,
+            "sweep": {str(s): v.as_row() for s, v in sweep.items()},
+            "on_policy_alone": on_policy.as_row(),
         }
 
     def _log_update(

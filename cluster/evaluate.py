@@ -1,16 +1,19 @@
-"""Evaluate a run's adapters: videos for a prompt set, in-domain rewards and the out-of-domain score
-per merge scale, the dual-improvement rule, and a report you can read and watch.
+"""Evaluate a run's adapters: in-domain and out-of-domain scores with their standard errors per
+policy and merge scale, the dual-improvement rule, and a report you can read and watch.
 
     python -m cluster.evaluate --config configs/toy.yaml --adapters runs/demo
     python -m cluster.evaluate --config configs/toy.yaml --adapters runs/demo --prompts my_prompts.txt \\
         --scales 0 0.5 1 --seeds 4
 
-Writes <adapters>/eval/: report.md (tables), scores.json, merge_sweep.png (reward and OOD against
-the merge scale) and videos/<policy>_<i>.mp4 for the first prompts, so base and aligned samples sit
-side by side. In-process (no Ray): this is the tool for checking a finished run on one machine.
+Writes <adapters>/eval/: report.html (videos side by side, tables, plot), report.md (the tables as
+text), scores.json, merge_sweep.png (both scores against the merge scale) and
+videos/<policy>_<i>.mp4 for the first prompts. In-process (no Ray): the tool for checking a finished
+run on one machine. It scores exactly as the job does (common/evaluation.py: the same evaluation
+set, noise seeds and weighted totals), so on the run's own config it repeats the run's numbers.
 
-The merged policy is W_base + dW_semi + s dW_on (docs/method.md section 5); `reference` is the base alone.
-The chosen scale is the largest that raises the in-domain reward without lowering the OOD score.
+The merged policy is W_base + dW_semi + s dW_on (docs/method.md section 5); `reference` is the base
+alone. The chosen scale is the largest whose in-domain AND out-of-domain scores both beat the base
+(learner/merge.py); a margin within two standard errors is flagged as unresolved.
 """
 
 from __future__ import annotations
@@ -25,51 +28,54 @@ from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
     from common.config import Config
+    from common.evaluation import Scores
+
+SAMPLE_SEED = 7
 
 
-def _scores(policy, models, weights, prompts, seeds, batch: int) -> dict[str, float]:
-    from rewards.server import score_batch
-
-    per_video: dict[str, list[float]] = {}
-    for p, frames in policy.videos(prompts, seeds, batch):
-        for k, v in score_batch(models, frames, p).items():
-            per_video.setdefault(k, []).extend(v.tolist())
-    means = {k: sum(v) / len(v) for k, v in per_video.items()}
-    means["reward"] = sum(w * means[n] for n, w in weights.items())
-    return means
-
-
-def _plot(rows: list[dict], base: dict, out: Path) -> None:
+def plot_sweep(sweep: dict[float, Scores], base: Scores, out: Path) -> None:
+    """Both scores against the merge scale, with 2-stderr bars and the base as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scales = [r["scale"] for r in rows]
+    scales = sorted(sweep)
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(scales, [r["reward"] for r in rows], "o-", label="in-domain reward")
-    ax.axhline(base["reward"], color="C0", ls="--", lw=0.8, label="reward, reference")
-    if "ood" in base:
-        ax2 = ax.twinx()
-        ax2.plot(scales, [r["ood"] for r in rows], "s-", color="C1", label="OOD score")
-        ax2.axhline(base["ood"], color="C1", ls="--", lw=0.8)
-        ax2.set_ylabel("OOD score")
-        ax2.legend(loc="lower right", fontsize=7)
-    ax.set(xlabel="merge scale s (W_base + dW_semi + s dW_on)", ylabel="reward", title="merge sweep")
+
+    def series(axis, name: str, colour: str, marker: str, label: str) -> None:
+        means = [getattr(sweep[s], name).mean for s in scales]
+        errs = [2 * getattr(sweep[s], name).stderr for s in scales]
+        axis.errorbar(scales, means, yerr=errs, fmt=marker + "-", color=colour, capsize=3, label=label)
+        axis.axhline(getattr(base, name).mean, color=colour, ls="--", lw=0.8)
+
+    series(ax, "in_domain", "C0", "o", "in-domain reward (± 2 s.e.)")
+    ax.set(xlabel="merge scale s (W_base + dW_semi + s dW_on)", ylabel="in-domain reward", title="merge sweep")
     ax.legend(loc="upper left", fontsize=7)
+    if not base.out_of_domain.missing:
+        ax2 = ax.twinx()
+        series(ax2, "out_of_domain", "C1", "s", "out-of-domain score (± 2 s.e.)")
+        ax2.set_ylabel("out-of-domain score")
+        ax2.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
-def evaluate(config: Config, run_dir: Path, prompts: list[str], seeds: int, scales: list[float], videos: int) -> dict:
+def evaluate(
+    config: Config, run_dir: Path, prompts: list[str], heldout: list[str], scales: list[float], videos: int
+) -> dict:
+    """Score the reference, each adapter alone and the merge sweep on EvalSet(prompts, heldout)."""
+    from cluster.report import write_report
     from common.durable import write_bytes_atomic
+    from common.evaluation import EvalSet, score_policy
     from common.model import adapters
     from common.model.policy import Policy
     from common.model.prompt_cache import DEFAULT_NAME, with_cache_path
     from common.video import encode_mp4
-    from learner.merge import Scores, pick_merge_scale
-    from rewards.server import build_reward_models
+    from learner.merge import pick_merge_scale, unresolved_margins
+    from rewards.combine import policy_scores
+    from rewards.server import build_reward_models, score_batch
 
     if config.model.prompt_cache is None and (run_dir / DEFAULT_NAME).is_file():
         # The run's own prompt embeddings: the text encoder loads only for prompts the run never saw.
@@ -78,87 +84,109 @@ def evaluate(config: Config, run_dir: Path, prompts: list[str], seeds: int, scal
     for name in adapters.ADAPTERS:
         adapters.load_adapter(policy.model, run_dir / "adapters" / name, name)
     models = build_reward_models(config)
-    weights = {t.name: t.weight for t in config.rewards.terms}
-    eval_prompts = [p for p in prompts for _ in range(seeds)]
-    eval_seeds = [20_000 + s for _ in prompts for s in range(seeds)]
+    eval_set = EvalSet.from_config(config, prompts, heldout)
     out = run_dir / "eval"
 
-    def measure(mode: str, scale: float = 1.0) -> dict:
+    def measure(mode: str, scale: float = 1.0) -> Scores:
         policy.set_mode(mode, scale)
-        return _scores(policy, models, weights, eval_prompts, eval_seeds, config.run.eval_batch_size)
+        per_video = score_policy(
+            policy,
+            eval_set.prompts,
+            eval_set.seeds,
+            lambda frames, p: score_batch(models, frames, p),
+            config.run.eval_batch_size,
+        )
+        return policy_scores(eval_set, per_video, config)[0]
 
     def sample(tag: str, mode: str, scale: float = 1.0) -> list[str]:
         policy.set_mode(mode, scale)
         shown = prompts[:videos]
-        if not shown:
-            return []
-        frames = [f for _, batch in policy.videos(shown, [7] * len(shown), config.run.eval_batch_size) for f in batch]
+        batches = policy.videos(shown, [SAMPLE_SEED] * len(shown), config.run.eval_batch_size)
         paths = []
-        for i, f in enumerate(frames):
-            path = write_bytes_atomic(
-                out / "videos" / f"{tag}_{i}.mp4", encode_mp4(f, fps=8.0, upscale=max(1, 128 // f.shape[1]))
-            )
-            paths.append(str(path.relative_to(out)))
+        for i, f in enumerate(f for _, batch in batches for f in batch):
+            data = encode_mp4(f, fps=8.0, upscale=max(1, 128 // f.shape[1]))
+            paths.append(str(write_bytes_atomic(out / "videos" / f"{tag}_{i}.mp4", data).relative_to(out)))
         return paths
 
     base = measure("reference")
-    rows = []
-    for scale in tqdm(scales, desc="merge sweep"):
-        rows.append({"scale": scale, **measure("merged", scale)})
+    sweep = {scale: measure("merged", scale) for scale in tqdm(scales, desc="merge sweep")}
     singles = {name: measure(name) for name in adapters.ADAPTERS}
-    has_ood = "ood" in base
-    pick = pick_merge_scale(
-        Scores(base["reward"], base["ood"] if has_ood else 0.0),
-        {r["scale"]: Scores(r["reward"], r["ood"] if has_ood else 0.0) for r in rows},
-    )
-    clips = {"reference": sample("reference", "reference")}
+    pick = pick_merge_scale(base, sweep)
+    unresolved = unresolved_margins(base, sweep[pick]) if pick is not None else []
     if pick is not None:
-        clips[f"merged_{pick:g}"] = sample(f"merged_{pick:g}", "merged", pick)
-    for name in adapters.ADAPTERS:
-        clips[name] = sample(name, name)
+        after_tag, after_label = f"merged_{pick:g}", f"merged, s = {pick:g}"
+        clips = {"reference": sample("reference", "reference"), after_tag: sample(after_tag, "merged", pick)}
+        verdict = (
+            f"Chosen merge scale {pick:g}: the largest whose in-domain and out-of-domain scores both beat the base."
+        )
+    else:
+        after_tag, after_label = adapters.ON_POLICY, "on-policy adapter alone"
+        clips = {"reference": sample("reference", "reference"), after_tag: sample(after_tag, adapters.ON_POLICY)}
+        verdict = "No merge scale passes the dual-improvement rule (in-domain and out-of-domain scores both up)."
+    warnings = [f"At s = {pick:g} the {m}: within two standard errors, not resolved by this set." for m in unresolved]
 
+    rows = [{"policy": "reference (base)", **base.as_row()}]
+    rows += [{"policy": f"{name} adapter alone", **s.as_row()} for name, s in singles.items()]
+    rows += [{"policy": f"merged, s = {scale:g}", **s.as_row()} for scale, s in sweep.items()]
     result = {
-        "prompts": len(prompts),
-        "seeds": seeds,
-        "reference": base,
-        "adapters": singles,
-        "sweep": rows,
+        "eval_videos": {"in_domain": len(eval_set.in_domain), "out_of_domain": len(eval_set.out_of_domain)},
+        "scores": rows,
+        "sweep": {str(scale): s.as_row() for scale, s in sweep.items()},
         "chosen_scale": pick,
         "dual_improvement_passed": pick is not None,
+        "within_two_stderr": unresolved,
         "videos": clips,
     }
     write_bytes_atomic(out / "scores.json", (json.dumps(result, indent=2) + "\n").encode())
-    _plot(rows, base, out / "merge_sweep.png")
-    components = [k for k in base if k not in ("reward",)]
+    plot_sweep(sweep, base, out / "merge_sweep.png")
+    names = score_names(config)
     lines = [
         f"# Evaluation of {run_dir.name}",
         "",
-        f"{len(prompts)} prompts x {seeds} noise seeds. In-domain reward = "
-        + " + ".join(f"{w:g} {n}" for n, w in weights.items())
-        + "; `ood` is never trained on.",
+        f"{len(eval_set.in_domain)} in-domain videos, {len(eval_set.out_of_domain)} out-of-domain videos; "
+        "mean ± standard error over videos.",
         "",
-        "| policy | reward | " + " | ".join(components) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in components) + " |",
+        f"| policy | {names['in_domain']} | {names['out_of_domain']} |",
+        "| --- | --- | --- |",
+        *(f"| {r['policy']} | {_pm(r['in_domain'])} | {_pm(r['out_of_domain'])} |" for r in rows),
+        "",
+        f"**{verdict}** (dual-improvement rule)",
+        *(f"- {w}" for w in warnings),
+        "",
+        "![merge sweep](merge_sweep.png)",
     ]
-
-    def line(label: str, r: dict) -> str:
-        return f"| {label} | {r['reward']:.4f} | " + " | ".join(f"{r[c]:.4f}" for c in components) + " |"
-
-    lines.append(line("reference (base)", base))
-    for name, r in singles.items():
-        lines.append(line(f"{name} adapter alone", r))
-    for r in rows:
-        lines.append(line(f"merged, s = {r['scale']:g}", r))
-    verdict = (
-        f"**Chosen merge scale: {pick:g}** (the largest that raises the reward without lowering the OOD score)."
-        if pick is not None
-        else "**No merge scale passes the dual-improvement rule** (reward up and OOD not down)."
-    )
-    lines += ["", verdict, "", "![merge sweep](merge_sweep.png)", "", "## Samples (noise seed 7)", ""]
-    for tag, paths in clips.items():
-        lines.append(f"- {tag}: " + ", ".join(f"[{Path(p).name}]({p})" for p in paths))
     write_bytes_atomic(out / "report.md", ("\n".join(lines) + "\n").encode())
+    write_report(
+        out,
+        {
+            "title": f"Evaluation of {run_dir.name}",
+            "samples": [
+                {"prompt": p, "before": b, "after": a}
+                for p, b, a in zip(prompts, clips["reference"], clips[after_tag], strict=False)
+            ],
+            "before_label": "reference (base)",
+            "after_label": after_label,
+            "scores": rows,
+            "score_names": names,
+            "verdict": verdict,
+            "warnings": warnings,
+            "plots": [{"title": "merge sweep", "path": "merge_sweep.png"}],
+        },
+    )
     return result
+
+
+def score_names(config: Config) -> dict[str, str]:
+    """Column headings of a score table: what each score is made of."""
+    terms = " + ".join(f"{t.weight:g} {t.name}" for t in config.rewards.terms)
+    ood = config.run.out_of_domain
+    ood_terms = " + ".join(f"{t.weight:g} {t.name}" for t in ood.terms) if ood else "none"
+    return {"in_domain": f"in-domain ({terms})", "out_of_domain": f"out-of-domain ({ood_terms}, held-out prompts)"}
+
+
+def _pm(pair: list[float]) -> str:
+    mean, err = pair
+    return f"{mean:.4f} ± {err:.4f}" if err == err else f"{mean:.4f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,9 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         "--prompts",
         type=Path,
         default=None,
-        help="prompt file, one per line (default: rollout.prompts, or the toy world's first run.eval_prompts)",
+        help="in-domain prompt file, one per line (default: the run's, rollout.prompts or the toy world's)",
     )
-    parser.add_argument("--seeds", type=int, default=2, help="noise seeds per prompt")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="noise seeds per prompt (default: run.eval_seeds, as the run)"
+    )
     parser.add_argument(
         "--scales", type=float, nargs="+", default=None, help="merge scales (default: run.merge_scales)"
     )
@@ -185,8 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     from common.model.adapters import AdapterError
     from common.model.prompt_cache import PromptCacheError
 
-    config = load_config_for_cli(args.config, args.overrides)
+    overrides = [*args.overrides, *([f"run.eval_seeds={args.seeds}"] if args.seeds is not None else [])]
+    config = load_config_for_cli(args.config, overrides)
     if config is None:
+        return 2
+    if config.run.out_of_domain is None:
+        print(
+            "error: run.out_of_domain: unset; choosing a merge scale needs an out-of-domain score "
+            "(held-out prompts and reward terms the run does not train on)",
+            file=sys.stderr,
+        )
         return 2
     try:
         # --prompts replaces rollout.prompts; read_prompt_file names that file if it is missing.
@@ -195,26 +233,23 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     try:
-        if args.prompts is not None:
-            prompts = read_prompt_file(args.prompts)
+        ood_file = config.run.out_of_domain.prompts
+        if args.prompts is None:
+            prompts, heldout = load_prompts(config)
         else:
-            prompts = load_prompts(config)[0][: config.run.eval_prompts]
-        result = evaluate(
-            config, args.adapters, prompts, args.seeds, args.scales or config.run.merge_scales, args.videos
-        )
+            prompts = read_prompt_file(args.prompts, key="--prompts")
+            heldout = read_prompt_file(ood_file, "run.out_of_domain.prompts") if ood_file else load_prompts(config)[1]
+        shared = set(prompts) & set(heldout)
+        if shared:
+            raise PromptError(
+                f"--prompts shares {len(shared)} prompt(s) with the held-out prompts, e.g. {min(shared)!r}"
+            )
+        result = evaluate(config, args.adapters, prompts, heldout, args.scales or config.run.merge_scales, args.videos)
     except (PromptError, PromptCacheError, AdapterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(
-        json.dumps(
-            {
-                "chosen_scale": result["chosen_scale"],
-                "reference": result["reference"]["reward"],
-                "sweep": {str(r["scale"]): [r["reward"], r.get("ood")] for r in result["sweep"]},
-            }
-        )
-    )
-    print(f"report: {args.adapters / 'eval' / 'report.md'}")
+    print(json.dumps({k: result[k] for k in ("chosen_scale", "within_two_stderr", "sweep")}))
+    print(f"report: {args.adapters / 'eval' / 'report.html'}")
     return 0
 
 

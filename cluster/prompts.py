@@ -15,10 +15,10 @@ class PromptError(ValueError):
     """A prompt file that cannot be trained on; names the file and line."""
 
 
-def read_prompt_file(path: Path) -> list[str]:
+def read_prompt_file(path: Path, key: str = "rollout.prompts") -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise PromptError(f"rollout.prompts: no file at {path}")
+        raise PromptError(f"{key}: no file at {path}")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -39,15 +39,31 @@ def read_prompt_file(path: Path) -> list[str]:
 
 
 def load_prompts(config: Config) -> tuple[list[str], list[str]]:
-    """(training prompts, held-out prompts). The held-out ones are never trained on."""
-    if config.rollout.prompts is not None:
-        prompts = read_prompt_file(config.rollout.prompts)
-        return prompts, []
+    """(training prompts, held-out prompts). The held-out ones (run.out_of_domain.prompts, or the
+    toy world's held-out split) are never trained on: a held-out prompt that is also a training
+    prompt is refused, naming both files."""
     from common.config import is_toy_world
 
-    if is_toy_world(config.model):
+    ood = config.run.out_of_domain
+    if config.rollout.prompts is not None:
+        train = read_prompt_file(config.rollout.prompts)
+    elif is_toy_world(config.model):
         from common.toy.world import split_prompts
 
-        train, heldout = split_prompts(seed=0)
-        return [p.text for p in train], [p.text for p in heldout]
-    raise PromptError("rollout.prompts is not set (a UTF-8 text file, one prompt per line)")
+        toy_train, toy_heldout = split_prompts(seed=0)
+        train = [p.text for p in toy_train]
+        if ood is None or ood.prompts is None:
+            return train, [p.text for p in toy_heldout]
+    else:
+        raise PromptError("rollout.prompts is not set (a UTF-8 text file, one prompt per line)")
+    if ood is None or ood.prompts is None:
+        return train, []
+    heldout = read_prompt_file(ood.prompts, key="run.out_of_domain.prompts")
+    shared = [p for p in dict.fromkeys(heldout) if p in set(train)]
+    if shared:
+        source = config.rollout.prompts or "the toy world's training prompts"
+        raise PromptError(
+            f"run.out_of_domain.prompts ({ood.prompts}) shares {len(shared)} prompt(s) with {source}, e.g. "
+            f"{shared[0]!r}: held-out prompts must never be trained on"
+        )
+    return train, heldout

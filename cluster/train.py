@@ -190,6 +190,7 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
                 replay_stats=monitor.stats,
                 progress_bar=tqdm,
                 checkpoint_dir=folder.root / "checkpoints",
+                heldout=heldout,
             )
             result = driver.fit(resume_from=checkpoint)
             saved = roles.save_adapters(folder.root / "adapters")
@@ -198,10 +199,16 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
             phases = config.run.phases
             before, after = result.before, result.after
             summary = {
-                "reward_initial": before.in_domain,
-                "reward_final": after.in_domain,
-                "ood_initial": before.out_of_domain,
-                "ood_final": after.out_of_domain,
+                "reward_initial": before.in_domain.mean,
+                "reward_final": after.in_domain.mean,
+                "ood_initial": before.out_of_domain.mean,
+                "ood_final": after.out_of_domain.mean,
+                "reward_initial_stderr": before.in_domain.stderr,
+                "reward_final_stderr": after.in_domain.stderr,
+                "ood_initial_stderr": before.out_of_domain.stderr,
+                "ood_final_stderr": after.out_of_domain.stderr,
+                "eval_videos": {"in_domain": before.in_domain.n, "out_of_domain": before.out_of_domain.n},
+                "scores": score_rows(result),
                 "iterations": config.run.iterations if "on_policy" in phases else 0,
                 "groups": counters.groups,
                 "wall_seconds": time.perf_counter() - start,
@@ -238,6 +245,16 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
     )
     folder.write_json("summary.json", summary)
     return summary
+
+
+def score_rows(result) -> list[dict]:
+    """The run's score table (report, model card): each policy's [mean, stderr] per score."""
+    rows = [{"policy": "reference (base)", **result.before.as_row()}]
+    if "on_policy_alone" in result.merge:
+        rows.append({"policy": "on-policy adapter alone", **result.merge["on_policy_alone"]})
+    label = f"merged, s = {result.merge_scale:g}" if result.final_policy == "merged" else result.final_policy
+    rows.append({"policy": label, **result.after.as_row()})
+    return rows
 
 
 def _record_key(root: Path) -> bytes:

@@ -407,6 +407,20 @@ class MetricsConfig(_Section):
     host: str = "127.0.0.1"
 
 
+class OutOfDomainConfig(_Section):
+    """The score model selection must not lower (docs/method.md section 5): reward components the run
+    never trains on, averaged over held-out prompts it never trains on. The paper's is VBench on its
+    own prompts; configs/toy.yaml's is the toy world's `ood` on its held-out prompts."""
+
+    terms: list[RewardTerm] = Field(min_length=1, description="weighted components; none may be in rewards.terms")
+    prompts: Path | None = Field(
+        None,
+        description="held-out prompt file (UTF-8, one per line), disjoint from rollout.prompts; "
+        "None: the toy world's held-out prompts (toy world only)",
+    )
+    num_prompts: int = Field(16, ge=1, description="the file's first prompts scored (x run.eval_seeds)")
+
+
 class RunConfig(_Section):
     name: str = "arcopo"
     output_dir: Path = Path("runs")
@@ -421,6 +435,9 @@ class RunConfig(_Section):
     semi_iterations: int | None = Field(None, ge=0, description="None = run.iterations")
     eval_prompts: int = Field(8, ge=1, description="fixed prompts (x eval_seeds) scored before/after")
     eval_seeds: int = Field(2, ge=1)
+    out_of_domain: OutOfDomainConfig | None = Field(
+        None, description="the out-of-domain score; required when run.phases includes merge"
+    )
     sample_prompts: int = Field(4, ge=0, description="sample videos written at the start and the end")
     # Evaluation and sample videos generate this many videos at once: 16 at 480x832 hold 83 GB of KV
     # cache (about 5 GB a video). Noise is per seed, so a video does not depend on its batch, up to
@@ -477,6 +494,12 @@ def toy_fallback_problems(config: Config) -> list[str]:
                 f"rewards.models[{i}]: kind toy is the toy world's rewards, but {real}; use a real "
                 "reward model (videoalign, clip, pickscore)"
             )
+    ood = config.run.out_of_domain
+    if ood is not None and ood.prompts is None:
+        problems.append(
+            f"run.out_of_domain.prompts: unset, which means the toy world's held-out prompts, but {real}; "
+            "name a held-out prompt file (UTF-8, one prompt per line, none of them in rollout.prompts)"
+        )
     if config.rollout.prompts is None:
         problems.append(
             f"rollout.prompts: unset, which means the toy world's prompts, but {real}; name a prompt "
@@ -539,6 +562,27 @@ class Config(_Section):
         problems = toy_fallback_problems(self)
         if problems:
             raise ValueError("\n  ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _merge_needs_out_of_domain(self) -> Config:
+        ood = self.run.out_of_domain
+        if ood is None:
+            if "merge" in self.run.phases:
+                raise ValueError(
+                    "run.out_of_domain: unset, but run.phases includes merge, whose dual-improvement rule "
+                    "(docs/method.md section 5) needs an out-of-domain score: set run.out_of_domain.terms "
+                    "(reward components not in rewards.terms) and run.out_of_domain.prompts (held-out "
+                    "prompts), or drop merge from run.phases"
+                )
+            return self
+        trained = {t.name for t in self.rewards.terms}
+        overlap = [t.name for t in ood.terms if t.name in trained]
+        if overlap:
+            raise ValueError(
+                f"run.out_of_domain.terms: {overlap} also in rewards.terms; an out-of-domain score must "
+                "use components the run does not train on"
+            )
         return self
 
     @property
@@ -646,6 +690,11 @@ def missing_paths(config: Config) -> list[str]:
         ("model.text_encoder", m.text_encoder, "a local UMT5 text encoder directory"),
         ("model.tokenizer", m.tokenizer, "a local UMT5 tokenizer directory"),
         ("rollout.prompts", config.rollout.prompts, "a UTF-8 prompt file, one prompt per line"),
+        (
+            "run.out_of_domain.prompts",
+            config.run.out_of_domain.prompts if config.run.out_of_domain else None,
+            "a UTF-8 held-out prompt file, one prompt per line",
+        ),
         ("replay.redis_binary", config.replay.redis_binary, "a redis-server executable"),
     ]
     for i, entry in enumerate(config.rewards.models):

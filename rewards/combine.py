@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from common.errors import RewardError
+from common.evaluation import Scores
 
 if TYPE_CHECKING:
     from common.config import Config
+    from common.evaluation import EvalSet
 
 
 def weighted_total(components: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
@@ -88,3 +90,23 @@ class RewardCombiner:
         stats = component_stats(components, self.weights)
         stats["total"] = component_stats({"total": total})["total"]
         return total, stats
+
+
+def policy_scores(eval_set: EvalSet, per_video: dict[str, list[float]], config: Config) -> tuple[Scores, dict]:
+    """A policy's Scores on the evaluation set (common/evaluation.py) from its per-video components:
+    in-domain = the training reward (rewards.terms) on the in-domain videos, out-of-domain =
+    run.out_of_domain.terms on the held-out videos (missing without it). Also every component's
+    mean: in-domain videos under its name, held-out videos under "heldout/<name>"."""
+    in_part, ood_part = eval_set.split(per_video)
+    in_total = weighted_total(
+        {k: torch.tensor(v) for k, v in in_part.items()}, RewardCombiner.from_config(config).weights
+    )
+    ood = config.run.out_of_domain
+    if ood is not None and eval_set.out_of_domain:
+        ood_weights = {t.name: t.weight for t in ood.terms}
+        ood_values = weighted_total({k: torch.tensor(v) for k, v in ood_part.items()}, ood_weights).tolist()
+    else:
+        ood_values = []
+    parts = {k: sum(v) / len(v) for k, v in in_part.items() if v}
+    parts |= {f"heldout/{k}": sum(v) / len(v) for k, v in ood_part.items() if v}
+    return Scores(in_total.tolist(), ood_values), parts

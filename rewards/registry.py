@@ -112,7 +112,9 @@ class ModelHost:
 def build_models(config: Config, remote: bool = True) -> list[RewardModel]:
     """Every configured model (the toy rewards if none are). Models with a runtime_env run in their
     own actor when `remote` and Ray is up. Every term must name a component some model declares."""
-    term_names = [t.name for t in config.rewards.terms]
+    # The out-of-domain terms are scored by the same servers, at evaluation (and, unasked, on every group).
+    ood = config.run.out_of_domain
+    term_names = [t.name for t in config.rewards.terms] + ([t.name for t in ood.terms] if ood else [])
     all_specs = reward_model_specs(config)
     if len(all_specs) > 1:  # the toy model then takes only the terms that are toy rewards
         from rewards.toy import TOY_REWARDS
@@ -136,5 +138,8 @@ def build_models(config: Config, remote: bool = True) -> list[RewardModel]:
         raise RewardError(f"reward component(s) {duplicated} declared by two models; give one a `prefix`")
     missing = [n for n in term_names if n not in declared]
     if missing:
-        raise RewardError(f"rewards.terms name {missing}, which no reward model declares; declared: {declared}")
+        raise RewardError(
+            f"rewards.terms / run.out_of_domain.terms name {missing}, which no reward model declares; "
+            f"declared: {declared}"
+        )
     return models

@@ -148,6 +148,24 @@ def test_merge_is_base_plus_semi_plus_scaled_on_policy(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_one_adapter_after_a_merge_runs_at_scale_one(dtype):
+    # merge_adapters leaves on_policy at its merge scale in peft; "on-policy alone" taken after a
+    # sweep that ends at 0.4 must still be the adapter at full strength, as in a fresh model.
+    fresh = _model_with_adapters(dtype=dtype)
+    adapters.use_adapter(fresh, adapters.ON_POLICY)
+    alone = _out(fresh)
+    model = _model_with_adapters(dtype=dtype)
+    adapters.merge_adapters(model, 0.4)
+    merged = _out(model)
+    adapters.use_adapter(model, adapters.ON_POLICY)
+    assert torch.equal(_out(model), alone)
+    assert not torch.allclose(merged, alone)
+    adapters.use_adapter(model, adapters.SEMI)
+    adapters.merge_adapters(model, 0.4)
+    assert torch.equal(_out(model), merged)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_saved_adapter_loads_into_diffusers_wan_with_same_outputs(tmp_path, dtype):
     model = _model_with_adapters(dtype=dtype)
     path = adapters.save_adapter(model, adapters.ON_POLICY, tmp_path / "on_policy")

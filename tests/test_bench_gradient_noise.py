@@ -56,13 +56,13 @@ def test_group_gradients_are_each_groups_own_first_step_gradient():
 
     from bench import load_toy_config
     from bench.gradient_noise import group_gradients
-    from bench.toy_alignment import ToyRun
+    from cluster.inprocess import InProcessRun
     from common.model import adapters
     from learner.update import UpdateSettings, arcopo_update
 
     cfg = load_toy_config("gradient_noise", "configs/toy.yaml", ["algorithm.group_size=4", "algorithm.num_anchors=2"])
     torch.manual_seed(0)
-    toy = ToyRun(cfg, eval_prompts=1, eval_seeds=1)
+    toy = InProcessRun(cfg)
     before = {k: v.clone() for k, v in adapters.adapter_state_dict(toy.model, adapters.ON_POLICY).items()}
     grads, pivots = group_gradients(toy, 3, seed=5)
     after = adapters.adapter_state_dict(toy.model, adapters.ON_POLICY)
@@ -84,7 +84,7 @@ def test_group_gradients_are_each_groups_own_first_step_gradient():
             toy.sampler,
             [group],
             [group.rewards],
-            [toy.text(group.prompt)],
+            [toy.policy.text([group.prompt])],
             params,
             torch.optim.SGD(params, lr=0.0),
             settings,

@@ -26,6 +26,8 @@ SMOKE = [
     "2",
     "--eval-prompts",
     "2",
+    "--ood-prompts",
+    "2",
     "--eval-seeds",
     "1",
     "--diversity-groups",
@@ -48,11 +50,25 @@ def smoke() -> dict:
 
 def test_toy_alignment_bench_reports_every_variant(smoke):
     result = dict(smoke)
-    assert list(result) == ["fork_diversity", "on_policy", "semi", "semi_no_clip", "merged", "on_policy_seeds"]
+    assert list(result) == [
+        "eval_videos",
+        "fork_diversity",
+        "on_policy",
+        "semi",
+        "semi_no_clip",
+        "merged",
+        "on_policy_seeds",
+    ]
+    # The job's evaluation set (common/evaluation.py), resized: 2 training and 2 held-out prompts, 1 seed.
+    assert result["eval_videos"] == {"in_domain": 2, "out_of_domain": 2}
     for name in ("on_policy", "semi", "semi_no_clip", "merged"):
         variant = result[name]
         for key in ("reward_before", "reward_after", "ood_before", "ood_after", "iterations", "seconds"):
             assert key in variant
+        # Each change comes with its paired standard error over the evaluation videos.
+        assert variant["reward_gain"] == pytest.approx(variant["reward_after"] - variant["reward_before"], abs=1e-6)
+        assert variant["ood_change"] == pytest.approx(variant["ood_after"] - variant["ood_before"], abs=1e-6)
+        assert variant["reward_gain_stderr"] > 0 and variant["ood_change_stderr"] > 0
     assert result["on_policy"]["iterations"] == 1 and result["merged"]["iterations"] == 0
     # Everything starts from the same base policy and evaluation set.
     assert len({result[n]["reward_before"] for n in ("on_policy", "semi", "semi_no_clip", "merged")}) == 1
@@ -80,11 +96,11 @@ def test_fork_diversity_measures_the_forks(smoke):
 
 def test_the_merge_sweep_and_its_choice(smoke):
     merged, semi = smoke["merged"], smoke["semi"]
-    sweep = {float(s): Scores(*v) for s, v in merged["sweep"].items()}
+    sweep = {float(s): Scores(v["in_domain"][0], v["out_of_domain"][0]) for s, v in merged["sweep"].items()}
     assert sorted(sweep) == [0.0, 0.5, 1.0]
     # s = 0 is W_base + dW_semi: the semi adapter alone, evaluated on the same set and noise.
-    assert sweep[0.0].in_domain == pytest.approx(semi["reward_after"], abs=1e-6)
-    assert sweep[0.0].out_of_domain == pytest.approx(semi["ood_after"], abs=1e-6)
+    assert sweep[0.0].in_domain.mean == pytest.approx(semi["reward_after"], abs=1e-6)
+    assert sweep[0.0].out_of_domain.mean == pytest.approx(semi["ood_after"], abs=1e-6)
     # The choice is the dual-improvement rule over the reported sweep (else the configured 0.5), and
     # the merged model reported is the sweep's point at that scale.
     base = Scores(merged["reward_before"], merged["ood_before"])
@@ -93,8 +109,10 @@ def test_the_merge_sweep_and_its_choice(smoke):
     assert merged["dual_improvement_passed"] == any(dual_improvement(base, v) for v in sweep.values())
     assert merged["merge_scale"] == (chosen if chosen is not None else 0.5)
     point = sweep[merged["merge_scale"]]
-    assert merged["reward_after"] == pytest.approx(point.in_domain, abs=1e-6)
-    assert merged["ood_after"] == pytest.approx(point.out_of_domain, abs=1e-6)
+    assert merged["reward_after"] == pytest.approx(point.in_domain.mean, abs=1e-6)
+    assert merged["ood_after"] == pytest.approx(point.out_of_domain.mean, abs=1e-6)
+    # Two videos cannot resolve a change of this size: the bench says so.
+    assert merged["within_two_stderr"], merged
 
 
 def test_the_seed_statistics(smoke):

@@ -30,6 +30,7 @@ SMALL = [
     "replay.num_reference_groups=3",
     "run.eval_prompts=2",
     "run.eval_seeds=1",
+    "run.out_of_domain.num_prompts=2",
     "run.sample_prompts=1",
     "rollout.prompts_per_iteration=2",
     "algorithm.group_size=4",
@@ -52,14 +53,18 @@ def local_ray():
     ray.shutdown()
 
 
+def toy_config(tmp_path: Path, *overrides: str):
+    name = f"t{uuid.uuid4().hex[:8]}"
+    return load_config(
+        TOY, [*SMALL, f"run.name={name}", f"run.output_dir={tmp_path}", f"cluster.namespace={name}", *overrides]
+    )
+
+
 def toy_job(tmp_path: Path, *overrides: str):
     from cluster.train import RunFolder, run
 
-    name = f"t{uuid.uuid4().hex[:8]}"
-    cfg = load_config(
-        TOY, [*SMALL, f"run.name={name}", f"run.output_dir={tmp_path}", f"cluster.namespace={name}", *overrides]
-    )
-    folder = RunFolder(tmp_path / name)
+    cfg = toy_config(tmp_path, *overrides)
+    folder = RunFolder(tmp_path / cfg.run.name)
     return run(cfg, folder), folder.root
 
 
@@ -109,15 +114,31 @@ def test_toy_job_runs_every_phase_and_writes_the_run_folder(local_ray, tmp_path)
     # configured run.merge_scale (0.8), and the final scores are that merged policy's.
     from learner.merge import Scores, pick_merge_scale
 
-    sweep = {float(s): Scores(*v) for s, v in summary["sweep"].items()}
+    sweep = {float(s): Scores(v["in_domain"][0], v["out_of_domain"][0]) for s, v in summary["sweep"].items()}
     chosen = pick_merge_scale(Scores(summary["reward_initial"], summary["ood_initial"]), sweep)
     assert summary["dual_improvement_passed"] == (chosen is not None)
     assert summary["final_policy"] == "merged" and summary["merge_scale"] == (chosen if chosen is not None else 0.8)
     if chosen is not None:  # the final evaluation repeats the sweep's, on the same set and noise
-        assert summary["reward_final"] == pytest.approx(sweep[chosen].in_domain, abs=1e-6)
-        assert summary["ood_final"] == pytest.approx(sweep[chosen].out_of_domain, abs=1e-6)
+        assert summary["reward_final"] == pytest.approx(sweep[chosen].in_domain.mean, abs=1e-6)
+        assert summary["ood_final"] == pytest.approx(sweep[chosen].out_of_domain.mean, abs=1e-6)
     # The on-policy adapter alone is evaluated too (the sweep's s = 1 point also carries dW_semi).
-    assert len(summary["on_policy_alone"]) == 2 and all(0 < v < 4 for v in summary["on_policy_alone"])
+    alone = summary["on_policy_alone"]
+    assert set(alone) == {"in_domain", "out_of_domain"} and all(0 < alone[k][0] < 4 for k in alone)
+    # Scores come with their standard errors over the 2 + 2 evaluation videos, and the table has them.
+    assert summary["eval_videos"] == {"in_domain": 2, "out_of_domain": 2}
+    assert summary["reward_initial_stderr"] > 0 and summary["ood_initial_stderr"] > 0
+    assert [r["policy"] for r in summary["scores"]][0] == "reference (base)"
+
+    # One evaluator: the job's first evaluation (rollout worker + reward server) is the in-process
+    # one's (cluster/inprocess.py, the toy bench's) on the same config, video for video.
+    from cluster.inprocess import InProcessRun
+    from common.model import adapters
+
+    run = InProcessRun(toy_config(tmp_path))
+    with adapters.reference_policy(run.model):
+        base = run.evaluate()
+    assert base.in_domain.mean == pytest.approx(summary["reward_initial"], abs=1e-5)
+    assert base.out_of_domain.mean == pytest.approx(summary["ood_initial"], abs=1e-5)
 
     # The job stopped its embedded Redis; started again on the same data directory (AOF), the
     # reference buffer and its counters are all there.

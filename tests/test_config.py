@@ -16,7 +16,10 @@ def test_shipped_configs_load():
     toy = load_config("configs/toy.yaml")
     assert tiny.run.phases == []  # a model only: it names no rewards or prompts
     assert toy.rewards.models == [] and toy.rollout.prompts is None  # the toy world's own
-    assert [m["kind"] for m in real.rewards.models] == ["videoalign"]
+    assert [m["kind"] for m in real.rewards.models] == ["videoalign", "clip"]
+    # The merge's out-of-domain score: terms and prompts the run never trains on.
+    assert [t.name for t in real.run.out_of_domain.terms] == ["clip_score"] and real.run.out_of_domain.prompts
+    assert [t.name for t in toy.run.out_of_domain.terms] == ["ood"] and toy.run.out_of_domain.prompts is None
     assert real.rollout.prompts is not None and real.model.self_forcing_checkpoint is not None
     assert tiny.sampler.num_frames == 8
     assert real.sampler.num_frames == 21
@@ -156,6 +159,7 @@ def test_preflight_names_every_missing_path(tmp_path):
     overrides = [
         f"model.vae={tmp_path / 'vae'}",
         f"rollout.prompts={tmp_path / 'p.txt'}",
+        f"run.out_of_domain.prompts={tmp_path / 'heldout.txt'}",
         f"rewards.models=[{{kind: videoalign, path: {tmp_path / 'vr'}, base_model: {tmp_path / 'qwen'}, "
         f"prompt_template: {tmp_path / 't.txt'}, num_gpus: 1}}, "
         f"{{kind: pickscore, path: {tmp_path / 'ps'}, processor: {tmp_path / 'proc'}}}]",
@@ -167,6 +171,7 @@ def test_preflight_names_every_missing_path(tmp_path):
         "model.text_encoder",
         "model.tokenizer",
         "rollout.prompts",
+        "run.out_of_domain.prompts",
         "rewards.models[0].path",
         "rewards.models[0].base_model",
         "rewards.models[0].prompt_template",
@@ -179,7 +184,7 @@ def test_preflight_names_every_missing_path(tmp_path):
     # Once they exist, nothing is missing.
     for name in ("vae", "vr", "qwen", "ps", "proc", "umt5"):
         (tmp_path / name).mkdir()
-    for name in ("p.txt", "t.txt", "sf.pt"):
+    for name in ("p.txt", "heldout.txt", "t.txt", "sf.pt"):
         (tmp_path / name).write_text("x")
     present = [
         f"model.self_forcing_checkpoint={tmp_path / 'sf.pt'}",
@@ -251,3 +256,36 @@ def test_evaluate_cli_refuses_missing_files(tmp_path, capsys):
     assert evaluate_main(["--config", REAL, "--adapters", str(tmp_path), "--prompts", str(prompts)]) == 2
     err = capsys.readouterr().err
     assert "rollout.prompts" not in err and "model.vae" in err  # --prompts stands in for rollout.prompts
+
+
+def test_a_merge_without_an_out_of_domain_score_is_refused_at_load():
+    # The dual-improvement rule needs both scores; without one the job used to end on a NaN.
+    with pytest.raises(ConfigError, match=r"run.out_of_domain: unset, but run.phases includes merge"):
+        load_config(TOY, ["run.out_of_domain=null"])
+    assert load_config(TOY, ["run.out_of_domain=null", "run.phases=[reference, semi, on_policy]"])
+    with pytest.raises(ConfigError, match=r"run.out_of_domain.terms: \['vq'\] also in rewards.terms"):
+        load_config(TOY, ["run.out_of_domain.terms=[{name: ood}, {name: vq}]"])
+    with pytest.raises(ConfigError, match="run.out_of_domain.terms"):
+        load_config(TOY, ["run.out_of_domain.terms=[]"])
+    # A real model names its held-out prompts: the toy world's would be 16x16 stand-ins.
+    with pytest.raises(ConfigError, match="run.out_of_domain.prompts: unset"):
+        load_config(REAL, ["run.out_of_domain.prompts=null"])
+
+
+def test_held_out_prompts_must_never_be_training_prompts(tmp_path):
+    from cluster.prompts import PromptError, load_prompts
+
+    train, heldout = tmp_path / "train.txt", tmp_path / "heldout.txt"
+    train.write_text("a cat\na dog\n")
+    heldout.write_text("a bird\na dog\n")
+    cfg = load_config(TOY, [f"rollout.prompts={train}", f"run.out_of_domain.prompts={heldout}"])
+    with pytest.raises(PromptError, match=r"shares 1 prompt\(s\) with .*train.txt, e.g. 'a dog'"):
+        load_prompts(cfg)
+    heldout.write_text("a bird\n")
+    assert load_prompts(cfg) == (["a cat", "a dog"], ["a bird"])
+    # The toy world's split is disjoint by construction, and a held-out file is checked against it.
+    toy_train, toy_heldout = load_prompts(load_config(TOY))
+    assert toy_heldout and not set(toy_train) & set(toy_heldout)
+    heldout.write_text(toy_train[3] + "\n")
+    with pytest.raises(PromptError, match="the toy world's training prompts"):
+        load_prompts(load_config(TOY, [f"run.out_of_domain.prompts={heldout}"]))

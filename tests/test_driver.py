@@ -6,6 +6,8 @@ order and its resume points on their own.
 
 from __future__ import annotations
 
+import pytest
+
 from cluster.controller import Counters
 from cluster.driver import Driver
 from common.config import load_config
@@ -22,8 +24,10 @@ SMALL = [
     "run.eval_seeds=1",
     "run.sample_prompts=1",
     "run.merge_scales=[0.0,0.5]",
+    "run.out_of_domain.num_prompts=1",
 ]
 PROMPTS = ["a red ball", "a blue cube", "a green cone"]
+HELDOUT = ["a yellow star"]
 
 
 class FakeRoles:
@@ -74,7 +78,9 @@ class FakeRoles:
     def evaluate(self, prompts, seeds, mode, merge_scale):
         self.calls.append(("evaluate", mode, merge_scale))
         gain = {"reference": 0.0, "semi": 0.05, "merged": 0.1 * merge_scale, "on_policy": 0.2}[mode]
-        return [{"vq": 1.0 + gain, "mq": 1.0, "ta": 1.0, "ood": 0.5} for _ in prompts]
+        # The out-of-domain score rises a little with the merge (0.5 at the base: a tie would not pass).
+        ood = 0.5 + (0.01 * merge_scale if mode == "merged" else 0.0)
+        return [{"vq": 1.0 + gain, "mq": 1.0, "ta": 1.0, "ood": ood} for _ in prompts]
 
     def sample_videos(self, prompts, seeds, mode, scale, fps):
         self.calls.append(("sample_videos", mode, scale))
@@ -101,6 +107,7 @@ def make_driver(tmp_path, *overrides):
         log_metrics=records.append,
         save_samples=saved,
         checkpoint_dir=tmp_path / "checkpoints",
+        heldout=HELDOUT,
     )
     return driver, roles, records
 
@@ -138,7 +145,12 @@ def test_fit_runs_the_schedule_in_order(tmp_path):
     ]
     assert (result.final_policy, result.merge_scale, result.merge["dual_improvement_passed"]) == ("merged", 0.5, True)
     assert result.samples == {"start": ["samples/start_0.mp4"], "end": ["samples/end_0.mp4"]}
-    assert result.after.in_domain > result.before.in_domain
+    assert result.after.in_domain.mean > result.before.in_domain.mean
+    # The evaluation set: 2 training prompts and 1 held-out prompt, 1 seed each; the in-domain score
+    # is the training reward on the first, the out-of-domain one `ood` on the second.
+    assert driver.eval_set.prompts == ["a red ball", "a blue cube", "a yellow star"]
+    assert result.before.in_domain.values == (3.0, 3.0) and result.before.out_of_domain.values == (0.5,)
+    assert result.merge["sweep"]["0.5"]["out_of_domain"][0] == pytest.approx(0.505)
     assert [r["phase"] for r in records] == [
         "eval",
         "reference",
@@ -169,7 +181,7 @@ def test_fit_resumes_where_the_checkpoint_stood(tmp_path):
         "phase": "on_policy",
         "iteration": 2,
         "version": 4,
-        "before": [3.0, 0.5, {"vq": 1.0, "mq": 1.0, "ta": 1.0, "ood": 0.5}],
+        "before": {"in_domain": [3.0, 3.0], "out_of_domain": [0.5], "parts": {"vq": 1.0, "mq": 1.0, "ta": 1.0}},
         "samples_start": ["s.mp4"],
         "counters": {
             "groups": 6,
@@ -196,5 +208,5 @@ def test_fit_resumes_where_the_checkpoint_stood(tmp_path):
         ("publish_and_sync",),
     ]
     assert records[0] == {"phase": "resume", "checkpoint": "ckpt-000004", "version": 4}
-    assert result.samples["start"] == ["s.mp4"] and result.before.in_domain == 3.0
+    assert result.samples["start"] == ["s.mp4"] and result.before.in_domain.mean == 3.0
     assert driver.counters.groups == 8 and driver.counters.weight_syncs == 5

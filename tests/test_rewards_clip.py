@@ -32,6 +32,8 @@ def test_clip_and_pickscore_load_from_the_config_and_average_over_frames(clip_di
             f"rewards.models=[{{kind: clip, path: {clip_dir}, num_frames: 3}}, "
             f"{{kind: pickscore, path: {clip_dir}, processor: {clip_dir}, num_frames: 3}}]",
             "rewards.terms=[{name: clip_score}, {name: pickscore, weight: 0.5}]",
+            "run.phases=[on_policy]",
+            "run.out_of_domain=null",
         ],
     )
     clip, pick = build_models(cfg)

@@ -126,6 +126,7 @@ def real_server(tmp_path_factory):
             f"rewards.models=[{{kind: videoalign, path: {va}}}, {{kind: clip, path: {clip}, num_frames: 2}}, "
             "{kind: toy, prefix: toy_, components: [vq, ood]}]",
             "rewards.terms=[{name: overall}, {name: clip_score, weight: 0.01}, {name: toy_vq, weight: 0}]",
+            "run.out_of_domain.terms=[{name: toy_ood}]",
             "rewards.batch_timeout_s=0.2",
             "rewards.video_fps=8",
         ],

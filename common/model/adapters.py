@@ -79,7 +79,7 @@ def train_adapter(model, name: str) -> list[torch.nn.Parameter]:
     """Make `name` the only active adapter, trainable, everything else frozen; return its parameters."""
     _check(model, name)
     model.enable_adapters()
-    model.set_adapter(name)
+    model.set_adapters([name], [1.0])
     model.requires_grad_(False)
     params = adapter_parameters(model, name)
     for p in params:
@@ -88,10 +88,12 @@ def train_adapter(model, name: str) -> list[torch.nn.Parameter]:
 
 
 def use_adapter(model, name: str) -> None:
-    """Only `name` active, for sampling (no gradients touched)."""
+    """Only `name` active, at scale 1, for sampling (no gradients touched). The scale is set, not
+    assumed: merge_adapters leaves the on-policy adapter at its merge scale, and a policy asked for
+    "on-policy alone" after a sweep must not run at the sweep's last scale."""
     _check(model, name)
     model.enable_adapters()
-    model.set_adapter(name)
+    model.set_adapters([name], [1.0])
 
 
 def merge_adapters(model, scale: float, semi: str = SEMI, on_policy: str = ON_POLICY) -> None:
