@@ -33,26 +33,30 @@ if TYPE_CHECKING:
 SAMPLE_SEED = 7
 
 
-def plot_sweep(sweep: dict[float, Scores], base: Scores, out: Path) -> None:
-    """Both scores against the merge scale, with 2-stderr bars and the base as dashed lines."""
+def plot_sweep(sweep: dict[str, dict], base: dict, out: Path) -> None:
+    """Both scores against the merge scale, with 2-stderr bars and the base as dashed lines. `sweep`
+    maps each scale to a score row ({"in_domain": [mean, stderr], "out_of_domain": [...]}, as
+    Scores.as_row gives it), `base` is the reference policy's row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scales = sorted(sweep)
+    scales = sorted(sweep, key=float)
     fig, ax = plt.subplots(figsize=(6, 3.6))
 
     def series(axis, name: str, colour: str, marker: str, label: str) -> None:
-        means = [getattr(sweep[s], name).mean for s in scales]
-        errs = [2 * getattr(sweep[s], name).stderr for s in scales]
-        axis.errorbar(scales, means, yerr=errs, fmt=marker + "-", color=colour, capsize=3, label=label)
-        axis.axhline(getattr(base, name).mean, color=colour, ls="--", lw=0.8)
+        means = [sweep[s][name][0] for s in scales]
+        errs = [2 * sweep[s][name][1] for s in scales]
+        axis.errorbar(
+            [float(s) for s in scales], means, yerr=errs, fmt=marker + "-", color=colour, capsize=3, label=label
+        )
+        axis.axhline(base[name][0], color=colour, ls="--", lw=0.8)
 
     series(ax, "in_domain", "C0", "o", "in-domain reward (± 2 s.e.)")
     ax.set(xlabel="merge scale s (W_base + dW_semi + s dW_on)", ylabel="in-domain reward", title="merge sweep")
     ax.legend(loc="upper left", fontsize=7)
-    if not base.out_of_domain.missing:
+    if base["out_of_domain"][0] == base["out_of_domain"][0]:  # not NaN
         ax2 = ax.twinx()
         series(ax2, "out_of_domain", "C1", "s", "out-of-domain score (± 2 s.e.)")
         ax2.set_ylabel("out-of-domain score")
@@ -138,7 +142,7 @@ def evaluate(
         "videos": clips,
     }
     write_bytes_atomic(out / "scores.json", (json.dumps(result, indent=2) + "\n").encode())
-    plot_sweep(sweep, base, out / "merge_sweep.png")
+    plot_sweep(result["sweep"], base.as_row(), out / "merge_sweep.png")
     names = score_names(config)
     lines = [
         f"# Evaluation of {run_dir.name}",

@@ -206,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         problems = [line for line in missing_paths(config) if line.startswith("model.")]
         if problems:
             raise GenerateError("\n".join(problems))
-        if not args.prompts.is_file():
-            raise PromptError(f"--prompts: no file at {args.prompts}")
-        prompts = read_prompt_file(args.prompts)
+        prompts = read_prompt_file(args.prompts, key="--prompts")
         check_prompts(config, prompts, args.prompts)
         result = generate(
             config, args.adapter, prompts, args.out or args.adapter / "videos", args.seed, args.fps, args.upscale

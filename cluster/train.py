@@ -8,10 +8,12 @@ With no cluster address (neither cluster.address nor RAY_ADDRESS, which `ray job
 starts a local Ray on loopback; with no replay.redis_url it starts an embedded redis-server. It
 tears down only what it started. The schedule is run.phases (reference, semi, on_policy, merge).
 
-Everything lands in runs/<run.name>/: config.yaml (resolved), metrics.jsonl (one line per
-iteration and phase), adapters/ (diffusers Wan LoRA files, loadable with
-`WanPipeline.load_lora_weights`), checkpoints/, samples/{start,end}_<i>.mp4, reward_curve.png and
-summary.json (reward_initial, reward_final, ood_initial, ood_final, iterations, groups, wall_seconds).
+Everything lands in runs/<run.name>/: report.html (before/after videos side by side, the score
+table with standard errors, the plots: open it in a browser), config.yaml (resolved, credentials
+redacted), metrics.jsonl (one line per iteration and phase), adapters/ (diffusers Wan LoRA files,
+loadable with `WanPipeline.load_lora_weights`), export/ (the chosen merged policy folded into one
+LoRA file, with model_card.md), checkpoints/, samples/{start,end}_<i>.mp4, reward_curve.png,
+merge_sweep.png and summary.json (scores with their standard errors, the merge choice, counters).
 
 While it runs, Prometheus metrics are served on metrics.host:metrics.port (http://127.0.0.1:8080/metrics
 by default) and `python -m cluster.scale --rollout N` grows or shrinks the rollout workers. After a
@@ -33,7 +35,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from common.config import Config, ConfigError, load_config_for_cli, preflight
+from common.config import Config, ConfigError, load_config_for_cli, preflight, redacted_dump
 from common.durable import write_bytes_atomic
 
 log = logging.getLogger("arcopo")
@@ -126,11 +128,7 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
     prompts, heldout = load_prompts(config)
     # Every role reads the prompt embeddings from this one file (config.yaml names it too).
     config = with_cache_path(config, folder.root)
-    resolved = config.model_dump(mode="json")
-    if resolved["replay"].get("redis_password"):
-        resolved["replay"]["redis_password"] = "<redacted>"
-    if resolved["replay"].get("redis_url") and "@" in resolved["replay"]["redis_url"]:
-        resolved["replay"]["redis_url"] = "<redacted: has credentials>"
+    resolved = redacted_dump(config)
     write_bytes_atomic(folder.root / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
     start = time.perf_counter()
     with ray_session(config) as local_ray, redis_session(config, folder.root) as redis:
@@ -243,8 +241,77 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
     plot_rewards(
         folder.metrics_path, folder.root / "reward_curve.png", summary["reward_initial"], summary["reward_final"]
     )
+    if summary.get("sweep"):
+        from cluster.evaluate import plot_sweep
+
+        plot_sweep(summary["sweep"], summary["scores"][0], folder.root / "merge_sweep.png")
+    if summary["final_policy"] == "merged":
+        # The chosen policy as one diffusers-loadable LoRA with its model card (learner/export.py).
+        from learner.export import export_policy
+
+        export = export_policy(
+            config, folder.root, summary["merge_scale"], folder.root / "export", scores=summary["scores"]
+        )
+        summary["export"] = str(export.relative_to(folder.root))
     folder.write_json("summary.json", summary)
+    from cluster.report import write_report
+
+    write_report(folder.root, run_report(config, summary, prompts))
     return summary
+
+
+def run_report(config: Config, summary: dict, prompts: list[str]) -> dict:
+    """What report.html shows of a finished run (cluster/report.py)."""
+    from cluster.evaluate import score_names
+
+    start, end = summary["samples"].get("start", []), summary["samples"].get("end", [])
+    final = summary["scores"][-1]["policy"]
+    warnings = []
+    if "merge" in config.run.phases:
+        if summary["dual_improvement_passed"]:
+            verdict = (
+                f"Merged at s = {summary['merge_scale']:g}, the largest scale whose in-domain and "
+                "out-of-domain scores both beat the base (dual-improvement rule)."
+            )
+        else:
+            verdict = (
+                f"No merge scale passed the dual-improvement rule; the run ends on run.merge_scale = "
+                f"{summary['merge_scale']:g}, which is NOT an aligned model by that rule."
+            )
+            warnings.append("No swept merge scale raised both scores over the base.")
+        warnings += [
+            f"At s = {summary['merge_scale']:g} the {m}: within two standard errors, not resolved by "
+            "this evaluation set."
+            for m in summary.get("within_two_stderr", [])
+        ]
+    else:
+        verdict = f"The run ends on {final} (no merge phase, so no dual-improvement choice)."
+    minutes = summary["wall_seconds"] / 60
+    return {
+        "title": f"AR-CoPO run {config.run.name}",
+        "subtitle": f"phases {', '.join(config.run.phases)}; {summary['groups']} groups; {minutes:.1f} min",
+        "verdict": verdict,
+        "warnings": warnings,
+        "samples": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, start, end, strict=False)],
+        "before_label": "reference (base), start of the run",
+        "after_label": f"{final}, end of the run",
+        "scores": summary["scores"],
+        "score_names": score_names(config),
+        "plots": [
+            {"title": "merge sweep", "path": "merge_sweep.png"},
+            {"title": "training reward and loss", "path": "reward_curve.png"},
+        ],
+        "facts": {
+            "evaluation videos": f"{summary['eval_videos']['in_domain']} in-domain, "
+            f"{summary['eval_videos']['out_of_domain']} out-of-domain",
+            "on-policy iterations": summary["iterations"],
+            "groups rolled out": summary["groups"],
+            "weight syncs": summary["weight_syncs"],
+            "dropped stale groups": summary["dropped_stale"],
+            "worker failures": summary["worker_failures"],
+            "export": summary.get("export", "none (no merge phase)"),
+        },
+    }
 
 
 def score_rows(result) -> list[dict]:

@@ -445,6 +445,7 @@ class RunConfig(_Section):
     # score by up to 5e-4 through pixels rounded the other way; 4, 8 and 16 agreed exactly).
     eval_batch_size: int = Field(4, ge=1, description="videos generated at once by evaluation and samples")
     checkpoint_every: int = Field(10, ge=1, description="iterations between adapter checkpoints")
+    tensorboard: bool = Field(False, description="also log metrics and sample videos to <run folder>/tensorboard")
 
 
 def is_toy_world(model: ModelConfig) -> bool:
@@ -724,6 +725,18 @@ def missing_paths(config: Config) -> list[str]:
         if path is not None and not Path(path).exists():
             lines.append(f"{key}: {path} does not exist ({what})")
     return lines
+
+
+def redacted_dump(config: Config) -> dict[str, Any]:
+    """The resolved config as JSON-ready data with its credentials replaced: what run folders and
+    model cards keep (they are made to be read and shared)."""
+    resolved = config.model_dump(mode="json")
+    replay = resolved["replay"]
+    if replay.get("redis_password"):
+        replay["redis_password"] = "<redacted>"
+    if replay.get("redis_url") and "@" in replay["redis_url"]:
+        replay["redis_url"] = "<redacted: has credentials>"
+    return resolved
 
 
 def preflight(config: Config, ignore: tuple[str, ...] = ()) -> None:

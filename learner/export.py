@@ -197,14 +197,9 @@ def _check_scale(scale, where: str) -> float:
 
 
 def _redacted_yaml(config: Config) -> str:
-    # As cluster.train redacts the run folder's config.yaml: a card is made to be shared.
-    resolved = config.model_dump(mode="json")
-    replay = resolved.get("replay", {})
-    if replay.get("redis_password"):
-        replay["redis_password"] = "<redacted>"
-    if replay.get("redis_url") and "@" in replay["redis_url"]:
-        replay["redis_url"] = "<redacted: has credentials>"
-    return yaml.safe_dump(resolved, sort_keys=False)
+    from common.config import redacted_dump
+
+    return yaml.safe_dump(redacted_dump(config), sort_keys=False)
 
 
 def base_checkpoint(config: Config) -> str:

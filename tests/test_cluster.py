@@ -94,6 +94,10 @@ def test_toy_job_runs_every_phase_and_writes_the_run_folder(local_ray, tmp_path)
         "samples/end_0.mp4",
         "adapters/on_policy/pytorch_lora_weights.safetensors",
         "adapters/semi/pytorch_lora_weights.safetensors",
+        "report.html",
+        "merge_sweep.png",
+        "export/pytorch_lora_weights.safetensors",
+        "export/model_card.md",
     ):
         assert (root / rel).is_file(), rel
     # reference done, semi 2/2, semi done, on-policy 2/3, on-policy done: each complete, none half-written.
@@ -139,6 +143,18 @@ def test_toy_job_runs_every_phase_and_writes_the_run_folder(local_ray, tmp_path)
         base = run.evaluate()
     assert base.in_domain.mean == pytest.approx(summary["reward_initial"], abs=1e-5)
     assert base.out_of_domain.mean == pytest.approx(summary["ood_initial"], abs=1e-5)
+
+    # The exported policy, streamed by cluster.generate, makes the job's own end sample: same prompt,
+    # same noise seed, same frames (both are H.264 of uint8 frames: compared decoded, as test_generate does).
+    from cluster.generate import generate
+    from common.video import read_mp4
+
+    prompts = (root / "samples" / "prompts.txt").read_text().splitlines()
+    made = generate(toy_config(tmp_path), root / "export", prompts, tmp_path / "generated", fps=8.0, log=lambda _: None)
+    mine, _ = read_mp4(made["videos"][0])
+    job, _ = read_mp4(root / "samples" / "end_0.mp4")
+    assert mine.shape == job.shape
+    assert ((mine.int() - job.int()).abs() > 2).float().mean() < 0.01
 
     # The job stopped its embedded Redis; started again on the same data directory (AOF), the
     # reference buffer and its counters are all there.
