@@ -97,7 +97,7 @@ def evaluate(
             policy,
             eval_set.prompts,
             eval_set.seeds,
-            lambda frames, p: score_batch(models, frames, p),
+            lambda frames, p: score_batch(models, frames, p, fps=config.rewards.video_fps),
             config.run.eval_batch_size,
         )
         return policy_scores(eval_set, per_video, config)[0]

@@ -55,7 +55,7 @@ class InProcessRun:
 
     def score(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Every reward component of uint8 videos, as a reward server scores them."""
-        return score_batch(self.reward_models, frames, prompts)
+        return score_batch(self.reward_models, frames, prompts, fps=self.config.rewards.video_fps)
 
     @torch.no_grad()
     def evaluate(self) -> Scores:

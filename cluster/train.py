@@ -121,6 +121,7 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
     from cluster.local import ray_session, redis_session
     from cluster.placement import RunRoles, encode_prompts
     from cluster.prompts import load_prompts
+    from cluster.tracking import tracked
     from common.dataflow.replay import ReplayBuffer, ReplayError
     from common.metrics import RunMetrics
     from common.model.prompt_cache import with_cache_path
@@ -175,6 +176,8 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
         metrics = RunMetrics()
         roles = RunRoles(config, replay, record_key, counters, metrics=metrics)
         roles_started = time.perf_counter()
+        tensorboard_dir = folder.root / "tensorboard" if config.run.tensorboard else None
+        log_metrics, save_samples, close_tracking = tracked(folder.log, folder.save_samples, tensorboard_dir)
         try:
             metrics.serve(config.metrics.host, config.metrics.port)
             driver = Driver(
@@ -182,8 +185,8 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
                 roles,
                 counters,
                 prompts,
-                log_metrics=folder.log,
-                save_samples=folder.save_samples,
+                log_metrics=log_metrics,
+                save_samples=save_samples,
                 metrics=metrics,
                 replay_stats=monitor.stats,
                 progress_bar=tqdm,
@@ -236,6 +239,7 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
             }
         finally:
             roles.shutdown()
+            close_tracking()
             time.sleep(linger_s)  # lets a scraper read the final values (tests, short demos)
             metrics.close()
     plot_rewards(

@@ -193,11 +193,24 @@ def test_staleness_is_enforced(local_ray, tmp_path):
     assert strict["max_staleness_trained"] == 0
     # ... and trained at max_staleness 1, never older.
     loose, root = toy_job(
-        tmp_path, "run.phases=[on_policy]", "learner.max_staleness=1", "rollout.prefetch_iterations=1"
+        tmp_path,
+        "run.phases=[on_policy]",
+        "learner.max_staleness=1",
+        "rollout.prefetch_iterations=1",
+        "run.tensorboard=true",
     )
     assert loose["dropped_stale"] == 0
     assert loose["max_staleness_trained"] == 1
     assert all(r.get("staleness_max", 0) <= 1 for r in metrics(root))
+    # run.tensorboard: the job's own records as scalars, its samples as GIFs, read back from the events.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(root / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("on_policy/reward_mean")]
+    expected = [(r["iteration"], r["reward_mean"]) for r in metrics(root) if r["phase"] == "on_policy"]
+    assert [s for s, _ in logged] == [s for s, _ in expected] == [0, 1, 2]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
+    assert {"samples/start/0", "samples/end/0"} <= set(events.Tags()["images"])
 
 
 def test_scaling_rollout_workers_mid_run_loses_nothing(local_ray, tmp_path):
