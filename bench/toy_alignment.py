@@ -210,7 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ood-prompts", type=int, default=None, help="held-out prompts (default: run.out_of_domain.num_prompts)"
     )
-    parser.add_argument("--eval-seeds", type=int, default=None, help="noise seeds a prompt (default: run.eval_seeds)")
+    parser.add_argument(
+        "--eval-seeds", type=int, default=None, help="noise seeds an in-domain prompt (default: run.eval_seeds)"
+    )
+    parser.add_argument(
+        "--ood-seeds", type=int, default=None, help="noise seeds a held-out prompt (default: run.out_of_domain.seeds)"
+    )
     parser.add_argument(
         "--diversity-groups",
         type=int,
@@ -227,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "run.eval_prompts": args.eval_prompts,
         "run.out_of_domain.num_prompts": args.ood_prompts,
         "run.eval_seeds": args.eval_seeds,
+        "run.out_of_domain.seeds": args.ood_seeds,
     }
     overrides += [f"{k}={v}" for k, v in sizes.items() if v is not None]
     cfg = load_toy_config("toy_alignment", args.config, [*args.overrides, *overrides])

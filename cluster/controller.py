@@ -24,6 +24,9 @@ class Counters:
     stale_trained_max: int = 0
     groups_by_phase: dict[str, int] = field(default_factory=dict)
     heartbeats_missed: int = 0
+    # Learner groups the driver replaced (and restored from the newest complete checkpoint) in this
+    # job; bounded by run.max_learner_restarts.
+    learner_restarts: int = 0
     # One entry per weight broadcast after an update: {"version", "bytes", "seconds"}.
     weight_sync_log: list[dict] = field(default_factory=list)
 

@@ -10,7 +10,9 @@ run (cluster/placement.py: RunRoles) that do the work. `Driver.fit` is the whole
     evaluation  the final policy on the same set, and the end samples
 
 The phases named in run.phases run, always in this order; a checkpoint after every phase (and every
-run.checkpoint_every updates) lets a resumed run continue where it stopped.
+run.checkpoint_every updates) lets a resumed run continue where it stopped. A learner that dies is
+replaced inside the job and restored from the newest complete checkpoint, and the iterations after
+it are redone with the same jobs (Driver.recover; run.max_learner_restarts).
 
 The driver handles jobs, summaries and ObjectRefs only: group records travel rollout worker ->
 learner (or -> Redis -> learner), weights learner -> object store -> rollout workers.
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster.checkpoints import read_checkpoint_state
+from cluster.checkpoints import latest_checkpoint, read_checkpoint_state
 from cluster.controller import Counters
 from common.dataflow.jobs import GroupJob, GroupSummary, make_job
 from common.evaluation import EvalSet, Scores
@@ -42,6 +44,26 @@ log = logging.getLogger(__name__)
 
 SAMPLE_FPS = 8.0
 SAMPLE_SEED = 7
+
+# The counters a checkpoint holds. An in-job learner restore puts them back to the checkpoint's,
+# except the fault tallies: those count events that happened (a rollout worker lost, a learner
+# group replaced) and are not redone with the iterations.
+CHECKPOINTED_COUNTERS = (
+    "groups",
+    "groups_by_phase",
+    "dropped_stale",
+    "reward_failures",
+    "worker_failures",
+    "jobs_redone",
+    "weight_syncs",
+    "stale_trained_max",
+    "learner_restarts",
+)
+FAULT_TALLIES = ("worker_failures", "jobs_redone", "learner_restarts")
+# The phases whose metrics.jsonl records a learner restore can roll back.
+UPDATE_PHASES = ("reference", "semi", "on_policy")
+# How long every learner rank has to answer after an error, before the group counts as broken.
+LEARNER_LIVENESS_S = 30.0
 
 
 def phase_seed(run_seed: int, phase: str, iteration: int) -> int:
@@ -133,7 +155,6 @@ class Driver:
         phases = cfg.run.phases
         if resume_from is not None:
             self.resume(resume_from)
-        done = self.progress_state["completed"]
 
         # The base policy, once per run (a resumed run keeps the first run's numbers and samples).
         if "before" not in self.progress_state:
@@ -148,6 +169,28 @@ class Driver:
         b = self.progress_state["before"]
         before, before_parts = Scores(b["in_domain"], b["out_of_domain"]), b["parts"]
         samples = {"start": self.progress_state["samples_start"]}
+
+        # Sections 2-4, where a learner that dies is replaced and restored (recover) and the schedule
+        # goes on from the restored checkpoint.
+        self.with_learner_recovery(self.train_phases)
+
+        # Section 5: the merge scale by the dual-improvement rule, then the final policy's scores.
+        mode, scale = final_policy(phases)
+        merge_info: dict = {}
+        if "merge" in phases:
+            merge_info = self.merge(before)
+            mode, scale = "merged", merge_info["merge_scale"]
+        after, after_parts = self.evaluate(mode, scale)
+        self._log_eval(mode, after, after_parts, merge_scale=scale)
+        samples["end"] = self.samples("end", mode, scale)
+        return FitResult(before, before_parts, after, after_parts, mode, scale, merge_info, samples)
+
+    def train_phases(self) -> None:
+        """reference -> semi -> on_policy (those in run.phases and not completed), each from where
+        progress_state says it stands."""
+        cfg = self.config
+        phases = cfg.run.phases
+        done = self.progress_state["completed"]
 
         # Section 4: the fixed reference buffer, then the semi adapter trained on it.
         if "reference" in phases and "reference" not in done:
@@ -172,16 +215,16 @@ class Driver:
                 self.train_on_policy(bar)
             self.phase_done("on_policy")
 
-        # Section 5: the merge scale by the dual-improvement rule, then the final policy's scores.
-        mode, scale = final_policy(phases)
-        merge_info: dict = {}
-        if "merge" in phases:
-            merge_info = self.merge(before)
-            mode, scale = "merged", merge_info["merge_scale"]
-        after, after_parts = self.evaluate(mode, scale)
-        self._log_eval(mode, after, after_parts, merge_scale=scale)
-        samples["end"] = self.samples("end", mode, scale)
-        return FitResult(before, before_parts, after, after_parts, mode, scale, merge_info, samples)
+    def save_adapters(self, directory) -> list[str]:
+        """The trained adapters as diffusers Wan LoRA files in `directory` (learner rank 0 writes them).
+        A learner that died since the last phase is replaced and restored first; train_phases then
+        redoes whatever the restored checkpoint does not hold (nothing, after the last phase's)."""
+
+        def save() -> list[str]:
+            self.train_phases()
+            return self.roles.save_adapters(directory)
+
+        return self.with_learner_recovery(save)
 
     def samples(self, tag: str, mode: str, scale: float) -> list[str]:
         """Sample videos of the first run.sample_prompts prompts, handed to save_samples."""
@@ -216,21 +259,13 @@ class Driver:
         self.roles.save_checkpoint(self.checkpoint_dir, self.state())
 
     def state(self) -> dict:
-        c = self.counters
-        return {
-            **self.progress_state,
-            "version": self.version,
-            "counters": {
-                "groups": c.groups,
-                "groups_by_phase": c.groups_by_phase,
-                "dropped_stale": c.dropped_stale,
-                "reward_failures": c.reward_failures,
-                "worker_failures": c.worker_failures,
-                "jobs_redone": c.jobs_redone,
-                "weight_syncs": c.weight_syncs,
-                "stale_trained_max": c.stale_trained_max,
-            },
-        }
+        return {**self.progress_state, "version": self.version, "counters": _counter_state(self.counters)}
+
+    def initial_state(self) -> dict:
+        """The state before any phase: what a learner restore goes back to when no checkpoint is
+        complete yet (the base policy's scores and start samples are kept: they are pi_ref's)."""
+        kept = {k: self.progress_state[k] for k in ("before", "samples_start") if k in self.progress_state}
+        return {"completed": [], **kept, "version": 0, "counters": _counter_state(Counters())}
 
     def resume(self, checkpoint) -> None:
         """Continue from a checkpoint: the learners load theirs, the driver its state, and the rollout
@@ -249,13 +284,16 @@ class Driver:
         )
         self.log_metrics({"phase": "resume", "checkpoint": checkpoint.name, "version": self.version})
 
-    def restore(self, state: dict) -> None:
-        """Continue from a checkpoint's driver state (the learners have loaded theirs)."""
+    def restore(self, state: dict, in_job: bool = False) -> None:
+        """Continue from a checkpoint's driver state (the learners have loaded theirs). `in_job`: a
+        learner restore inside this job, which keeps the fault tallies and the Prometheus counters
+        (those only go up, and count the work the lost iterations did too)."""
         self.version = state["version"]
         self.progress_state = {k: v for k, v in state.items() if k not in ("version", "counters")}
         for key, value in state["counters"].items():
-            setattr(self.counters, key, value)
-        if self.metrics:
+            if not (in_job and key in FAULT_TALLIES):
+                setattr(self.counters, key, value)
+        if self.metrics and not in_job:
             self.metrics.restore_counters(
                 {
                     "rollout_groups": state["counters"]["groups_by_phase"],
@@ -263,6 +301,101 @@ class Driver:
                     "dropped_stale": state["counters"]["dropped_stale"],
                 }
             )
+
+    def _rollback_point(self) -> dict:
+        """Where the schedule stands after a learner restore, as its metrics.jsonl record says it:
+        every record of a phase not in `completed`, at or after `at`, written before, was rolled back
+        (surviving_rows leaves them out)."""
+        point: dict = {"completed": list(self.progress_state["completed"])}
+        if "phase" in self.progress_state:
+            point["at"] = {"phase": self.progress_state["phase"], "iteration": self.progress_state["iteration"]}
+        return point
+
+    # -- a learner that dies ----------------------------------------------------------------------
+
+    def with_learner_recovery(self, step: Callable):
+        """step(), and again after each learner restore (recover) while run.max_learner_restarts
+        allows: `step` must continue from the driver's state, which the restore puts back."""
+        while True:
+            try:
+                return step()
+            except Exception as exc:
+                self._recover_or_raise(exc)
+
+    def _recover_or_raise(self, exc: Exception) -> None:
+        """After `exc`: when a learner rank is dead (or stuck) and restarts are left, replace the group
+        and restore it (recover); otherwise raise `exc` (the job ends with the --resume hint)."""
+        limit = self.config.run.max_learner_restarts
+        while True:
+            if limit == 0 or self.roles.learners_alive(LEARNER_LIVENESS_S):
+                raise exc
+            if self.counters.learner_restarts >= limit:
+                log.error("a learner died again, after %d restarts (run.max_learner_restarts)", limit)
+                raise exc
+            self.counters.learner_restarts += 1
+            try:
+                self.recover(_describe(exc))
+                return
+            except Exception as again:  # a learner that died during the restore: try again, bounded
+                exc = again
+
+    def recover(self, cause: str = "a learner died") -> None:
+        """Replace the learner group and go back to the newest complete checkpoint (or the start):
+
+        1. every learner rank is killed and started again, and the process group formed anew;
+        2. the ranks load the newest complete checkpoint (none: they keep their fresh weights, which
+           are the run's initial ones);
+        3. every job out on the rollout workers is given up, its group thrown away when it returns;
+        4. a reference phase the checkpoint does not hold as completed has its partial buffer cleared
+           (it is collected again: same jobs, same groups);
+        5. the driver's state goes back to the checkpoint's: weight version, phase, iteration, counters
+           (but the fault tallies);
+        6. the restored weights are broadcast to every rollout worker, before any new job.
+
+        The caller then redoes every iteration after the checkpoint with the same jobs (job ids are
+        fixed by the schedule), so each group is trained once in the weights that survive."""
+        log.warning(
+            "%s; restarting the learner group (restart %d of at most %d, run.max_learner_restarts)",
+            cause,
+            self.counters.learner_restarts,
+            self.config.run.max_learner_restarts,
+        )
+        self.roles.restart_learners()
+        checkpoint = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir is not None else None
+        if checkpoint is not None:
+            self.roles.load_checkpoint(checkpoint)
+            state = read_checkpoint_state(checkpoint)
+        else:
+            state = self.initial_state()
+        abandoned = self.roles.discard_rollouts()
+        if "reference" in self.config.run.phases and "reference" not in state["completed"]:
+            cleared = self.roles.clear_replay()
+            log.info("reference phase not checkpointed: cleared %d buffer items, collecting again", cleared)
+        self.restore(state, in_job=True)
+        self.broadcast()
+        where = (
+            f"{state['phase']} iteration {state['iteration']}"
+            if "phase" in state
+            else f"completed phases {state['completed']}"
+        )
+        log.warning(
+            "learner group restored from %s: %s, weight version %d (%d jobs given up); redoing what followed",
+            checkpoint.name if checkpoint is not None else "the start of the run",
+            where,
+            self.version,
+            abandoned,
+        )
+        self.log_metrics(
+            {
+                "phase": "restore",
+                "cause": cause,
+                "checkpoint": checkpoint.name if checkpoint is not None else None,
+                "version": self.version,
+                "learner_restarts": self.counters.learner_restarts,
+                "jobs_given_up": abandoned,
+                **self._rollback_point(),
+            }
+        )
 
     def phase_done(self, phase: str) -> None:
         """A phase finished: remember it, and checkpoint so a resume never redoes it."""
@@ -475,3 +608,35 @@ class Driver:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def _counter_state(c: Counters) -> dict:
+    return {key: getattr(c, key) for key in CHECKPOINTED_COUNTERS}
+
+
+def _describe(exc: Exception) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    lines = [x for x in str(cause).strip().splitlines() if x.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
+def surviving_rows(rows: list[dict]) -> list[dict]:
+    """metrics.jsonl's records without those a learner restore rolled back: a `restore` record names
+    where the schedule went back to (`completed`, `at`), and the records of updates (and reference
+    groups) after that point, written before it, belong to weights that were thrown away; the redone
+    iterations' records follow it. What is left trains each group once. (A `resume` record does not
+    say where it went back to; records a crashed attempt wrote after its last checkpoint stay.)"""
+    kept: list[dict] = []
+    for row in rows:
+        if row.get("phase") == "restore" and "completed" in row:
+            completed, at = row["completed"], row.get("at") or {}
+            kept = [r for r in kept if not _rolled_back(r, completed, at)]
+        kept.append(row)
+    return kept
+
+
+def _rolled_back(row: dict, completed: list[str], at: dict) -> bool:
+    phase = row.get("phase")
+    if phase not in UPDATE_PHASES or phase in completed:
+        return False
+    return phase != at.get("phase") or row.get("iteration", 0) >= at.get("iteration", 0)

@@ -149,8 +149,10 @@ class RunRoles:
         ray.get([learner_pg.ready(), reward_pg.ready()], timeout=config.cluster.call_timeout_s)
 
         learner_cls = ray.remote(Learner)
-        self.learners = [
-            learner_cls.options(
+        self.replay = replay
+
+        def make_learner(rank: int):
+            return learner_cls.options(
                 name=f"learner-{rank}",
                 namespace=ns,
                 num_cpus=lrn.num_cpus_per_worker,
@@ -159,16 +161,9 @@ class RunRoles:
                 resources=dict(lrn.resources) or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(learner_pg, rank),
             ).remote(cfg, rank, lrn.num_workers, replay, record_key)
-            for rank in range(lrn.num_workers)
-        ]
-        prints = ray.get([x.base_fingerprint.remote() for x in self.learners])
-        if len(set(prints)) > 1:
-            raise PlacementError(
-                f"learner ranks loaded different base weights ({prints}); is the checkpoint "
-                "path the same file on every node?"
-            )
-        host, port = ray.get(self.learners[0].address.remote())
-        ray.get([x.join.remote(host, port) for x in self.learners])
+
+        self._make_learner = make_learner
+        self.learners = self._start_learners()
 
         server_cls = ray.remote(RewardServer)
         self.reward_servers = [
@@ -218,6 +213,83 @@ class RunRoles:
         )
         self.publish()
         self.pool.grow(r.num_workers)
+
+    # -- the learner group ------------------------------------------------------------------------
+
+    def _start_learners(self) -> list:
+        """Every learner rank, in its bundle of the learner placement group, joined into one process
+        group. A name still held by a rank being killed is retried until Ray has released it."""
+        import ray
+
+        learners = []
+        deadline = time.monotonic() + self.config.cluster.call_timeout_s
+        for rank in range(self.config.learner.num_workers):
+            while True:
+                try:
+                    learners.append(self._make_learner(rank))
+                    break
+                except ValueError as exc:  # "The name learner-<rank> ... is already taken"
+                    if "already taken" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        prints = ray.get([x.base_fingerprint.remote() for x in learners])
+        if len(set(prints)) > 1:
+            raise PlacementError(
+                f"learner ranks loaded different base weights ({prints}); is the checkpoint "
+                "path the same file on every node?"
+            )
+        host, port = ray.get(learners[0].address.remote())
+        ray.get([x.join.remote(host, port) for x in learners])
+        return learners
+
+    def learners_alive(self, timeout_s: float = 30.0) -> bool:
+        """Whether every learner rank answers within `timeout_s`. A rank that died, or one stuck (in a
+        collective whose peer died, say), makes it False: the group as a whole is then broken."""
+        import ray
+        from ray.exceptions import RayError
+
+        refs = [x.stats.remote() for x in self.learners]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if len(ready) < len(refs):
+            return False
+        try:
+            ray.get(refs)
+        except RayError:
+            return False
+        return True
+
+    def restart_learners(self) -> None:
+        """Kill every learner rank and start the group again, in the same placement group, with fresh
+        weights (the caller loads a checkpoint into them). All ranks go together: their process group
+        cannot take a new member. The weight packet of the dead rank 0 is gone with it, and so is the
+        rendezvous of the collective weight transport, which is formed again at the next sync."""
+        import ray
+
+        for learner in self.learners:
+            try:
+                ray.kill(learner, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self.last_packet = None
+        self._members = None
+        self.learners = self._start_learners()
+
+    def discard_rollouts(self) -> int:
+        """Give up every job out on the rollout workers (cluster/pool.py: RolloutPool.abandon_all)."""
+        return self.pool.abandon_all()
+
+    def clear_replay(self) -> int:
+        """Remove every item of the run's replay buffer (a reference phase about to be collected
+        again); returns how many there were."""
+        if self.replay is None:
+            return 0
+        from common.dataflow.replay import ReplayBuffer
+
+        buffer = ReplayBuffer(self.replay["url"], self.replay["name"])
+        try:
+            return buffer.clear()
+        finally:
+            buffer.close()
 
     # -- weights --------------------------------------------------------------------------------
 

@@ -40,6 +40,8 @@ class RolloutPool:
         self.pending: deque = deque()  # (job, attempt)
         self.results: dict[int, tuple[GroupSummary, object]] = {}
         self.failed: set[int] = set()
+        # Summary refs of jobs given up by `abandon_all` while still running: thrown away on return.
+        self.abandoned: set = set()
         self.metrics = metrics  # common.metrics.RunMetrics, or None
         self.heartbeat_s, self.heartbeat_timeout_s = heartbeat
         self.last_heartbeat = time.monotonic()
@@ -139,12 +141,25 @@ class RolloutPool:
     def submit(self, jobs: list[GroupJob]) -> None:
         self.pending.extend((job, 0) for job in jobs)
 
+    def abandon_all(self) -> int:
+        """Forget every job: pending ones, results not yet taken, failures, and those still running
+        (their groups are thrown away when they come back, never counted). After a learner restore
+        the driver sends the same jobs out again, made with the restored weights. Returns how many
+        jobs were given up."""
+        running = {v[0] for v in self.busy.values()} - self.abandoned
+        count = len(self.pending) + len(self.results) + len(running)
+        self.abandoned |= running
+        self.pending.clear()
+        self.results.clear()
+        self.failed.clear()
+        return count
+
     def is_known(self, job_id: int) -> bool:
         return (
             job_id in self.results
             or job_id in self.failed
             or any(j.job_id == job_id for j, _ in self.pending)
-            or any(v[2].job_id == job_id for v in self.busy.values())
+            or any(v[2].job_id == job_id for v in self.busy.values() if v[0] not in self.abandoned)
         )
 
     def run(
@@ -180,6 +195,9 @@ class RolloutPool:
         for ref in done:
             name = by_ref[ref]
             _, d_ref, job, attempt, _ = self.busy.pop(name)
+            if ref in self.abandoned:
+                self._drop_abandoned(name, ref)
+                continue
             try:
                 summary = ray.get(ref)
             except RayActorError:
@@ -227,6 +245,25 @@ class RolloutPool:
             if now - started > self.timeout_s:
                 log.error("%s: job %d exceeded cluster.call_timeout_s; killing the worker", name, job.job_id)
                 ray.kill(self.workers[name])
+
+    def _drop_abandoned(self, name: str, ref) -> None:
+        """An abandoned job came back: its group is not used; a worker that died running it is
+        still lost (and replaced)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        self.abandoned.discard(ref)
+        try:
+            ray.get(ref)
+        except RayActorError:
+            self.counters.worker_failures += 1
+            self.workers.pop(name, None)
+            self.retiring.discard(name)
+            log.warning("%s died running an abandoned job", name)
+            if not self.live():
+                self.grow(1)
+        except Exception:  # the group is thrown away whatever went wrong with it
+            pass
 
     def shutdown(self) -> None:
         import ray

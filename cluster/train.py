@@ -15,9 +15,11 @@ loadable with `WanPipeline.load_lora_weights`), export/ (the chosen merged polic
 LoRA file, with model_card.md), checkpoints/, samples/{start,end}_<i>.mp4, reward_curve.png,
 merge_sweep.png and summary.json (scores with their standard errors, the merge choice, counters).
 
-While it runs, Prometheus metrics are served on metrics.host:metrics.port (http://127.0.0.1:8080/metrics
+While it runs, Prometheus metrics are served on metrics.host:metrics.port (http://127.0.0.1:9464/metrics
 by default) and `python -m cluster.scale --rollout N` grows or shrinks the rollout workers. After a
-crash, the same command with --resume continues from the newest complete checkpoint.
+crash, the same command with --resume continues from the newest complete checkpoint; with
+--resume auto (what a RayJob's retry runs) it continues when there is one and starts afresh otherwise.
+A learner that dies is replaced and restored inside the job (run.max_learner_restarts).
 """
 
 from __future__ import annotations
@@ -44,6 +46,23 @@ log = logging.getLogger("arcopo")
 # Redis sessions, the run folder, the plots and the summary.
 
 
+# What a job writes into its run folder, beside the files a fresh start keeps (the record key, the
+# prompt-embedding cache and the embedded Redis's AOF, whose buffer is cleared through Redis).
+RUN_OUTPUTS = (
+    "metrics.jsonl",
+    "summary.json",
+    "report.html",
+    "reward_curve.png",
+    "merge_sweep.png",
+    "config.yaml",
+    "samples",
+    "tensorboard",
+    "checkpoints",
+    "adapters",
+    "export",
+)
+
+
 class RunFolder:
     def __init__(self, root: Path):
         self.root = root
@@ -58,6 +77,21 @@ class RunFolder:
 
     def write_json(self, name: str, data: dict) -> None:
         write_bytes_atomic(self.root / name, (json.dumps(data, indent=2, allow_nan=True) + "\n").encode())
+
+    def clear_outputs(self) -> list[str]:
+        """Remove what an earlier attempt of this run wrote (RUN_OUTPUTS), so a fresh start does not
+        append to its metrics or mix its files with the new ones; returns the names removed."""
+        removed = []
+        for name in RUN_OUTPUTS:
+            path = self.root / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            else:
+                continue
+            removed.append(name)
+        return removed
 
     def save_samples(self, tag: str, prompts: list[str], videos: list[bytes]) -> list[str]:
         """samples/<tag>_<i>.mp4 and samples/prompts.txt; the mp4 paths, relative to the run folder."""
@@ -113,7 +147,11 @@ def check_job(config: Config) -> None:
     preflight(config)
 
 
-def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool = False) -> dict:
+def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool | str = False) -> dict:
+    """The job. `resume`: False, a fresh run; True (--resume), continue from the newest complete
+    checkpoint; "auto" (--resume auto), continue from it if there is one, else start afresh over
+    whatever an earlier attempt that died before its first checkpoint left (its outputs and its
+    partial replay buffer are removed)."""
     check_job(config)
     from cluster.checkpoints import latest_checkpoint, read_checkpoint_state
     from cluster.controller import Counters
@@ -126,6 +164,10 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
     from common.metrics import RunMetrics
     from common.model.prompt_cache import with_cache_path
 
+    checkpoint = latest_checkpoint(folder.root / "checkpoints") if resume else None
+    if resume == "auto" and checkpoint is None:
+        removed = []
+        log.info("--resume auto: no complete checkpoint, starting afresh%s", f" (removed {removed})" if removed else "")
     prompts, heldout = load_prompts(config)
     # Every role reads the prompt embeddings from this one file (config.yaml names it too).
     config = with_cache_path(config, folder.root)
@@ -143,8 +185,7 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
         # record written by anyone else (or altered) is refused.
         record_key = _record_key(folder.root)
         replay = {"url": redis.url, "name": config.run.name}
-        checkpoint = latest_checkpoint(folder.root / "checkpoints") if resume else None
-        if resume and checkpoint is None:
+        if resume is True and checkpoint is None:
             log.warning(
                 "--resume: no complete checkpoint in %s; starting from the beginning", folder.root / "checkpoints"
             )
@@ -160,7 +201,8 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
                     "--resume to continue that run, or clear it"
                 )
             # A reference phase cut short left some of its groups in Redis: start it afresh (same
-            # jobs, same groups) rather than train on a partial or doubled buffer.
+            # jobs, same groups) rather than train on a partial or doubled buffer. So does a fresh
+            # start under --resume auto, over what an attempt that died before its first checkpoint left.
             log.info("reference phase was interrupted: cleared %d partial items, collecting again", monitor.clear())
         # Training, held-out and so evaluation and sample prompts (both are training prompts), encoded
         # once before learners (which never load the text encoder) and rollout workers start.
@@ -173,7 +215,7 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
             encoded["seconds"],
         )
         counters = Counters()
-        metrics = RunMetrics()
+        metrics = RunMetrics(config.run.name)
         roles = RunRoles(config, replay, record_key, counters, metrics=metrics)
         roles_started = time.perf_counter()
         tensorboard_dir = folder.root / "tensorboard" if config.run.tensorboard else None
@@ -194,7 +236,7 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
                 heldout=heldout,
             )
             result = driver.fit(resume_from=checkpoint)
-            saved = roles.save_adapters(folder.root / "adapters")
+            saved = driver.save_adapters(folder.root / "adapters")
             busy = roles.busy_ratios(time.perf_counter() - roles_started)
             worker_versions = roles.worker_weight_versions()
             phases = config.run.phases
@@ -226,6 +268,7 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool =
                 "worker_failures": counters.worker_failures,
                 "jobs_redone": counters.jobs_redone,
                 "heartbeats_missed": counters.heartbeats_missed,
+                "learner_restarts": counters.learner_restarts,
                 "rollout_workers_final": len(roles.rollout_workers()),
                 "scaling_events": roles.scaling_events(),
                 "role_busy_ratio": busy,
@@ -343,6 +386,26 @@ def _record_key(root: Path) -> bytes:
     return key
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parser's arguments, with `--resume auto` (or `--resume=auto`) giving resume == "auto"; a bare
+    `--resume` stays the flag it always was (True), whatever follows it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    auto = False
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--resume=auto" or (argv[i] == "--resume" and argv[i + 1 : i + 2] == ["auto"]):
+            auto = True
+            i += 1 if argv[i] == "--resume=auto" else 2
+            continue
+        rest.append(argv[i])
+        i += 1
+    args = parser.parse_intermixed_args(rest)
+    if auto:
+        args.resume = "auto"
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cluster.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -356,10 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue runs/<run.name>/ from its newest complete checkpoint (same config and overrides)",
+        help="continue runs/<run.name>/ from its newest complete checkpoint (same config and overrides); "
+        "`--resume auto`: continue if there is one, else start afresh over what an earlier attempt left "
+        "(the entrypoint of a retried RayJob)",
     )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.name=try2 run.iterations=20")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config_for_cli(args.config, args.overrides)
     if config is None:

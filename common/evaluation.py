@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 EVAL_SEED_BASE = 10_000
 
 
+def eval_seeds(count: int) -> range:
+    return range(EVAL_SEED_BASE, EVAL_SEED_BASE + count)
+
+
 @dataclass(frozen=True)
 class EvalSet:
     """(prompt, noise seed) pairs: the in-domain part, then the out-of-domain part."""
@@ -41,14 +45,14 @@ class EvalSet:
     @classmethod
     def from_config(cls, config: Config, train_prompts: Sequence[str], heldout_prompts: Sequence[str]) -> EvalSet:
         r = config.run
-        seeds = range(EVAL_SEED_BASE, EVAL_SEED_BASE + r.eval_seeds)
         ood = r.out_of_domain
         heldout = list(heldout_prompts[: ood.num_prompts]) if ood is not None else []
         if ood is not None and not heldout:
             raise ValueError("run.out_of_domain: no held-out prompts to score the out-of-domain terms on")
+        ood_seeds = ood.seeds if ood is not None and ood.seeds is not None else r.eval_seeds
         return cls(
-            tuple((p, s) for p in train_prompts[: r.eval_prompts] for s in seeds),
-            tuple((p, s) for p in heldout for s in seeds),
+            tuple((p, s) for p in train_prompts[: r.eval_prompts] for s in eval_seeds(r.eval_seeds)),
+            tuple((p, s) for p in heldout for s in eval_seeds(ood_seeds)),
         )
 
     @property

@@ -3,7 +3,12 @@
 Every role's figures reach the driver anyway (group summaries, learner stats, reward-server stats,
 weight versions, Redis counters), so one exporter on the driver serves them all, labelled by role
 and actor: in the embedded default everything is on one loopback port, and on a cluster one scrape
-target per job. The names are a contract (docs/operations.md, "Metrics"); nothing secret is ever a label.
+target per job (docs/deploy.md, "How Prometheus finds the job"). Every series carries the label
+`run` (run.name), so that two runs scraped by one Prometheus stay apart. The names are a contract
+(docs/operations.md, "Metrics"); nothing secret is ever a label.
+
+The default port (metrics.port, 9464) is not 8080, which KubeRay gives every Ray node as
+`--metrics-export-port`: the driver on the head could never bind that one (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 import socket
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +34,56 @@ def peak_rss_bytes() -> int:
 _SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
+class MirroredCounter:
+    """A counter kept elsewhere (the replay buffer's Redis HINCRBY stats), exported as a Prometheus
+    counter `<name>_total` with the value it has there: `set(value)` records that value (it only
+    grows, and a new Redis starts it at zero, which Prometheus reads as a counter reset). Nothing is
+    exported before the first `set`."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry):
+        self.name, self.documentation = name, documentation
+        self.value: float | None = None
+        registry.register(self)
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> list[Metric]:
+        if self.value is None:
+            return []
+        return [CounterMetricFamily(self.name, self.documentation, value=self.value)]
+
+
+class _Labelled:
+    """Every family of `inner` with `labels` added to each of its samples (Prometheus's Python client
+    has no constant labels): the registry the exporter serves."""
+
+    def __init__(self, inner: CollectorRegistry, labels: dict[str, str]):
+        self.inner, self.labels = inner, labels
+
+    def describe(self) -> list[Metric]:
+        return []  # names are checked for duplicates in `inner`
+
+    def collect(self):
+        for family in self.inner.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            out.samples = [s._replace(labels={**s.labels, **self.labels}) for s in family.samples]
+            yield out
+
+
 class RunMetrics:
-    def __init__(self):
-        r = self.registry = CollectorRegistry()
+    """The run's metrics. `run` (run.name) is the value of the `run` label on every series."""
+
+    def __init__(self, run: str):
+        if not isinstance(run, str) or not run:
+            raise ValueError(f"RunMetrics needs the run's name (run.name) for its `run` label, got {run!r}")
+        self.run = run
+        r = self.own = CollectorRegistry()  # the metrics themselves, unlabelled by run
+        self.registry = CollectorRegistry()  # what the exporter serves: `own` with run="<run.name>"
+        self.registry.register(_Labelled(self.own, {"run": run}))
         self.rollout_groups = Counter("arcopo_rollout_groups", "forked groups produced", ["phase"], registry=r)
         self.rollout_seconds = Histogram(
             "arcopo_rollout_seconds", "rollout time of one group (fork + decode)", buckets=_SECONDS, registry=r
@@ -66,8 +119,9 @@ class RunMetrics:
             "arcopo_dropped_stale", "groups dropped as older than learner.max_staleness", registry=r
         )
         self.replay_size = Gauge("arcopo_replay_size", "items in the replay buffer", registry=r)
-        self.replay_inserts = Gauge("arcopo_replay_inserts_total", "items ever inserted (Redis counter)", registry=r)
-        self.replay_samples = Gauge("arcopo_replay_samples_total", "items ever sampled (Redis counter)", registry=r)
+        # Redis's own counters, exported as counters (arcopo_replay_{inserts,samples}_total).
+        self.replay_inserts = MirroredCounter("arcopo_replay_inserts", "items ever inserted (Redis counter)", r)
+        self.replay_samples = MirroredCounter("arcopo_replay_samples", "items ever sampled (Redis counter)", r)
         self.queue_depth = Gauge("arcopo_queue_depth", "jobs waiting, per queue", ["queue"], registry=r)
         self.busy_ratio = Gauge("arcopo_role_busy_ratio", "share of wall time a role works", ["role"], registry=r)
         self.rollout_workers = Gauge("arcopo_rollout_workers", "live rollout workers", registry=r)

@@ -119,7 +119,8 @@ def ode_endpoints(teacher, sampler, text, context, noise, ode_steps: int, shift:
     sigmas = ode_sigmas(ode_steps, shift)
     x = noise
     for sig, nxt in pairwise(sigmas):
-        flow = teacher(x, torch.full((batch,), sig * num_train), text, start_frame=start, cache=cache)
+        t = torch.full((batch,), sig * num_train)
+        flow = teacher(x, t, text, return_dict=False, start_frame=start, cache=cache)[0]
         x = x + (nxt - sig) * flow
     return x
 
@@ -176,7 +177,9 @@ def distill(cfg: Config, args, train_prompts, encoder, generator):
         target = torch.where(mask, entry["endpoint"], entry["data"])
         t = torch.zeros(batch, context.shape[2] + s.frames_per_chunk)
         t[:, context.shape[2] :] = sigma.flatten()[:, None] * sched.num_train_timesteps
-        flow = student(torch.cat([context, x_t], dim=2), t, entry["text"], frames_per_chunk=s.frames_per_chunk)
+        flow = student(
+            torch.cat([context, x_t], dim=2), t, entry["text"], return_dict=False, frames_per_chunk=s.frames_per_chunk
+        )[0]
         x0 = x_t - sigma * flow[:, :, context.shape[2] :]
         loss = (x0 - target).square().mean()
         optimizer.zero_grad(set_to_none=True)
@@ -222,7 +225,7 @@ def pretrain_flow(cfg: Config, args, train_prompts, encoder, generator):
             cfg, sampler, prompts, seeds, generator, args.sigma_sampling
         )
         text = encoder.encode([p.text for p in prompts])
-        flow = model(x_t, timesteps, text, frames_per_chunk=cfg.sampler.frames_per_chunk)
+        flow = model(x_t, timesteps, text, return_dict=False, frames_per_chunk=cfg.sampler.frames_per_chunk)[0]
         err = (flow - target).square().mean(dim=(1, 3, 4))  # [B, F]
         loss = (err * is_target).sum() / is_target.sum()
         optimizer.zero_grad(set_to_none=True)

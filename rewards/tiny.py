@@ -336,8 +336,17 @@ def _write_model_config(root: Path, output_dim: int, lora_cfg: dict) -> None:
     (root / "model_config.json").write_text(json.dumps(meta, indent=2))
 
 
-def make_tiny_clip(root: str | Path, seed: int = 0, max_positions: int = 77) -> Path:
-    """A tiny CLIPModel directory with its processor (tokenizer + image processor)."""
+# CLIP ViT-L/14 (openai/clip-vit-large-patch14), the shape the real config's out-of-domain scorer has.
+CLIP_SIZES = {
+    "tiny": dict(text=(32, 64, 2, 2), vision=(32, 64, 2, 2), image=32, patch=8, projection=16),
+    "vit-l-14": dict(text=(768, 3072, 12, 12), vision=(1024, 4096, 24, 16), image=224, patch=14, projection=768),
+}
+
+
+def make_tiny_clip(root: str | Path, seed: int = 0, max_positions: int = 77, size: str = "tiny") -> Path:
+    """A CLIPModel directory with random weights and its processor (tokenizer + image processor):
+    `size` "tiny" (tests) or "vit-l-14" (the real architecture, 428M parameters; the tokenizer stays
+    a small BPE, so only the token embedding is smaller than the real one)."""
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
     from transformers.models.clip import CLIPImageProcessorPil
 
@@ -353,29 +362,32 @@ def make_tiny_clip(root: str | Path, seed: int = 0, max_positions: int = 77) -> 
         unk_token=special[1],
         model_max_length=max_positions,
     )
+    dims = CLIP_SIZES[size]
+    (t_hidden, t_ffn, t_layers, t_heads), (v_hidden, v_ffn, v_layers, v_heads) = dims["text"], dims["vision"]
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            hidden_size=t_hidden,
+            intermediate_size=t_ffn,
+            num_hidden_layers=t_layers,
+            num_attention_heads=t_heads,
             max_position_embeddings=max_positions,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         ),
         vision_config=dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            image_size=dims["image"],
+            patch_size=dims["patch"],
+            hidden_size=v_hidden,
+            intermediate_size=v_ffn,
+            num_hidden_layers=v_layers,
+            num_attention_heads=v_heads,
         ),
-        projection_dim=16,
+        projection_dim=dims["projection"],
     )
     CLIPModel(config).eval().save_pretrained(str(root))
-    image = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    side = dims["image"]
+    image = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     CLIPProcessor(image_processor=image, tokenizer=tok).save_pretrained(str(root))
     return root

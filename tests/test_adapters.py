@@ -36,7 +36,7 @@ def _inputs(dtype=torch.float32):
 
 @torch.no_grad()
 def _out(model):
-    return model(*_inputs(model.compute_dtype))
+    return model(*_inputs(model.compute_dtype), return_dict=False)[0]
 
 
 def _lora_dtypes(model) -> set[torch.dtype]:
@@ -106,7 +106,7 @@ def test_training_one_adapter_leaves_the_other_alone(dtype):
     assert sum(p.requires_grad for p in model.parameters()) == len(params)
     opt = torch.optim.SGD(params, lr=0.1)
     x, t, text = _inputs(dtype)
-    model(x, t, text).square().mean().backward()
+    model(x, t, text, return_dict=False)[0].square().mean().backward()
     # A bf16 base backpropagates into float32 adapters: float32 gradients, float32 steps.
     assert all(p.dtype == p.grad.dtype == torch.float32 for p in params)
     opt.step()
@@ -115,7 +115,7 @@ def test_training_one_adapter_leaves_the_other_alone(dtype):
     # A snapshot taken before a step is not changed by the step (no aliasing of live parameters).
     snapshot = adapters.adapter_state_dict(model, adapters.ON_POLICY)
     opt.zero_grad()
-    model(x, t, text).square().mean().backward()
+    model(x, t, text, return_dict=False)[0].square().mean().backward()
     opt.step()
     live = adapters.adapter_state_dict(model, adapters.ON_POLICY)
     assert any(not torch.equal(snapshot[k], live[k]) for k in snapshot)
@@ -186,7 +186,7 @@ def test_saved_adapter_loads_into_diffusers_wan_with_same_outputs(tmp_path, dtyp
     adapters.use_adapter(model, adapters.ON_POLICY)
     x, t, text = _inputs(dtype)
     with torch.no_grad():
-        expected, got = reference(x, t, text, return_dict=False)[0], model(x, t, text)
+        expected, got = reference(x, t, text, return_dict=False)[0], model(x, t, text, return_dict=False)[0]
     if dtype == torch.float32:
         assert torch.allclose(expected, got, atol=1e-6)
     else:  # diffusers' peft makes the LoRA layers bf16 like their base; ours stay float32

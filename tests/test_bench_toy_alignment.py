@@ -37,6 +37,7 @@ SMOKE = [
     "algorithm.num_anchors=2",
     "run.merge_scales=[0.0, 0.5, 1.0]",
     "run.merge_scale=0.5",
+    "run.out_of_domain.seeds=1",
 ]
 
 

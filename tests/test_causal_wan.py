@@ -25,7 +25,7 @@ def test_single_chunk_without_cache_matches_diffusers_exactly(tiny_model, tiny_m
     text = torch.randn(2, 8, 16, generator=gen)
     with torch.no_grad():
         expected = reference(x.to(dtype), t, text.to(dtype), return_dict=False)[0]
-        got = model(x.to(dtype), t, text.to(dtype))
+        got = model(x.to(dtype), t, text.to(dtype), return_dict=False)[0]
     assert got.dtype == dtype
     assert torch.equal(got, expected)
     # Fresh norm weights are 1, which hides where a norm rounds (a bf16 norm that rounds before its
@@ -38,7 +38,8 @@ def test_single_chunk_without_cache_matches_diffusers_exactly(tiny_model, tiny_m
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(
-            model(x.to(dtype), t, text.to(dtype)), reference(x.to(dtype), t, text.to(dtype), return_dict=False)[0]
+            model(x.to(dtype), t, text.to(dtype), return_dict=False)[0],
+            reference(x.to(dtype), t, text.to(dtype), return_dict=False)[0],
         )
 
 
@@ -156,10 +157,10 @@ def test_rotary_positions_follow_the_start_frame(tiny_model_in, dtype):
     cache = tiny_model.new_cache(8, 8)
     with torch.no_grad():
         tiny_model(first, torch.zeros(1), text, start_frame=0, cache=cache, write_cache=True)
-        right = tiny_model(second, t, text, start_frame=2, cache=cache)
-        wrong = tiny_model(second, t, text, start_frame=6, cache=cache)
-        alone_at0 = tiny_model(second, t, text, start_frame=0)
-        alone_at6 = tiny_model(second, t, text, start_frame=6)
+        right = tiny_model(second, t, text, return_dict=False, start_frame=2, cache=cache)[0]
+        wrong = tiny_model(second, t, text, return_dict=False, start_frame=6, cache=cache)[0]
+        alone_at0 = tiny_model(second, t, text, return_dict=False, start_frame=0)[0]
+        alone_at6 = tiny_model(second, t, text, return_dict=False, start_frame=6)[0]
     assert cache.chunks[0].keys[0].dtype == cache.chunks[0].values[0].dtype == right.dtype == dtype
     # bf16: shift-invariant only to rounding, since q and k are rounded to bf16 after a rotation
     # that depends on the frame (measured one ulp); the wrong offset moves the output by six.

@@ -31,6 +31,7 @@ SMALL = [
     "run.eval_prompts=2",
     "run.eval_seeds=1",
     "run.out_of_domain.num_prompts=2",
+    "run.out_of_domain.seeds=1",
     "run.sample_prompts=1",
     "rollout.prompts_per_iteration=2",
     "algorithm.group_size=4",
@@ -47,7 +48,12 @@ SMALL = [
 def local_ray():
     ray_env_defaults()
     ray.init(
-        num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        configure_logging=False,
+        log_to_driver=False,
     )
     yield
     ray.shutdown()
@@ -385,8 +391,17 @@ def test_a_run_whose_learner_dies_resumes_to_the_uninterrupted_result(local_ray,
     reference, ref_root = toy_job(tmp_path, *common)
 
     name = f"t{uuid.uuid4().hex[:8]}"
+    # run.max_learner_restarts=0: the job ends on the learner's death, as it did before in-job restores.
     cfg = load_config(
-        TOY, [*SMALL, *common, f"run.name={name}", f"run.output_dir={tmp_path}", f"cluster.namespace={name}"]
+        TOY,
+        [
+            *SMALL,
+            *common,
+            "run.max_learner_restarts=0",
+            f"run.name={name}",
+            f"run.output_dir={tmp_path}",
+            f"cluster.namespace={name}",
+        ],
     )
     root = tmp_path / name
 
@@ -418,6 +433,136 @@ def test_a_run_whose_learner_dies_resumes_to_the_uninterrupted_result(local_ray,
     a, b = adapter(ref_root, "semi"), adapter(root, "semi")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+
+
+def test_a_learner_that_dies_is_replaced_and_restored_and_the_run_goes_on(local_ray, tmp_path):
+    from cluster.driver import surviving_rows
+    from cluster.train import RunFolder, run
+
+    # Two data-parallel ranks: killing one breaks their process group, so both are restarted.
+    common = ["run.phases=[on_policy]", "run.iterations=5", "run.checkpoint_every=2", "learner.num_workers=2"]
+    reference, ref_root = toy_job(tmp_path, *common)
+
+    name = f"t{uuid.uuid4().hex[:8]}"
+    cfg = load_config(
+        TOY, [*SMALL, *common, f"run.name={name}", f"run.output_dir={tmp_path}", f"cluster.namespace={name}"]
+    )
+    root = tmp_path / name
+    killed = {}
+
+    def kill_a_learner_mid_run():
+        # Once iteration 2 is logged: the newest checkpoint is the one after iteration 1, so the
+        # restore rolls iteration 2 back (it was trained by the group that dies) and redoes it.
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            path = root / "metrics.jsonl"
+            if path.exists() and sum(r["phase"] == "on_policy" for r in metrics(root)) >= 3:
+                actor = ray.get_actor("learner-1", namespace=name)
+                killed["pid"] = ray.get(actor.stats.remote())["pid"]
+                ray.kill(actor)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_learner_mid_run, daemon=True)
+    killer.start()
+    summary = run(cfg, RunFolder(root))  # no exception, no --resume: the job recovers by itself
+    killer.join(timeout=5)
+    assert killed, "the learner was never killed"
+    assert summary["learner_restarts"] == 1
+    assert summary["iterations"] == 5 and summary["weight_version"] == reference["weight_version"] == 5
+    assert summary["worker_weight_versions"] == [5]
+    assert summary["groups"] == reference["groups"] == 5 * 2  # the counters went back with the restore
+
+    rows = metrics(root)
+    [restore] = [r for r in rows if r["phase"] == "restore"]
+    assert restore["checkpoint"] == "ckpt-000001" and restore["at"] == {"phase": "on_policy", "iteration": 2}
+    assert restore["version"] == 2 and restore["learner_restarts"] == 1
+    tried = [r["iteration"] for r in rows if r["phase"] == "on_policy"]
+    assert tried.count(2) == 2, tried  # iteration 2 was trained by the dead group, then again
+    # In the weights that survive, each on-policy iteration's groups were trained exactly once: the
+    # jobs the schedule fixed (ids after the 3 reference ids), none twice, none missing.
+    trained = [r for r in surviving_rows(rows) if r["phase"] == "on_policy"]
+    assert [r["iteration"] for r in trained] == [0, 1, 2, 3, 4]
+    ids = [j for r in trained for j in r["job_ids"]]
+    assert sorted(ids) == list(range(3, 3 + 5 * 2)) and len(set(ids)) == len(ids)
+    assert [r["job_ids"] for r in trained] == [r["job_ids"] for r in metrics(ref_root) if r["phase"] == "on_policy"]
+    # Same groups, same updates: the uninterrupted run's adapters (the redone iterations were made
+    # with the restored weights, broadcast before their jobs).
+    a, b = adapter(ref_root, "on_policy"), adapter(root, "on_policy")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    assert [r["reward_mean"] for r in trained] == pytest.approx(
+        [r["reward_mean"] for r in metrics(ref_root) if r["phase"] == "on_policy"], abs=1e-6
+    )
+
+
+def test_resume_arguments():
+    import argparse
+
+    from cluster.train import parse_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    assert parse_args(parser, ["--resume", "auto", "run.name=a"]).resume == "auto"
+    assert parse_args(parser, ["run.name=a", "--resume=auto"]).resume == "auto"
+    bare = parse_args(parser, ["--resume", "run.name=a"])  # a bare --resume keeps its meaning
+    assert bare.resume is True and bare.overrides == ["run.name=a"]
+    assert parse_args(parser, ["run.name=a"]).resume is False
+
+
+def test_resume_auto_starts_afresh_over_a_first_attempt_and_resumes_from_a_checkpoint(local_ray, tmp_path):
+    from cluster.train import main
+    from common.dataflow.redis_server import EmbeddedRedis
+    from common.dataflow.replay import ReplayBuffer
+    from tests.helpers import group
+
+    name = f"t{uuid.uuid4().hex[:8]}"
+    root = tmp_path / name
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        argv = [
+            "--config",
+            TOY,
+            *SMALL,
+            "run.phases=[reference,on_policy]",
+            "run.iterations=2",
+            f"run.name={name}",
+            f"run.output_dir={tmp_path}",
+            f"cluster.namespace={name}",
+            f"replay.redis_url={server.url}",
+            "--resume",
+            "auto",
+        ]
+        # What a first attempt that died before its first checkpoint leaves: the run folder with its
+        # first records, a checkpoint being written, and part of the reference buffer in Redis.
+        (root / "checkpoints" / ".tmp-0123").mkdir(parents=True)
+        (root / "checkpoints" / "ckpt-000001").mkdir()  # no COMPLETE
+        (root / "metrics.jsonl").write_text(json.dumps({"phase": "reference", "groups": 1, "job_ids": [0]}) + "\n")
+        buffer = ReplayBuffer(server.url, name)
+        buffer.insert(group(0))
+
+        assert main(argv) == 0  # a fresh start: neither the folder nor the buffer is refused
+        first = metrics(root)
+        assert not any(r["phase"] == "resume" for r in first)
+        assert [r["job_ids"] for r in first if r["phase"] == "reference"] == [[0, 1, 2]]
+        assert [r["iteration"] for r in first if r["phase"] == "on_policy"] == [0, 1]
+        assert buffer.size() == 3  # the partial buffer was cleared before the reference phase
+        assert json.loads((root / "summary.json").read_text())["groups"] == 3 + 2 * 2
+        checkpoints = sorted(p.name for p in (root / "checkpoints").iterdir())
+        # The reference phase's end, on-policy iteration 1 (run.checkpoint_every=2) and the on-policy end.
+        assert checkpoints == ["ckpt-000001", "ckpt-000002", "ckpt-000003"]
+        assert all((root / "checkpoints" / c / "COMPLETE").is_file() for c in checkpoints)
+
+        # The same entrypoint again (a retried RayJob): there is a complete checkpoint now, so it resumes.
+        assert main(argv) == 0
+        again = metrics(root)
+        assert again[: len(first)] == first
+        resumed = again[len(first) :]
+        assert resumed[0]["phase"] == "resume" and resumed[0]["checkpoint"] == "ckpt-000003"
+        assert not any(r["phase"] in ("reference", "on_policy") for r in resumed)  # nothing trained again
+        assert buffer.size() == 3
+        assert json.loads((root / "summary.json").read_text())["groups"] == 3 + 2 * 2
+        buffer.close()
 
 
 def test_killed_workers_reward_servers_and_a_redis_restart_lose_no_group(local_ray, tmp_path):

@@ -289,3 +289,53 @@ def test_held_out_prompts_must_never_be_training_prompts(tmp_path):
     heldout.write_text(toy_train[3] + "\n")
     with pytest.raises(PromptError, match="the toy world's training prompts"):
         load_prompts(load_config(TOY, [f"run.out_of_domain.prompts={heldout}"]))
+
+
+# -- overrides of string fields stay the string typed (docs/redis.md, "Passwords") -------------------
+
+
+@pytest.mark.parametrize(
+    ("typed", "value"),
+    [
+        ("123456", "123456"),  # YAML: an int, refused by a str field
+        ("true", "true"),  # YAML: a bool
+        ("@bc", "@bc"),  # YAML: a syntax error (@ is reserved)
+        ("a b", "a b"),
+        ("x=y==", "x=y=="),  # only the first = separates key and value
+        ("'quoted'", "'quoted'"),  # no YAML unquoting either
+        ("~", "~"),  # YAML: null; only the bare word null unsets
+        ("null", None),  # an optional string field: null alone means unset (the documented rule)
+    ],
+)
+def test_string_override_is_the_literal_text(typed, value):
+    cfg = load_config(TOY, [f"replay.redis_password={typed}"])
+    assert cfg.replay.redis_password == value
+    assert value is None or type(cfg.replay.redis_password) is str
+
+
+def test_string_override_rule_leaves_other_fields_yaml():
+    cfg = load_config(
+        TOY,
+        [
+            "run.name=123",  # a plain str field: even null is the string
+            "cluster.address=null",  # optional str: unset
+            "model.vae=null",  # optional Path: unset
+            "run.output_dir=2026",  # a Path: the digits
+            "sampler.denoising_steps=[1000, 500]",  # a list
+            "rollout.resources={rollout_gpu: 1}",  # a dict
+            "learner.resources.learner_gpu=2",  # a key inside a dict field
+            "cluster.num_cpus=4",
+            "learner.lr=1e-4",
+            "replay.redis_tls=true",
+            "run.out_of_domain.prompts=007",  # a Path under an optional section
+            "replay.redis_url=redis://h:6380/0?a=1&b=2",
+        ],
+    )
+    assert cfg.run.name == "123" and cfg.cluster.address is None and cfg.model.vae is None
+    assert str(cfg.run.output_dir) == "2026" and str(cfg.run.out_of_domain.prompts) == "007"
+    assert cfg.sampler.denoising_steps == [1000, 500] and cfg.rollout.resources == {"rollout_gpu": 1.0}
+    assert cfg.learner.resources == {"learner_gpu": 2.0} and cfg.cluster.num_cpus == 4 and cfg.learner.lr == 1e-4
+    assert cfg.replay.redis_tls is True and cfg.replay.redis_url == "redis://h:6380/0?a=1&b=2"
+    assert load_config(TOY, ["run.name=null"]).run.name == "null"
+    with pytest.raises(ConfigError, match="cluster.num_cpus"):
+        load_config(TOY, ["cluster.num_cpus=four"])  # non-string fields are still typed

@@ -1,11 +1,13 @@
-"""The deployment files in deploy/: KubeRay manifests, the cluster-launcher YAML, the Ray runtime env,
-the Dockerfile, and the Redis sizing formula of docs/redis.md against a real redis-server.
+"""The deployment files in deploy/: KubeRay manifests (and the PodMonitor that scrapes the job), the
+cluster-launcher YAML, the Ray runtime env, the Dockerfile, and the Redis sizing formula of
+docs/redis.md against a real redis-server.
 
 No cluster, no Docker and no Kubernetes are needed: the KubeRay manifests go through deploy/validate.py
 (`python -m deploy.validate FILE...`, a structural validator written from KubeRay's v1 CRD and its
-admission rules, ray-operator/controllers/ray/utils/validation.go, plus the entrypoint and capacity
-checks), the launcher YAML through Ray's own JSON schema and `validate_config`, the runtime env
-through `ray.runtime_env.RuntimeEnv`, and every entrypoint through the project's own config loader.
+admission rules, ray-operator/controllers/ray/utils/validation.go, plus the entrypoint, real-config,
+metrics-port and capacity checks, and the PodMonitor against the manifests), the launcher YAML
+through Ray's own JSON schema and `validate_config`, the runtime env through `ray.runtime_env.RuntimeEnv`,
+and every entrypoint through the project's own config loader.
 Each validator is shown to reject broken input (the `test_*_rejects_*` tests).
 """
 
@@ -15,6 +17,7 @@ import copy
 import importlib.util
 import json
 import re
+import shlex
 import sys
 import time
 import tomllib
@@ -26,16 +29,21 @@ import yaml
 
 from deploy.validate import (
     IMAGE_ROOT,
+    REWARD_COMPONENTS,
     ROLE_LABEL,
     ROLE_RESOURCE,
     ManifestError,
     check_capacity,
     group_capacity,
+    head_pod_labels,
     load_entrypoint_config,
     main,
     parse_entrypoint,
     role_demand,
+    split_entrypoint,
     validate_file,
+    validate_files,
+    validate_podmonitor,
     validate_raycluster,
     validate_rayjob,
 )
@@ -44,6 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 RAYCLUSTER = DEPLOY / "kuberay" / "raycluster.yaml"
 RAYJOB = DEPLOY / "kuberay" / "rayjob.yaml"
+PODMONITOR = DEPLOY / "kuberay" / "podmonitor.yaml"
+REAL_CONFIG = ROOT / "configs" / "self_forcing_wan1.3b.yaml"
 LAUNCHER = DEPLOY / "cluster-launcher" / "aws.yaml"
 RUNTIME_ENV = DEPLOY / "runtime_env.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
@@ -101,7 +111,9 @@ def test_rayjob_entrypoint_is_a_valid_config_that_fits_the_groups():
     doc = load(RAYJOB)
     config = load_entrypoint_config(doc["spec"]["entrypoint"])
     assert config.replay.redis_url.startswith("rediss://") and config.replay.redis_tls
-    assert config.replay.redis_password == "0123456789abcdef"  # from $ARCOPO_REDIS_PASSWORD, not the file
+    # The password is read on the head from the mounted Secret, never written in the manifest.
+    assert config.replay.redis_password is None
+    assert str(config.replay.redis_password_file) == "/etc/arcopo/redis/password"
     assert check_capacity(group_capacity(doc["spec"]["rayClusterSpec"]), config) == []
     # The GPUs match exactly: no group idles at its initial size.
     cap, need = group_capacity(doc["spec"]["rayClusterSpec"]), role_demand(config)
@@ -117,6 +129,68 @@ def test_rayjob_runtime_env_is_a_valid_ray_runtime_env(monkeypatch):
     monkeypatch.chdir(ROOT)
     RuntimeEnv(**{**env, "working_dir": str(ROOT)})
     assert env["env_vars"]["RAY_AUTH_MODE"] == load(RAYCLUSTER)["spec"]["authOptions"]["mode"]
+
+
+def _head_ports(spec: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+
+
+def test_rayjob_trains_the_real_config_with_its_reward_models_on_its_own_groups_and_resumes_its_retries():
+    doc = load(RAYJOB)
+    path, _, options = split_entrypoint(doc["spec"]["entrypoint"])
+    config = load_entrypoint_config(doc["spec"]["entrypoint"])
+    real = load(REAL_CONFIG)
+    assert path == REAL_CONFIG and config.model.latent_space != "pixels"
+    # The real config's reward models, every one of them (VideoAlign trained on, CLIP out of domain).
+    assert [m["kind"] for m in config.rewards.models] == [m["kind"] for m in real["rewards"]["models"]]
+    assert all(m["path"].startswith("/mnt/arcopo/") for m in config.rewards.models)
+    # Each role asks for its own group's custom resource, one per GPU.
+    assert config.rollout.resources == {"rollout_gpu": config.rollout.num_gpus_per_worker}
+    assert config.rewards.resources == {"reward_gpu": config.rewards.num_gpus_per_server}
+    assert config.learner.resources == {"learner_gpu": config.learner.num_gpus_per_worker}
+    # A retry budget, and each retry continues the run instead of being refused its own run folder.
+    assert doc["spec"]["backoffLimit"] > 0 and options == {"resume": "auto", "overwrite": False}
+
+
+def test_the_metrics_port_is_declared_on_the_head_and_is_not_rays():
+    from common.config import MetricsConfig
+
+    doc = load(RAYJOB)
+    config = load_entrypoint_config(doc["spec"]["entrypoint"])
+    ports = _head_ports(doc["spec"]["rayClusterSpec"])
+    monitor = load(PODMONITOR)
+    name = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+    assert config.metrics.host == "0.0.0.0" and ports[name] == config.metrics.port == MetricsConfig().port
+    # 8080 is what KubeRay gives Ray's own metrics agent on every node (--metrics-export-port).
+    assert (
+        config.metrics.port != 8080
+        and "metrics-export-port" not in doc["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+    )
+    assert _head_ports(load(RAYCLUSTER)["spec"])[name] == config.metrics.port
+
+
+def test_podmonitor_is_valid_and_selects_the_head_pods_of_both_manifests():
+    monitor = load(PODMONITOR)
+    assert validate_podmonitor(monitor) == []
+    assert validate_files([RAYCLUSTER, RAYJOB, PODMONITOR]) == {RAYCLUSTER: [], RAYJOB: [], PODMONITOR: []}
+    labels = head_pod_labels(load(RAYJOB))
+    assert labels["ray.io/node-type"] == "head" and labels["app.kubernetes.io/name"] == "arcopo"
+    # KubeRay keeps node-type, group and cluster for itself; a template label cannot change them.
+    doc = load(RAYCLUSTER)
+    doc["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]["ray.io/node-type"] = "worker"
+    assert head_pod_labels(doc)["ray.io/node-type"] == "head" and head_pod_labels(doc)["ray.io/cluster"] == "arcopo"
+
+
+def test_reward_component_table_matches_the_reward_models():
+    from rewards.toy import TOY_REWARDS
+
+    assert set(REWARD_COMPONENTS["toy"]) == set(TOY_REWARDS)
+    source = (ROOT / "rewards" / "videoalign.py").read_text()
+    declared = re.search(r"self\.components = \[prefix \+ c for c in (\([^)]*\))\]", source).group(1)
+    assert tuple(yaml.safe_load(declared.replace("(", "[").replace(")", "]"))) == REWARD_COMPONENTS["videoalign"]
+    clip = (ROOT / "rewards" / "clip.py").read_text()
+    assert '("clip_score" if kind == "clip" else "pickscore")' in clip
+    assert REWARD_COMPONENTS["clip"] == ("clip_score",) and REWARD_COMPONENTS["pickscore"] == ("pickscore",)
 
 
 # == KubeRay: the validator rejects broken manifests ==================================================
@@ -184,6 +258,14 @@ BROKEN_CLUSTERS = {
         _mutate("spec.workerGroupSpecs.0.template.spec.restartPolicy", "Always"),
         "restartPolicy",
     ),
+    "port name over 15 characters": (
+        _mutate("spec.headGroupSpec.template.spec.containers.0.ports.3.name", "arcopo-metrics-x"),
+        "'arcopo-metrics-x' is not a port name",
+    ),
+    "duplicate container port": (
+        _mutate("spec.headGroupSpec.template.spec.containers.0.ports.3.containerPort", 8265),
+        "containerPort: duplicate 8265",
+    ),
 }
 
 
@@ -224,9 +306,9 @@ def _append_to_entrypoint(words: str):
 
 
 def test_command_line_passes_the_shipped_manifests(capsys):
-    assert main([str(RAYCLUSTER), str(RAYJOB)]) == 0
+    assert main([str(RAYCLUSTER), str(RAYJOB), str(PODMONITOR)]) == 0
     out = capsys.readouterr()
-    assert out.err == "" and out.out.splitlines() == [f"{RAYCLUSTER}: ok", f"{RAYJOB}: ok"]
+    assert out.err == "" and out.out.splitlines() == [f"{RAYCLUSTER}: ok", f"{RAYJOB}: ok", f"{PODMONITOR}: ok"]
 
 
 @pytest.mark.parametrize(
@@ -270,7 +352,9 @@ def test_command_line_numbers_documents_and_refuses_what_it_cannot_check(tmp_pat
     ), errors
     service = tmp_path / "service.yaml"
     service.write_text(yaml.safe_dump({**load(RAYCLUSTER), "kind": "RayService"}))
-    assert validate_file(service) == [f"{service}: kind: 'RayService' is not checked here (RayCluster or RayJob)"]
+    assert validate_file(service) == [
+        f"{service}: kind: 'RayService' is not checked here (RayCluster, RayJob or PodMonitor)"
+    ]
     garbled = tmp_path / "garbled.yaml"
     garbled.write_text("spec: [unclosed\n")
     assert validate_file(garbled)[0].startswith(f"{garbled}: not YAML")
@@ -304,11 +388,28 @@ def test_python_dash_m_deploy_validate_runs_from_the_checkout(tmp_path):
         ("python -m cluster.train run.name=x", "no --config"),
         ("python -m cluster.train --config configs/nope.yaml", "not a file in configs/"),
         ("python -m cluster.train --config /app/README.md", "not a file in configs/"),
+        ("python -m cluster.train --config configs/toy.yaml --resume=always", "--resume takes auto"),
+        ("python -m cluster.train --config configs/toy.yaml --nope", "--nope is not one of cluster.train's"),
     ],
 )
 def test_entrypoint_check_rejects(entrypoint, expected):
     with pytest.raises(ManifestError, match=re.escape(expected)):
         parse_entrypoint(entrypoint)
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ("--resume auto", {"resume": "auto", "overwrite": False}),
+        ("--resume=auto", {"resume": "auto", "overwrite": False}),
+        ("--resume", {"resume": True, "overwrite": False}),
+        ("--overwrite", {"resume": None, "overwrite": True}),
+        ("", {"resume": None, "overwrite": False}),
+    ],
+)
+def test_entrypoint_options_are_read_as_cluster_train_reads_them(options, expected):
+    path, overrides, got = split_entrypoint(f"python -m cluster.train --config configs/toy.yaml {options} run.name=x")
+    assert (path.name, overrides, got) == ("toy.yaml", ["run.name=x"], expected)
 
 
 def test_entrypoint_with_an_unknown_config_key_is_rejected():
@@ -332,6 +433,180 @@ def test_capacity_check_rejects_a_job_its_groups_cannot_hold(override, expected)
     config = load_entrypoint_config(doc["spec"]["entrypoint"] + " " + override)
     errors = check_capacity(group_capacity(doc["spec"]["rayClusterSpec"]), config)
     assert any(expected in e for e in errors), errors
+
+
+def _replace_in_entrypoint(old: str, new: str):
+    def apply(doc):
+        assert doc["spec"]["entrypoint"].count(old) == 1, old
+        doc["spec"]["entrypoint"] = doc["spec"]["entrypoint"].replace(old, new)
+        return doc
+
+    return apply
+
+
+def _only_videoalign(doc):
+    """The entrypoint as it was: VideoAlign alone, so nothing declares the out-of-domain clip_score."""
+    words = shlex.split(doc["spec"]["entrypoint"])
+    models = next(w for w in words if w.startswith("rewards.models="))
+    kept = yaml.safe_load(models.split("=", 1)[1])[:1]
+    doc["spec"]["entrypoint"] += " " + shlex.quote("rewards.models=" + json.dumps(kept))
+    return doc
+
+
+# What a RayJob on the real config must get right beyond a loadable config: each variant breaks one
+# thing and is refused with the message naming it (`python -m deploy.validate`, as a user runs it).
+BROKEN_REAL_JOBS = {
+    "toy rewards on the real model (no models)": (
+        _append_to_entrypoint("rewards.models=[]"),
+        "spec.entrypoint: rewards.models: empty, which means the toy world's rewards",
+    ),
+    "toy rewards on the real model (kind toy)": (
+        _append_to_entrypoint("'rewards.models=[{kind: toy}]'"),
+        "spec.entrypoint: rewards.models[0]: kind toy is the toy world's rewards",
+    ),
+    # With no phases the loader lets an empty rewards.models through; the job's pre-start check would not.
+    "toy rewards on the real model, no phases": (
+        _append_to_entrypoint("rewards.models=[] run.phases=[]"),
+        "spec.entrypoint: rewards.models: empty, which means the toy world's rewards",
+    ),
+    "out-of-domain term that no reward model declares": (
+        _only_videoalign,
+        "spec.entrypoint: run.out_of_domain.terms names clip_score, which no model of rewards.models declares",
+    ),
+    "relative path (the config's placeholder)": (
+        _append_to_entrypoint("run.out_of_domain.prompts=prompts/heldout.txt"),
+        "spec.entrypoint: run.out_of_domain.prompts: prompts/heldout.txt is relative",
+    ),
+    "path on no volume every pod mounts": (
+        _append_to_entrypoint("rollout.prompts=/etc/arcopo/redis-tls/train.txt"),
+        "spec.entrypoint: rollout.prompts: /etc/arcopo/redis-tls/train.txt is on no volume that every pod mounts",
+    ),
+    "metrics on loopback": (
+        _append_to_entrypoint("metrics.host=127.0.0.1"),
+        "spec.entrypoint: metrics.host=127.0.0.1 is the head pod's loopback",
+    ),
+    "metrics on Ray's metrics-export-port": (
+        _append_to_entrypoint("metrics.port=8080"),
+        "spec.entrypoint: metrics.port=8080 is Ray's on the head (--metrics-export-port=8080)",
+    ),
+    "metrics on the dashboard's port": (
+        _append_to_entrypoint("metrics.port=8265"),
+        "spec.entrypoint: metrics.port=8265 is Ray's on the head (--dashboard-port=8265)",
+    ),
+    "metrics in Ray's worker ports": (
+        _append_to_entrypoint("metrics.port=12000"),
+        "spec.entrypoint: metrics.port=12000 is Ray's on the head (Ray's worker ports 10002-19999)",
+    ),
+    "metrics on a random port": (
+        _append_to_entrypoint("metrics.port=0"),
+        "spec.entrypoint: metrics.port=0 picks a random port",
+    ),
+    "metrics port the head does not declare": (
+        _append_to_entrypoint("metrics.port=9465"),
+        "spec.rayClusterSpec.headGroupSpec: the Ray container declares no containerPort 9465",
+    ),
+    "a role that does not ask for its group's resource": (
+        _append_to_entrypoint("'rollout.resources={}'"),
+        "spec.rayClusterSpec: rollout: rollout.resources asks for 0 rollout_gpu per actor, not its 1 GPU(s)",
+    ),
+    "a role that asks for another group's resource": (
+        _append_to_entrypoint("'learner.resources={reward_gpu: 1}'"),
+        "spec.rayClusterSpec: learner: the job asks for 8 reward_gpu (custom resource), its group has 0",
+    ),
+    "retries without --resume auto": (
+        _replace_in_entrypoint(" --resume auto", ""),
+        "spec.backoffLimit: 2 retries run the entrypoint again into the same run folder",
+    ),
+    "retries with --overwrite": (
+        _append_to_entrypoint("--overwrite"),
+        "spec.backoffLimit: 2 retries with --overwrite would delete the failed attempt's checkpoints",
+    ),
+    "an option cluster.train does not have": (
+        _replace_in_entrypoint("--resume auto", "--resum auto"),
+        "spec.entrypoint: the entrypoint's option --resum is not one of cluster.train's",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_REAL_JOBS))
+def test_command_line_refuses_a_rayjob_that_would_not_run_the_real_config_well(tmp_path, capsys, name):
+    mutate, message = BROKEN_REAL_JOBS[name]
+    edited = tmp_path / "rayjob.yaml"
+    edited.write_text(yaml.safe_dump(mutate(load(RAYJOB))))
+    assert main([str(edited)]) == 1
+    err = capsys.readouterr().err
+    assert f"{edited}: {message}" in err, err
+
+
+def test_without_retries_the_entrypoint_needs_no_resume():
+    from deploy.validate import validate_document
+
+    doc = _replace_in_entrypoint(" --resume auto", "")(load(RAYJOB))
+    doc["spec"]["backoffLimit"] = 0
+    assert validate_document(doc) == []
+
+
+def _podmonitor_endpoint(key: str, value):
+    return _mutate(["spec", "podMetricsEndpoints", 0, key], value)
+
+
+BROKEN_PODMONITORS = {
+    "port name that is no container port": (
+        _podmonitor_endpoint("port", "metrics"),
+        "spec.podMetricsEndpoints[0].port: 'metrics' is not a named container port of the head of RayJob "
+        "arcopo-sf-align",
+    ),
+    "port name of another port": (
+        _podmonitor_endpoint("port", "dashboard"),
+        "spec.podMetricsEndpoints[0].port: 'dashboard' is port 8265 on the head of RayJob arcopo-sf-align, but "
+        "its entrypoint serves metrics on metrics.port=9464",
+    ),
+    "selector that misses the head": (
+        _mutate(["spec", "selector", "matchLabels", "ray.io/node-type"], "worker"),
+        "spec.selector: does not select the head pod of RayCluster arcopo",
+    ),
+    "selector on KubeRay's own app label": (
+        _mutate(["spec", "selector", "matchLabels", "app.kubernetes.io/name"], "kuberay"),
+        "spec.selector: does not select the head pod of RayJob arcopo-sf-align",
+    ),
+    "empty selector": (_mutate("spec.selector", {}), "spec.selector: required"),
+    "no endpoints": (_mutate("spec.podMetricsEndpoints", []), "spec.podMetricsEndpoints: at least one endpoint"),
+    "typo in endpoint": (_podmonitor_endpoint("intervall", "15s"), "spec.podMetricsEndpoints[0].intervall: unknown"),
+    "bad interval": (
+        _podmonitor_endpoint("interval", "15 seconds"),
+        "spec.podMetricsEndpoints[0].interval: '15 seconds' is not a Prometheus duration",
+    ),
+    "relative path": (_podmonitor_endpoint("path", "metrics"), "spec.podMetricsEndpoints[0].path: must start with /"),
+    "wrong apiVersion": (
+        _mutate("apiVersion", "monitoring.coreos.com/v1alpha1"),
+        "apiVersion: must be monitoring.coreos.com/v1",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_PODMONITORS))
+def test_command_line_refuses_a_podmonitor_that_would_not_find_the_job(tmp_path, capsys, name):
+    mutate, message = BROKEN_PODMONITORS[name]
+    edited = tmp_path / "podmonitor.yaml"
+    edited.write_text(yaml.safe_dump(mutate(load(PODMONITOR))))
+    assert main([str(RAYCLUSTER), str(RAYJOB), str(edited)]) == 1
+    out = capsys.readouterr()
+    assert f"{edited}: {message}" in out.err, out.err
+    assert out.out == f"{RAYCLUSTER}: ok\n{RAYJOB}: ok\n"
+
+
+def test_a_head_port_renamed_away_from_the_podmonitor_is_refused(tmp_path):
+    renamed = tmp_path / "raycluster.yaml"
+    doc = load(RAYCLUSTER)
+    ports = doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    next(p for p in ports if p["containerPort"] == 9464)["name"] = "job-metrics"
+    renamed.write_text(yaml.safe_dump(doc))
+    errors = validate_files([renamed, PODMONITOR])
+    assert errors[renamed] == []  # valid by itself; wrong with the PodMonitor it is deployed with
+    assert errors[PODMONITOR] == [
+        f"{PODMONITOR}: spec.podMetricsEndpoints[0].port: 'arcopo-metrics' is not a named container port of the "
+        "head of RayCluster arcopo (its ports: gcs-server 6379, dashboard 8265, client 10001, job-metrics 9464)"
+    ]
 
 
 # == cluster launcher: Ray's own schema ================================================================

@@ -25,6 +25,7 @@ SMALL = [
     "run.sample_prompts=1",
     "run.merge_scales=[0.0,0.5]",
     "run.out_of_domain.num_prompts=1",
+    "run.out_of_domain.seeds=1",
 ]
 PROMPTS = ["a red ball", "a blue cube", "a green cone"]
 HELDOUT = ["a yellow star"]

@@ -71,7 +71,7 @@ def inputs(config):
 def output(model, config) -> torch.Tensor:
     x, t, text = inputs(config)
     dtype = model.patch_embedding.weight.dtype
-    out = model(x.to(dtype), t, text.to(dtype))
+    out = model(x.to(dtype), t, text.to(dtype), return_dict=False)[0]
     return getattr(out, "sample", out).float()  # diffusers' own Wan returns an output object
 
 

@@ -55,7 +55,7 @@ def _forward(model) -> torch.Tensor:
     text = torch.randn(1, 8, 16, generator=gen)
     dtype = model.compute_dtype
     with torch.no_grad():
-        return model(x.to(dtype), torch.tensor([600.0]), text.to(dtype))
+        return model(x.to(dtype), torch.tensor([600.0]), text.to(dtype), return_dict=False)[0]
 
 
 def _assert_cast(model, dtype: torch.dtype) -> None:

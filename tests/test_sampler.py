@@ -26,7 +26,7 @@ def test_stream_yields_each_chunk_before_computing_the_next(tiny_model_in, text,
     sampler = make_sampler(model)
     calls = []
     # (x_t, timestep, text, output) dtypes of every forward.
-    handle = model.register_forward_hook(lambda _, args, out: calls.append((*(a.dtype for a in args), out.dtype)))
+    handle = model.register_forward_hook(lambda _, args, out: calls.append((*(a.dtype for a in args), out[0].dtype)))
     try:
         stream = sampler.stream(text, sampler.noise_plan(0))
         first = next(stream)

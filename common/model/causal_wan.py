@@ -5,12 +5,14 @@ itself (bidirectionally) and to every earlier chunk, never to later ones. This m
 the diffusers model without copying it:
 
 - `CausalWanTransformer3DModel` subclasses `WanTransformer3DModel` (same parameters, same state-dict
-  keys, so diffusers weights, LoRA loaders and peft all work unchanged) and only replaces `forward`,
-  to feed one timestep per latent frame, rotary positions offset by the chunk's start frame, and a
-  `KVCache` to the blocks.
-- Two attention processors replace diffusers' `WanAttnProcessor`: self-attention reads earlier
-  chunks' keys/values from the cache (or, in full-sequence mode, applies a block-causal mask), and
-  cross-attention reuses the prompt's keys/values from the cache.
+  keys, so diffusers weights, LoRA loaders and peft all work unchanged) and only replaces `forward`
+  (same diffusers arguments and return convention, plus the cache's), to feed one timestep per
+  latent frame, rotary positions offset by the chunk's start frame, and a `KVCache` to the blocks.
+- `CausalWanAttnProcessor` replaces diffusers' `WanAttnProcessor` on every attention layer:
+  self-attention reads earlier chunks' keys/values from the cache (or, in full-sequence mode,
+  applies a block-causal mask), and cross-attention reuses the prompt's keys/values from the cache.
+  It uses fused QKV projections when fused and diffusers' attention dispatcher (backends). A
+  processor that cannot do causal caching is refused at the next forward.
 
 The cache never holds a chunk during its own denoising: each chunk's keys/values are appended once,
 by the "context" pass on the finished chunk (docs/method.md section 1). A forked cache shares its parent's
@@ -21,11 +23,16 @@ Latents are laid out as diffusers does: [batch, channels, frames, height, width]
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.utils import apply_lora_scale
 
 
 @dataclass
@@ -57,7 +64,8 @@ class KVCache:
     sink_frames: int = 0
     chunks: list[CachedChunk] = field(default_factory=list)
     # Cross-attention K/V of the prompt, per block; they depend only on the prompt and the weights.
-    text_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    # (k, v), or (k, v, image k, image v) for blocks with image K/V projections.
+    text_kv: list[tuple[torch.Tensor, ...] | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.text_kv:
@@ -141,9 +149,10 @@ class KVCache:
 
 
 @dataclass
-class _SelfAttnInputs:
-    """Passed through WanTransformerBlock as its `rotary_emb` argument, which the block hands to the
-    self-attention processor untouched: how per-call state reaches processors without globals."""
+class SelfAttnInputs:
+    """What a causal self-attention processor gets, as the `rotary_emb` argument that
+    WanTransformerBlock hands to `attn1`'s processor untouched: per-call state reaches processors
+    without globals. A processor that declares `supports_causal_cache = True` reads this."""
 
     freqs_cos: torch.Tensor
     freqs_sin: torch.Tensor
@@ -151,15 +160,20 @@ class _SelfAttnInputs:
     num_frames: int
     cache: KVCache | None
     write: CachedChunk | None
-    mask: torch.Tensor | None  # full-sequence mode only
+    mask: torch.Tensor | None  # full-sequence mode only: boolean [tokens, tokens], True = may attend
+    block: int = 0  # which block's cache entries to read and write
 
 
 @dataclass
-class _CrossAttnInputs:
-    """Passed through the block as `encoder_hidden_states`, for the same reason."""
+class CrossAttnInputs:
+    """What a causal cross-attention processor gets, as `attn2`'s `encoder_hidden_states`."""
 
     text: torch.Tensor  # projected prompt embeddings [batch, tokens, dim]
     cache: KVCache | None
+    # Projected image embeddings [batch, tokens, dim], for blocks with image K/V projections
+    # (`added_kv_proj_dim`); None for a text-to-video model.
+    image: torch.Tensor | None = None
+    block: int = 0
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -178,34 +192,100 @@ def _rms_norm_fp32(norm: torch.nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x.float(), norm.normalized_shape, weight, norm.eps).type_as(x)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    # [batch, tokens, heads, dim] in and out, as diffusers' processors use.
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2)
+# Backends of diffusers' dispatcher that apply an arbitrary boolean [query, key] mask. The others
+# refuse a mask, or (the varlen kernels) reduce it to a key-padding mask over all queries, which
+# would silently make full-sequence mode bidirectional.
+MASK_BACKENDS = frozenset(
+    {
+        AttentionBackendName.NATIVE,
+        AttentionBackendName._NATIVE_MATH,
+        AttentionBackendName._NATIVE_EFFICIENT,
+        AttentionBackendName.FLEX,
+    }
+)
 
 
-class CausalSelfAttnProcessor:
-    """Block-causal self-attention over the current chunk and the cached earlier chunks."""
+def _projections(attn) -> dict[str, torch.nn.Module]:
+    names = ("to_q", "to_k", "to_v", "add_k_proj", "add_v_proj")
+    return {n: getattr(attn, n) for n in names if getattr(attn, n, None) is not None}
 
-    def __init__(self, block_index: int):
-        self.block_index = block_index
+
+def _lora_wrapped(attn) -> list[str]:
+    """Names of `attn`'s q/k/v (and image k/v) projections that peft has wrapped (LoRA adapters)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft, no adapters
+        return []
+    return [n for n, m in _projections(attn).items() if isinstance(m, BaseTunerLayer)]
+
+
+class CausalWanAttnProcessor:
+    """Attention for both attention layers of a Wan block run by CausalWanTransformer3DModel.
+
+    Self-attention (`attn1`): block-causal over the current chunk and the cached keys/values of
+    earlier chunks (or, in full-sequence mode, under a block-causal mask). Cross-attention
+    (`attn2`): to the prompt (and image, for a model with image K/V projections), whose keys/values
+    are computed once per cache. Like diffusers' WanAttnProcessor it uses the fused projections
+    (`to_qkv`, `to_kv`, `to_added_kv`) after `fuse_qkv_projections()`, and computes attention
+    through diffusers' `dispatch_attention_fn`, so `set_attention_backend` / `attention_backend`
+    choose the kernel.
+
+    `supports_causal_cache = True` is the contract the model checks before every forward: a
+    processor class that declares it reads `SelfAttnInputs` (passed as `rotary_emb`) and
+    `CrossAttnInputs` (passed as `encoder_hidden_states`), and honours the cache. Subclass this one
+    to change only a part (e.g. override `attention`).
+    """
+
+    supports_causal_cache = True
+    _attention_backend = None  # set by diffusers' set_attention_backend / reset_attention_backend
+    _parallel_config = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        ctx: _SelfAttnInputs = rotary_emb
-        q = _rms_norm_fp32(attn.norm_q, attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k = _rms_norm_fp32(attn.norm_k, attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if isinstance(rotary_emb, SelfAttnInputs):
+            return self.self_attention(attn, hidden_states, rotary_emb)
+        if isinstance(encoder_hidden_states, CrossAttnInputs):
+            return self.cross_attention(attn, hidden_states, encoder_hidden_states)
+        raise TypeError(
+            f"{type(self).__name__} runs inside CausalWanTransformer3DModel.forward, which passes it "
+            "SelfAttnInputs (as rotary_emb) or CrossAttnInputs (as encoder_hidden_states)"
+        )
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """[batch, tokens, heads, head_dim] in, [batch, tokens, heads * head_dim] out (q's dtype)."""
+        if self._parallel_config is not None:
+            raise NotImplementedError("CausalWanAttnProcessor does not support diffusers' context parallelism")
+        if mask is not None:
+            backend = self._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
+            if AttentionBackendName(backend) not in MASK_BACKENDS:
+                names = ", ".join(sorted(b.value for b in MASK_BACKENDS))
+                raise ValueError(
+                    f"attention backend {AttentionBackendName(backend).value!r} cannot apply the block-causal "
+                    f"mask of full-sequence mode (frames_per_chunk); use one of {names}, or stream chunk by "
+                    "chunk with a KV cache, which needs no mask"
+                )
+            mask = mask[None, None]  # [1, 1, q, k]: no backend mistakes it for a [batch, key] padding mask
+        out = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=self._attention_backend, parallel_config=None)
+        return out.flatten(2, 3).type_as(q)
+
+    def self_attention(self, attn, hidden_states: torch.Tensor, ctx: SelfAttnInputs) -> torch.Tensor:
+        if attn.fused_projections:
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q = _rms_norm_fp32(attn.norm_q, q).unflatten(2, (attn.heads, -1))
+        k = _rms_norm_fp32(attn.norm_k, k).unflatten(2, (attn.heads, -1))
+        v = v.contiguous().unflatten(2, (attn.heads, -1))  # fused: a view would keep all of q, k, v alive
         q = _apply_rotary(q, ctx.freqs_cos, ctx.freqs_sin)
         k = _apply_rotary(k, ctx.freqs_cos, ctx.freqs_sin)
 
         if ctx.write is not None:
             # Later chunks never backpropagate into this one (docs/method.md section 3: the cache is a constant).
-            ctx.write.keys[self.block_index] = k.detach()
-            ctx.write.values[self.block_index] = v.detach()
+            ctx.write.keys[ctx.block] = k.detach()
+            ctx.write.values[ctx.block] = v.detach()
 
         keys, values = k, v
         if ctx.cache is not None and ctx.mask is None:
-            cached = ctx.cache.gather(self.block_index, ctx.start_frame, ctx.start_frame + ctx.num_frames)
+            cached = ctx.cache.gather(ctx.block, ctx.start_frame, ctx.start_frame + ctx.num_frames)
             if cached is not None:
                 ck, cv = cached
                 if ck.shape[0] != k.shape[0]:
@@ -213,34 +293,47 @@ class CausalSelfAttnProcessor:
                 keys = torch.cat([ck.to(k.dtype), k], dim=1)
                 values = torch.cat([cv.to(v.dtype), v], dim=1)
 
-        out = _sdpa(q, keys, values, ctx.mask).flatten(2, 3).type_as(q)
+        out = self.attention(q, keys, values, ctx.mask)
         return attn.to_out[1](attn.to_out[0](out))
 
+    def _context_kv(self, attn, ctx: CrossAttnInputs) -> tuple[torch.Tensor, ...]:
+        if attn.fused_projections:
+            k, v = attn.to_kv(ctx.text).chunk(2, dim=-1)
+        else:
+            k, v = attn.to_k(ctx.text), attn.to_v(ctx.text)
+        kv = (
+            _rms_norm_fp32(attn.norm_k, k).unflatten(2, (attn.heads, -1)),
+            v.contiguous().unflatten(2, (attn.heads, -1)),
+        )
+        if attn.add_k_proj is None:
+            return kv
+        if ctx.image is None:
+            raise ValueError(
+                "this block has image K/V projections (added_kv_proj_dim): pass encoder_hidden_states_image"
+            )
+        if attn.fused_projections:
+            k_img, v_img = attn.to_added_kv(ctx.image).chunk(2, dim=-1)
+        else:
+            k_img, v_img = attn.add_k_proj(ctx.image), attn.add_v_proj(ctx.image)
+        k_img = _rms_norm_fp32(attn.norm_added_k, k_img).unflatten(2, (attn.heads, -1))
+        return (*kv, k_img, v_img.contiguous().unflatten(2, (attn.heads, -1)))
 
-class CachedCrossAttnProcessor:
-    """Cross-attention to the prompt, with the prompt's K/V computed once per cache."""
-
-    def __init__(self, block_index: int):
-        self.block_index = block_index
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        ctx: _CrossAttnInputs = encoder_hidden_states
+    def cross_attention(self, attn, hidden_states: torch.Tensor, ctx: CrossAttnInputs) -> torch.Tensor:
         cache = ctx.cache
         # Reuse cached K/V only without autograd: a trained forward must see gradients flow into the
         # cross-attention projections (LoRA), which a K/V computed under no_grad would cut.
         use_cache = cache is not None and not torch.is_grad_enabled()
-        kv = cache.text_kv[self.block_index] if use_cache else None
+        kv = cache.text_kv[ctx.block] if use_cache else None
         if kv is None:
-            k = _rms_norm_fp32(attn.norm_k, attn.to_k(ctx.text)).unflatten(2, (attn.heads, -1))
-            v = attn.to_v(ctx.text).unflatten(2, (attn.heads, -1))
+            kv = self._context_kv(attn, ctx)
             if use_cache:
-                cache.text_kv[self.block_index] = (k, v)
-        else:
-            k, v = kv
+                cache.text_kv[ctx.block] = kv
         q = _rms_norm_fp32(attn.norm_q, attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        if k.shape[0] != q.shape[0]:  # one prompt, many branches
-            k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])
-        out = _sdpa(q, k, v, None).flatten(2, 3).type_as(q)
+        batch = q.shape[0]
+        kv = tuple(t.expand(batch, *t.shape[1:]) if t.shape[0] != batch else t for t in kv)  # one prompt, G branches
+        out = self.attention(q, kv[0], kv[1], None)
+        if len(kv) == 4:  # image cross-attention (Wan I2V): its own softmax, added
+            out = out + self.attention(q, kv[2], kv[3], None)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -265,19 +358,61 @@ def block_causal_mask(
 class CausalWanTransformer3DModel(WanTransformer3DModel):
     """WanTransformer3DModel run chunk by chunk with a KV cache (see the module docstring).
 
-    `forward(x, frame_timesteps, text, start_frame=..., cache=..., write_cache=...)` returns the
-    flow prediction for the frames in `x`, which start at absolute frame `start_frame`.
+    `forward(x, frame_timesteps, text, return_dict=False, start_frame=..., cache=..., write_cache=...)[0]`
+    is the flow prediction for the frames in `x`, which start at absolute frame `start_frame`. The
+    diffusers arguments and return convention are WanTransformer3DModel's, so the class drops into a
+    stock pipeline (one chunk, no cache: diffusers' output bit for bit).
     """
 
-    # No __init__ override: diffusers reads the config keys from WanTransformer3DModel's __init__
-    # signature, and from_pretrained must keep working. The processors are installed on first use.
+    # The signature stays WanTransformer3DModel's (functools.wraps): diffusers reads the config keys
+    # from it, so from_pretrained / from_config / save_pretrained keep working.
+    @functools.wraps(WanTransformer3DModel.__init__)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.use_causal_processors()
 
     def use_causal_processors(self) -> None:
+        """Install a CausalWanAttnProcessor on every attention layer (done at construction; call it
+        again to undo a `set_attn_processor`). A backend chosen with `set_attention_backend` is kept."""
+        for block in self.blocks:
+            for attn in (block.attn1, block.attn2):
+                processor = CausalWanAttnProcessor()
+                processor._attention_backend = getattr(attn.processor, "_attention_backend", None)
+                attn.set_processor(processor)
+
+    def _check_attention(self) -> None:
+        """Refuse, before any work, processors that cannot run block-causal attention over the cache
+        (a `set_attn_processor(AttnProcessor())`, say: it would attend bidirectionally and ignore the
+        cache), and fused projections next to LoRA adapters that the fused matmul would skip."""
         for i, block in enumerate(self.blocks):
-            if not isinstance(block.attn1.processor, CausalSelfAttnProcessor):
-                block.attn1.set_processor(CausalSelfAttnProcessor(i))
-            if not isinstance(block.attn2.processor, CachedCrossAttnProcessor):
-                block.attn2.set_processor(CachedCrossAttnProcessor(i))
+            for name, attn in (("attn1", block.attn1), ("attn2", block.attn2)):
+                processor = attn.processor
+                if not getattr(processor, "supports_causal_cache", False):
+                    raise TypeError(
+                        f"blocks.{i}.{name}.processor is {type(processor).__name__}, which cannot do "
+                        "CausalWanTransformer3DModel's block-causal attention over its KV cache (it does not "
+                        "declare `supports_causal_cache = True`); use CausalWanAttnProcessor "
+                        "(model.use_causal_processors()) or a processor that declares it and reads "
+                        "SelfAttnInputs / CrossAttnInputs"
+                    )
+                if attn.fused_projections and (wrapped := _lora_wrapped(attn)):
+                    raise ValueError(
+                        f"blocks.{i}.{name} runs fused QKV projections but LoRA adapters sit on {wrapped}, "
+                        "which the fused matmul would skip: call unfuse_qkv_projections() before adding adapters"
+                    )
+
+    def fuse_qkv_projections(self) -> None:
+        """diffusers' fusion (one `to_qkv` matmul in self-attention, one `to_kv` in cross-attention),
+        refused while peft LoRA adapters wrap to_q / to_k / to_v: the fused weight is the base weight
+        only, so it would silently drop them. Merge and unload the adapters first (the export's fused
+        weights, or `fuse_lora()` then `unload_lora()`), then fuse."""
+        wrapped = sorted({n for block in self.blocks for a in (block.attn1, block.attn2) for n in _lora_wrapped(a)})
+        if wrapped:
+            raise ValueError(
+                f"fuse_qkv_projections() with LoRA adapters on {wrapped} would drop them from the fused "
+                "projection; merge and unload the adapters first (fuse_lora() then unload_lora())"
+            )
+        super().fuse_qkv_projections()
 
     def cast(self, dtype: torch.dtype) -> CausalWanTransformer3DModel:
         """Cast to `dtype` but keep diffusers' `_keep_in_fp32_modules` (time embedding, modulation,
@@ -307,26 +442,44 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             sink_frames=sink_frames,
         )
 
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
         *,
         start_frame: int = 0,
         cache: KVCache | None = None,
         write_cache: bool = False,
         frames_per_chunk: int | None = None,
-    ) -> torch.Tensor:
-        """Flow prediction for `hidden_states` [B, C, F, H, W].
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Flow prediction for `hidden_states` [B, C, F, H, W]: a `Transformer2DModelOutput` (its
+        `.sample`), or the tuple `(flow,)` with `return_dict=False`, as WanTransformer3DModel returns it.
 
         timestep: [B] (one per sample) or [B, F] (one per latent frame, as Self-Forcing feeds it).
+        encoder_hidden_states_image: image embeddings, only for a model built with `image_dim`.
+        attention_kwargs: as diffusers' Wan reads it: `scale` weights peft LoRA layers for this call;
+        other keys are ignored.
         Streaming mode (`frames_per_chunk` None): the frames form one chunk that attends to `cache`.
         Full-sequence mode (`frames_per_chunk` set): the frames are a whole video from frame 0,
         split into chunks under a block-causal mask; with `write_cache` every chunk's K/V go into
         `cache` (the one-pass rebuild of h_{p-1}).
         """
-        self.use_causal_processors()
+        self._check_attention()
+        has_image_kv = self.config.added_kv_proj_dim is not None
+        if encoder_hidden_states_image is not None and self.condition_embedder.image_embedder is None:
+            raise ValueError(
+                "encoder_hidden_states_image was given, but this is a text-to-video model (built without "
+                "image_dim): it has no image embedder; pass None"
+            )
+        if encoder_hidden_states_image is None and has_image_kv:
+            raise ValueError(
+                "this model has image K/V projections (added_kv_proj_dim): pass encoder_hidden_states_image"
+            )
         batch, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
         if p_t != 1:
@@ -346,12 +499,14 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         if timestep.ndim == 1:
             # One timestep per sample (every frame of a streamed chunk shares it): embed it once per
             # sample, exactly as WanTransformer3DModel does, and let it broadcast over tokens.
-            temb, timestep_proj, text, _ = self.condition_embedder(timestep, encoder_hidden_states, None)
+            temb, timestep_proj, text, image = self.condition_embedder(
+                timestep, encoder_hidden_states, encoder_hidden_states_image
+            )
             timestep_proj = timestep_proj.unflatten(1, (6, -1))  # [B, 6, dim]
         elif timestep.shape == (batch, num_frames):
             # One timestep per frame (full-sequence mode): embed per frame, broadcast to its tokens.
-            temb, timestep_proj, text, _ = self.condition_embedder(
-                timestep.flatten(), encoder_hidden_states, None, timestep_seq_len=num_frames
+            temb, timestep_proj, text, image = self.condition_embedder(
+                timestep.flatten(), encoder_hidden_states, encoder_hidden_states_image, timestep_seq_len=num_frames
             )
             temb = temb.repeat_interleave(tokens_per_frame, dim=1)  # [B, tokens, dim]
             timestep_proj = timestep_proj.unflatten(2, (6, -1)).repeat_interleave(tokens_per_frame, dim=1)
@@ -376,9 +531,12 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 raise ValueError("write_cache needs a cache")
             write = cache.begin_chunk(start_frame, num_frames)
 
-        self_ctx = _SelfAttnInputs(freqs_cos, freqs_sin, start_frame, num_frames, cache, write, mask)
-        cross_ctx = _CrossAttnInputs(text, cache)
-        for block in self.blocks:
+        if image is not None and not has_image_kv:
+            # Without image K/V projections diffusers attends to the image tokens as extra text tokens.
+            text, image = torch.cat([image, text], dim=1), None
+        for i, block in enumerate(self.blocks):
+            self_ctx = SelfAttnInputs(freqs_cos, freqs_sin, start_frame, num_frames, cache, write, mask, block=i)
+            cross_ctx = CrossAttnInputs(text, cache, image, block=i)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, cross_ctx, timestep_proj, self_ctx)
             else:
@@ -398,7 +556,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         x = self.proj_out(x)
         x = x.reshape(batch, ppf, pph, ppw, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
-        return out
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
 
 
 def _split_written(cache: KVCache, written: CachedChunk, frames_per_chunk: int) -> None:

@@ -147,7 +147,9 @@ class StreamingSampler:
         """
         t = torch.full((x_t.shape[0],), self.scheduler.timesteps[step], device=x_t.device)
         dtype = self.model_dtype
-        flow = self.model(x_t.to(dtype), t, text.to(dtype), start_frame=chunk * self.frames_per_chunk, cache=cache)
+        flow = self.model(
+            x_t.to(dtype), t, text.to(dtype), return_dict=False, start_frame=chunk * self.frames_per_chunk, cache=cache
+        )[0]
         return self.scheduler.predict_x0(x_t, flow.float(), step)
 
     def predict_x0_without_cache(
@@ -164,8 +166,13 @@ class StreamingSampler:
         t[:, start:] = self.scheduler.timesteps[step]
         window = self.new_cache()  # stays empty: it only carries the local-attention window
         flow = self.model(
-            x.to(self.model_dtype), t, text.to(self.model_dtype), cache=window, frames_per_chunk=self.frames_per_chunk
-        )
+            x.to(self.model_dtype),
+            t,
+            text.to(self.model_dtype),
+            return_dict=False,
+            cache=window,
+            frames_per_chunk=self.frames_per_chunk,
+        )[0]
         return self.scheduler.predict_x0(x_t, flow[:, :, start:].float(), step)
 
     def _write_context(
@@ -176,7 +183,13 @@ class StreamingSampler:
             x = self.scheduler.add_noise(x0, noise.context(chunk, x0.device), self.scheduler.context_sigma)
         t = torch.full((x.shape[0],), self.scheduler.context_timestep, device=x.device)
         self.model(
-            x.to(self.model_dtype), t, text, start_frame=chunk * self.frames_per_chunk, cache=cache, write_cache=True
+            x.to(self.model_dtype),
+            t,
+            text,
+            return_dict=False,
+            start_frame=chunk * self.frames_per_chunk,
+            cache=cache,
+            write_cache=True,
         )
 
     # -- the loop -------------------------------------------------------------------------------
