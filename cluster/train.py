@@ -166,7 +166,7 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool |
 
     checkpoint = latest_checkpoint(folder.root / "checkpoints") if resume else None
     if resume == "auto" and checkpoint is None:
-        removed = []
+        removed = folder.clear_outputs()
         log.info("--resume auto: no complete checkpoint, starting afresh%s", f" (removed {removed})" if removed else "")
     prompts, heldout = load_prompts(config)
     # Every role reads the prompt embeddings from this one file (config.yaml names it too).
