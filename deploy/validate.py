@@ -743,8 +743,8 @@ def check_job(spec: dict, config, options: dict) -> list[str]:
     if retries and options.get("resume") != "auto":
         errors.append(
             f"spec.backoffLimit: {retries} retries run the entrypoint again into the same run folder, which "
-            "cluster.train refuses (or, with --resume alone, needs a checkpoint that a run failing early has "
-            "not written); add --resume auto to the entrypoint"
+            "cluster.train refuses (or, with --resume alone and no checkpoint yet, starts over appending to the "
+            "first attempt's metrics); add --resume auto to the entrypoint"
         )
     if retries and options.get("overwrite"):
         errors.append(
