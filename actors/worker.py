@@ -59,16 +59,26 @@ class RolloutWorker:
         return self.version
 
     def join_weights_group(self, host: str, port: int, generation: int, rank: int, world_size: int) -> int:
+        """Join the broadcast group of `generation` (WeightGroupError when the driver aborts it)."""
         from common.dataflow.weights import CollectiveGroup
 
         backend = "nccl" if self.config.model.device.startswith("cuda") else "gloo"
-        self._weights_group = CollectiveGroup(host, port, rank, world_size, generation, backend)
+        self._weights_group = None  # a failed rendezvous leaves no group of an older generation behind
+        self._weights_group = CollectiveGroup(
+            host, port, rank, world_size, generation, backend, timeout_s=self.config.cluster.call_timeout_s
+        )
         return generation
 
-    def receive_weights(self, handle) -> int:
-        """The collective transport: the buckets come by broadcast from learner rank 0."""
+    def receive_weights(self, handle, generation: int | None = None) -> int:
+        """The collective transport: the buckets come by broadcast from learner rank 0, over the group
+        of `generation` (WeightGroupError when that is not the one joined last, or it fails)."""
+        from common.dataflow.weights import WeightGroupError
+
         self._check_base(handle)
-        tensors = self._weights_group.receive(handle)
+        group = getattr(self, "_weights_group", None)
+        if group is None or (generation is not None and group.generation != generation):
+            raise WeightGroupError(f"{self.name}: no weight group of generation {generation}")
+        tensors = group.receive(handle)
         self.policy.load_synced_tensors(tensors, handle.what)
         self.version = handle.version
         return self.version

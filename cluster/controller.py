@@ -27,8 +27,13 @@ class Counters:
     # Learner groups the driver replaced (and restored from the newest complete checkpoint) in this
     # job; bounded by run.max_learner_restarts.
     learner_restarts: int = 0
-    # One entry per weight broadcast after an update: {"version", "bytes", "seconds"}.
+    # One entry per weight broadcast after an update: {"version", "bytes", "seconds"}, and with the
+    # collective transport {"attempts", "lost"} (broadcasts tried, rollout workers dropped mid-sync).
     weight_sync_log: list[dict] = field(default_factory=list)
+    # Collective transport: rollout workers that died (or hung) during a weight sync and were dropped
+    # from it (also counted in worker_failures), and broadcasts repeated over a re-formed group.
+    weight_sync_workers_lost: int = 0
+    weight_sync_retries: int = 0
 
 
 class Controller:

@@ -58,8 +58,16 @@ CHECKPOINTED_COUNTERS = (
     "weight_syncs",
     "stale_trained_max",
     "learner_restarts",
+    "weight_sync_workers_lost",
+    "weight_sync_retries",
 )
-FAULT_TALLIES = ("worker_failures", "jobs_redone", "learner_restarts")
+FAULT_TALLIES = (
+    "worker_failures",
+    "jobs_redone",
+    "learner_restarts",
+    "weight_sync_workers_lost",
+    "weight_sync_retries",
+)
 # The phases whose metrics.jsonl records a learner restore can roll back.
 UPDATE_PHASES = ("reference", "semi", "on_policy")
 # How long every learner rank has to answer after an error, before the group counts as broken.

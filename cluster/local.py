@@ -37,9 +37,9 @@ def ray_env_defaults() -> None:
 @contextlib.contextmanager
 def ray_session(config: Config) -> Iterator[bool]:
     """Yields True when a local Ray was started here (and is shut down on exit)."""
+    ray_env_defaults()  # before Ray is imported: it reads some of these only then
     import ray
 
-    ray_env_defaults()
     address = config.cluster.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         yield False

@@ -32,25 +32,39 @@ class PlacementError(RuntimeError):
     """The cluster cannot hold what the config asks for; says which role and resource."""
 
 
+def role_bundles(config: Config) -> list[dict[str, float]]:
+    """One resource bundle per actor the roles start (every rollout worker, reward server and learner
+    rank): the shapes an autoscaler has to find nodes for."""
+    r, w, lrn = config.rollout, config.rewards, config.learner
+    shapes = (
+        (r.num_workers, {"CPU": r.num_cpus_per_worker, "GPU": r.num_gpus_per_worker, **r.resources}),
+        (w.num_servers, {"CPU": w.num_cpus_per_server, "GPU": w.num_gpus_per_server, **w.resources}),
+        (lrn.num_workers, {"CPU": lrn.num_cpus_per_worker, "GPU": lrn.num_gpus_per_worker, **lrn.resources}),
+    )
+    return [{k: float(v) for k, v in shape.items() if v} for count, shape in shapes for _ in range(count)]
+
+
+def _needed(config: Config) -> dict[str, float]:
+    need = {"CPU": 0.0, "GPU": 0.0}
+    for bundle in role_bundles(config):
+        for resource, amount in bundle.items():
+            need[resource] = need.get(resource, 0.0) + amount
+    return need
+
+
+def missing_resources(config: Config, available: dict) -> dict[str, float]:
+    """What the roles need beyond `available` ({resource: amount short}; empty when they fit)."""
+    return {
+        resource: amount - available.get(resource, 0.0)
+        for resource, amount in _needed(config).items()
+        if amount > available.get(resource, 0.0) + 1e-9
+    }
+
+
 def check_resources(config: Config, available: dict) -> None:
     """Refuse, before any actor starts, a config that asks for more than the cluster has."""
     r, w, lrn = config.rollout, config.rewards, config.learner
-    need = {
-        "CPU": r.num_workers * r.num_cpus_per_worker
-        + w.num_servers * w.num_cpus_per_server
-        + lrn.num_workers * lrn.num_cpus_per_worker,
-        "GPU": r.num_workers * r.num_gpus_per_worker
-        + w.num_servers * w.num_gpus_per_server
-        + lrn.num_workers * lrn.num_gpus_per_worker,
-    }
-    for _role, count, extra in (
-        ("rollout", r.num_workers, r.resources),
-        ("rewards", w.num_servers, w.resources),
-        ("learner", lrn.num_workers, lrn.resources),
-    ):
-        for resource, amount in extra.items():
-            need[resource] = need.get(resource, 0.0) + count * amount
-    for resource, amount in need.items():
+    for resource, amount in _needed(config).items():
         have = available.get(resource, 0.0)
         if amount > have + 1e-9:
             if resource not in ("CPU", "GPU"):
@@ -65,6 +79,94 @@ def check_resources(config: Config, available: dict) -> None:
                 f"{getattr(lrn, f'num_{resource.lower()}s_per_worker'):g}) but the cluster has {have:g}; "
                 f"lower rollout/rewards/learner counts or set cluster.num_cpus for a local run"
             )
+
+
+def cluster_autoscales() -> bool:
+    """Whether an autoscaler adds nodes to this cluster on demand, as Ray's own state says: the node
+    groups the autoscaler reported (v2, KubeRay), one of which can grow, or the report of the v1
+    autoscaler (`ray up`, KubeRay) naming node types of a cluster config. Every head runs a v1 monitor;
+    on a cluster of `ray start`ed nodes it manages nothing and names each node's type after its id."""
+    import json
+    import re
+
+    import ray._private.state
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+
+    try:
+        config = ray._private.state.state.get_cluster_config()
+        if config is not None and config.node_group_configs:
+            return any(
+                g.max_count == -1 or g.max_count > g.min_count
+                for g in config.node_group_configs
+                if g.resources and g.max_count != 0
+            )
+        status = internal_kv._internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        report = (json.loads(status) if status else {}).get("autoscaler_report") or {}
+        types = {
+            *(report.get("active_nodes") or {}),
+            *(report.get("pending_launches") or {}),
+            *(report.get("node_type_mapping") or {}).values(),
+        }
+        return any(not re.fullmatch(r"node_[0-9a-f]{56}", t) for t in types)
+    except Exception as exc:  # noqa: BLE001 - no answer: a fixed cluster, as before
+        log.warning("could not tell whether the cluster autoscales (%s); treating it as fixed", exc)
+        return False
+
+
+def _describe(short: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" if k in ("CPU", "GPU") else f"{v:g} of {k!r}" for k, v in short.items())
+
+
+def wait_for_resources(config: Config, poll_s: float = 1.0, report_s: float = 30.0) -> None:
+    """`check_resources` against the cluster. On a fixed cluster a config that does not fit is
+    refused at once. On an autoscaling one (cluster.autoscaling; `auto`: `cluster_autoscales`) the
+    autoscaler is asked for every role's bundle (ray.autoscaler.sdk.request_resources: nothing is
+    pending yet that would make it scale) and the job waits up to cluster.resource_wait_s for the
+    nodes, saying every `report_s` what is still missing; then it is refused with the same message,
+    plus the wait."""
+    import ray
+
+    c = config.cluster
+    try:
+        check_resources(config, ray.cluster_resources())
+        return
+    except PlacementError:
+        autoscaling = cluster_autoscales() if c.autoscaling == "auto" else c.autoscaling
+        if not autoscaling:
+            raise
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=role_bundles(config))
+    start = time.monotonic()
+    next_report = start
+    try:
+        while True:
+            available = ray.cluster_resources()
+            short = missing_resources(config, available)
+            waited = time.monotonic() - start
+            if not short:
+                log.info("the cluster has the roles' resources after %.0f s", waited)
+                return
+            if waited >= c.resource_wait_s:
+                try:
+                    check_resources(config, available)
+                except PlacementError as exc:
+                    raise PlacementError(
+                        f"{exc} (waited {waited:.0f} s, cluster.resource_wait_s, for the autoscaling "
+                        f"cluster to add {_describe(short)})"
+                    ) from None
+            if time.monotonic() >= next_report:
+                log.warning(
+                    "waiting for the autoscaler: the roles miss %s; waited %.0f of %g s (cluster.resource_wait_s)",
+                    _describe(short),
+                    waited,
+                    c.resource_wait_s,
+                )
+                next_report += report_s
+            time.sleep(poll_s)
+    finally:
+        request_resources(bundles=[])  # the request persists until replaced; the actors hold the nodes now
 
 
 def encode_prompts(config: Config, prompts: list[str]) -> dict:
@@ -86,7 +188,7 @@ def encode_prompts(config: Config, prompts: list[str]) -> dict:
 
     if config.model.text_encoder_kind == "toy":
         return build(config, prompts, config.model.prompt_cache)
-    check_resources(config, ray.cluster_resources())
+    wait_for_resources(config)
     r = config.rollout
     task = ray.remote(max_calls=1, max_retries=0)(build_in_task).options(
         name="encode-prompts",
@@ -126,7 +228,7 @@ class RunRoles:
         from rewards.server import RewardServer, server_options
 
         self.config = config
-        check_resources(config, ray.cluster_resources())
+        wait_for_resources(config)
         cfg = config.model_dump(mode="json")
         ns = config.cluster.namespace
         self.counters = counters
@@ -196,10 +298,21 @@ class RunRoles:
                 max_restarts=0,
             ).remote(cfg, name, replay, record_key)
 
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the driver's node (the head under `ray job submit`), which lives as long as the job: left
+        # to Ray it lands on any node, and a rollout node scaled down or preempted took the run with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.controller = (
-            ray.remote(Controller).options(name="controller", namespace=ns, num_cpus=0).remote(r.num_workers)
+            ray.remote(Controller)
+            .options(name="controller", namespace=ns, num_cpus=0, scheduling_strategy=here)
+            .remote(r.num_workers)
         )
         self.last_packet = None
+        # The collective transport's group: its generation, members, and the driver's connection to
+        # its store (to abort a generation); what the last sync reported (attempts, workers lost).
+        self._generation, self._members, self._control, self._store_address = -1, None, None, None
+        self._sync_report: dict = {}
         c = config.cluster
         self.pool = RolloutPool(
             make_worker,
@@ -271,7 +384,7 @@ class RunRoles:
             except Exception:  # already gone
                 pass
         self.last_packet = None
-        self._members = None
+        self._members, self._control = None, None
         self.learners = self._start_learners()
 
     def discard_rollouts(self) -> int:
@@ -318,34 +431,155 @@ class RunRoles:
         return handle.nbytes
 
     def _broadcast_collective(self) -> int:
-        """Re-form the broadcast group when the set of workers changed, then one broadcast."""
+        """One broadcast of learner rank 0's weights to every rollout worker, over the current
+        generation of the weight group (formed again whenever the set of workers changed).
+
+        Membership may change under it: a worker that dies (or does not answer within
+        cluster.call_timeout_s) during the rendezvous or the broadcast is dropped from the pool (and
+        replaced, synced, before the next job); the generation is aborted at once, so no member waits
+        on it until gloo's timeout; the broadcast is repeated over a new generation of the survivors
+        unless they all had the packet already. A worker added later joins at the next generation
+        (pool.grow syncs it). The run goes on; `weight_sync_workers_lost` and `weight_sync_retries`
+        count it, and the sync's log entry says how many attempts it took and whom it lost."""
         import ray
 
-        timeout = self.config.cluster.call_timeout_s
-        workers = self.pool.workers
-        members = tuple(sorted(workers))
-        if members != getattr(self, "_members", None):
-            self._generation = getattr(self, "_generation", -1) + 1
-            host, port = ray.get(self.learners[0].weights_store.remote())
-            world = len(members) + 1
-            ray.get(
-                [self.learners[0].form_weights_group.remote(self._generation, world)]
-                + [
-                    workers[n].join_weights_group.remote(host, port, self._generation, i + 1, world)
-                    for i, n in enumerate(members)
-                ],
-                timeout=timeout,
+        handle = ray.get(self.learners[0].pack_weights.remote(), timeout=self.config.cluster.call_timeout_s)
+        lost: list[str] = []
+        attempts = fruitless = 0
+        while True:
+            members = tuple(sorted(self.pool.workers))
+            if not members:  # all gone: their replacements are synced as the pool adds them
+                break
+            attempts += 1
+            before = len(lost)
+            failed = self._form_group(members, lost) if members != self._members else []
+            if not failed:
+                failed = self._send(handle, members, lost)
+                if not failed:
+                    break
+            self._members = None  # the next attempt (and the next sync) forms a new generation
+            self.counters.weight_sync_retries += 1
+            fruitless = fruitless + 1 if len(lost) == before else 0
+            if fruitless > 2:  # failures that no lost worker explains: not a membership change
+                raise RuntimeError(
+                    f"weight broadcast of v{handle.version} failed {fruitless} times in a row with every "
+                    f"rollout worker alive ({', '.join(failed)}; see their logs)"
+                )
+            log.warning(
+                "weight sync of v%d, attempt %d: %s lost, %s failed; again over a new group",
+                handle.version,
+                attempts,
+                ", ".join(lost[before:]) or "no worker",
+                ", ".join(n for n in failed if n not in lost) or "nobody else",
             )
-            self._members = members
-        handle = ray.get(self.learners[0].pack_weights.remote())
-        versions = ray.get(
-            [self.learners[0].broadcast_weights.remote()]
-            + [workers[n].receive_weights.remote(handle) for n in members],
-            timeout=timeout,
-        )
-        if any(v != handle.version for v in versions):
-            raise RuntimeError(f"weight broadcast: versions {versions}, expected {handle.version}")
+        self._sync_report = {"version": handle.version, "attempts": attempts, "lost": lost}
         return handle.nbytes
+
+    def _form_group(self, members: tuple[str, ...], lost: list[str]) -> list[str]:
+        """A new generation of the weight group: learner rank 0 and `members` (ranks 1..N). Returns
+        who failed (empty: formed); a member that died or hung is dropped, in `lost`."""
+        import ray
+
+        self._generation += 1
+        generation, world = self._generation, len(members) + 1
+        learner, workers = self.learners[0], self.pool.workers
+        store = tuple(ray.get(learner.weights_store.remote(), timeout=self.config.cluster.call_timeout_s))
+        calls = {learner.form_weights_group.remote(generation, world): None}
+        for i, name in enumerate(members):
+            calls[workers[name].join_weights_group.remote(*store, generation, i + 1, world)] = name
+        failed = self._collect(calls, generation, store, lost)
+        if not failed:
+            self._members, self._store_address = members, store
+        return failed
+
+    def _send(self, handle, members: tuple[str, ...], lost: list[str]) -> list[str]:
+        """The broadcast over the current generation. Returns the survivors (or "learner-0") that
+        did not get or send the packet: empty when everyone alive has it, even if a member died."""
+        generation, workers = self._generation, self.pool.workers
+        calls = {self.learners[0].broadcast_weights.remote(generation): None}
+        for name in members:
+            calls[workers[name].receive_weights.remote(handle, generation)] = name
+        failed = self._collect(calls, generation, self._store_address, lost, expect=handle.version)
+        return [n for n in failed if n not in lost]
+
+    def _collect(self, calls: dict, generation: int, store: tuple, lost: list[str], expect=None) -> list[str]:
+        """Wait for one generation's calls ({ref: worker name, or None for learner rank 0}); returns
+        the names of those that failed ("learner-0" for rank 0). At the first failure the generation
+        is aborted, so every member still waiting in it gives up at once (gloo alone would wait for
+        its timeout). A worker that died is dropped from the pool; one that does not answer within
+        cluster.call_timeout_s is killed and dropped (both go to `lost`). Learner rank 0 dead, or
+        still out after that (plus a grace to take the abort), raises: the driver's learner recovery
+        takes over. Any error but a failed group raises too, after the abort."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        from common.dataflow.weights import WeightGroupError
+
+        failed: list[str] = []
+
+        def fail(name: str | None) -> None:
+            if not failed:
+                self._abort(generation, store)
+            failed.append(name or "learner-0")
+
+        timeout = self.config.cluster.call_timeout_s
+        deadline, pending, overdue = time.monotonic() + timeout, list(calls), False
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:  # past the deadline: the workers still out are hung
+                if overdue:
+                    raise GetTimeoutError(
+                        f"learner-0 did not finish weight group generation {generation} within "
+                        f"cluster.call_timeout_s ({timeout:g} s)"
+                    )
+                for ref in [r for r in pending if calls[r] is not None]:
+                    name = calls[ref]
+                    log.error("%s did not answer the weight sync within cluster.call_timeout_s; replacing it", name)
+                    if name in self.pool.workers:
+                        ray.kill(self.pool.workers[name])
+                    self._lose(name, lost)
+                    fail(name)
+                pending = [r for r in pending if calls[r] is None]  # learner rank 0, told to give up
+                deadline, overdue = time.monotonic() + min(timeout, 30.0), True
+                continue
+            for ref in ready:
+                name = calls[ref]
+                try:
+                    value = ray.get(ref)
+                except RayActorError:
+                    if name is None:
+                        raise
+                    self._lose(name, lost)
+                    fail(name)
+                    continue
+                except RayTaskError as exc:
+                    if not isinstance(exc, WeightGroupError) and not isinstance(exc.cause, WeightGroupError):
+                        self._abort(generation, store)
+                        raise
+                    fail(name)
+                    continue
+                if expect is not None and value != expect:
+                    self._abort(generation, store)
+                    raise RuntimeError(f"weight broadcast: {name or 'learner-0'} reports v{value}, expected v{expect}")
+        return failed
+
+    def _lose(self, name: str, lost: list[str]) -> None:
+        """A rollout worker that died or hung in a weight sync: out of the pool and of the sync."""
+        self.pool.forget(name)
+        self.counters.weight_sync_workers_lost += 1
+        lost.append(name)
+
+    def _abort(self, generation: int, store: tuple) -> None:
+        """Set the abort key of `generation` in the weight groups' store (learner rank 0 hosts it)."""
+        from common.dataflow.weights import abort_generation, connect_store
+
+        try:
+            if self._control is None or self._control[0] != store:
+                self._control = (store, connect_store(*store, 30.0))
+            abort_generation(self._control[1], generation)
+        except Exception as exc:  # noqa: BLE001 - the store died with learner rank 0: nobody is left to tell
+            log.warning("could not abort weight group generation %d: %s", generation, exc)
+            self._control = None
 
     def publish_and_sync(self, names=None) -> None:
         """Publish the learner's weights once and deliver them to `names` (every rollout worker by
@@ -355,9 +589,14 @@ class RunRoles:
         self.publish()
         self.counters.weight_sync_bytes = self.sync_to(list(names))
         self.counters.weight_sync_seconds = time.perf_counter() - start
-        version = self.last_packet[0].version if self.last_packet is not None else None
+        version = self.last_packet[0].version if self.last_packet is not None else self._sync_report.get("version")
         self.counters.weight_sync_log.append(
-            {"version": version, "bytes": self.counters.weight_sync_bytes, "seconds": self.counters.weight_sync_seconds}
+            {
+                "version": version,
+                "bytes": self.counters.weight_sync_bytes,
+                "seconds": self.counters.weight_sync_seconds,
+                **{k: v for k, v in self._sync_report.items() if k != "version"},
+            }
         )
 
     # -- rollout workers ----------------------------------------------------------------------

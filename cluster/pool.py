@@ -204,6 +204,7 @@ class RolloutPool:
                 self.counters.worker_failures += 1
                 self.workers.pop(name, None)
                 self.retiring.discard(name)
+                self.events.append(f"lost {name}")
                 if attempt == 0:
                     self.counters.jobs_redone += 1
                     self.pending.appendleft((job, 1))
@@ -259,6 +260,7 @@ class RolloutPool:
             self.counters.worker_failures += 1
             self.workers.pop(name, None)
             self.retiring.discard(name)
+            self.events.append(f"lost {name}")
             log.warning("%s died running an abandoned job", name)
             if not self.live():
                 self.grow(1)

@@ -269,6 +269,8 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool |
                 "jobs_redone": counters.jobs_redone,
                 "heartbeats_missed": counters.heartbeats_missed,
                 "learner_restarts": counters.learner_restarts,
+                "weight_sync_workers_lost": counters.weight_sync_workers_lost,
+                "weight_sync_retries": counters.weight_sync_retries,
                 "rollout_workers_final": len(roles.rollout_workers()),
                 "scaling_events": roles.scaling_events(),
                 "role_busy_ratio": busy,

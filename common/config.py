@@ -79,6 +79,9 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     seed: int = 0
+    # torch.compile each transformer block (common/model/loading.py load_policy). Off by default: on the
+    # 2-core CPU of docs/benchmarks.md ("The streaming generator") it did not pay for its compile time.
+    compile: bool = False
 
     @model_validator(mode="after")
     def _one_transformer_source(self) -> ModelConfig:
@@ -474,6 +477,15 @@ class ClusterConfig(_Section):
     call_timeout_s: float = Field(600.0, gt=0, description="a rollout/reward/learner call taking longer fails")
     heartbeat_s: float = Field(30.0, gt=0, description="idle rollout workers are pinged this often")
     heartbeat_timeout_s: float = Field(10.0, gt=0, description="a worker missing its ping this long is replaced")
+    autoscaling: bool | Literal["auto"] = Field(
+        "auto",
+        description="whether the cluster adds nodes on demand (ray up, the KubeRay autoscaler): a job whose roles "
+        "do not fit yet then asks the autoscaler for them and waits up to resource_wait_s instead of being refused; "
+        "auto = as Ray's autoscaler state says (a fixed cluster refuses at once)",
+    )
+    resource_wait_s: float = Field(
+        900.0, gt=0, description="how long a job on an autoscaling cluster waits for the resources its roles need"
+    )
 
 
 class MetricsConfig(_Section):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from common.dataflow.records import RolloutGroup
-from common.dataflow.weights import CollectiveGroup, ObjectStoreTransport, pack
+from common.dataflow.weights import CollectiveGroup, ObjectStoreTransport, WeightGroupError, pack
 from common.model import adapters
 from common.net import free_port
 from common.seeds import derive_seed
@@ -198,16 +198,26 @@ class Learner:
         return self._store_address
 
     def form_weights_group(self, generation: int, world_size: int) -> int:
+        """Rank 0 of the broadcast group of `generation` (its rendezvous with every rollout worker);
+        WeightGroupError when the driver aborts it (a worker died) or it fails."""
         host, port = self.weights_store()
-        self._weights_group = CollectiveGroup(host, port, 0, world_size, generation, self._backend(), store=self._store)
+        self._weights_group = None  # a failed rendezvous leaves no group of an older generation behind
+        self._weights_group = CollectiveGroup(
+            host, port, 0, world_size, generation, self._backend(), timeout_s=self.config.cluster.call_timeout_s
+        )
         return generation
 
     def pack_weights(self):
         self._packet = self._pack()
         return self._packet.handle()
 
-    def broadcast_weights(self) -> int:
-        self._weights_group.send(self._packet)
+    def broadcast_weights(self, generation: int | None = None) -> int:
+        """Send the packed weights over the group of `generation` (WeightGroupError when that is not
+        the group formed last, or when the broadcast fails or is aborted: the driver forms another)."""
+        group = getattr(self, "_weights_group", None)
+        if group is None or (generation is not None and group.generation != generation):
+            raise WeightGroupError(f"learner: no weight group of generation {generation}")
+        group.send(self._packet)
         return self._packet.version
 
     def _backend(self) -> str:

@@ -9,7 +9,8 @@ from tests.conftest import BF16_ULP
 
 
 def test_streaming_bench_prints_its_json(capsys):
-    assert main(["--json", "--repeats", "1", "sampler.num_chunks=3", "algorithm.group_size=4"]) == 0
+    args = ["--json", "--repeats", "1", "--baseline", "--profile", "sampler.num_chunks=3", "algorithm.group_size=4"]
+    assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     for key in (
         "stream_vs_full_max_abs_err",
@@ -17,11 +18,43 @@ def test_streaming_bench_prints_its_json(capsys):
         "fork_speedup",
         "fork_peak_memory_mb",
         "stream_fps",
+        "first_chunk_latency_s",
         "fork_cost_model_ratio",
+        "fork_mfu_concatenating",
     ):
         assert key in result
     assert result["stream_vs_full_max_abs_err"] < 1e-4
     assert len(result["fork_s_by_pivot"]) == 3
+    # MFU: achieved FLOP/s over the GEMM rate measured in the same run, at the block's linear shapes
+    # (3 tokens x dim x {dim, 3 dim, ffn} and tokens x ffn x dim, at batch 1 and fork_batch_size).
+    assert len(result["gemm_tflops_by_shape"]) == 8 and result["gemm_peak_tflops"] > 0
+    assert result["gemm_peak_tflops"] == max(result["gemm_tflops_by_shape"].values())
+    for key in ("rollout_mfu", "fork_mfu", "update_mfu"):
+        assert 0 < result[key] < 1, (key, result[key])
+    assert result["fork_mfu"] == result["fork_mfu_by_pivot"][result["mfu_pivot"]]
+    # FLOPs: a fork of 4 at pivot 1 runs chunk 0 at batch 1 and chunks 1-2 at batch 4, so it counts
+    # more than a rollout and less than four; an update runs forward and backward passes.
+    assert result["rollout_gflop"] < result["fork_gflop"] < 4 * result["rollout_gflop"]
+    assert result["update_gflop"] > 0
+    for breakdown in result["time_breakdown"].values():
+        assert set(breakdown) == {"gemm", "attention", "concat", "copy_cast", "elementwise_other"}
+        assert abs(sum(breakdown.values()) - 1) < 1e-2 and breakdown["gemm"] > 0
+
+
+def test_flop_count_covers_matmuls_and_cpu_attention():
+    # FlopCounterMode does not know the CPU flash-attention kernel: counted here like the CUDA ones.
+    import torch
+
+    from bench.streaming import count_flops
+
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    expected = 2 * (2 * 2 * 3 * 5 * 7 * 8)  # q k^T and p v
+    flops, _ = count_flops(lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v))
+    assert flops == expected
+    flops, _ = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert flops == expected
+    flops, _ = count_flops(lambda: torch.nn.functional.linear(torch.randn(4, 6), torch.randn(9, 6)))
+    assert flops == 2 * 4 * 6 * 9
 
 
 def test_streaming_bench_rejects_bad_config(capsys):

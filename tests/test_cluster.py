@@ -644,3 +644,71 @@ def test_a_fresh_run_refuses_a_buffer_left_by_an_earlier_run(tmp_path):
         with pytest.raises(ReplayError, match="already holds 1 items.*--resume"):
             run(cfg, RunFolder(tmp_path / "old"))
         assert ReplayBuffer(server.url, "old").size() == 1  # nothing was cleared
+
+
+@pytest.mark.parametrize("during", ["broadcast", "rendezvous"])
+def test_a_rollout_worker_killed_in_a_weight_sync_is_dropped(local_ray, tmp_path, monkeypatch, during):
+    """cluster.weight_transport=collective with 2 rollout workers. Right before the broadcast of
+    version 2 goes out (or the job's first group forms), rollout-1 is stopped (SIGSTOP: it cannot
+    take its part, so that broadcast or rendezvous cannot complete for it), and one second into it,
+    killed. The driver drops it, aborts the group's generation (no member waits for gloo's timeout),
+    finishes the sync for the survivor (over a new group when it did not have the packet yet), and
+    the run goes on: every iteration's groups, a replacement worker synced, every worker at the final
+    version, no learner restart."""
+    import os
+    import signal
+
+    from cluster.placement import RunRoles
+
+    method = "_send" if during == "broadcast" else "_form_group"
+    original, armed, killed = getattr(RunRoles, method), {}, {}
+
+    def stop_then_kill_rollout_1(self, *args):
+        members = args[1] if during == "broadcast" else args[0]
+        due = args[0].version == 2 if during == "broadcast" else self._generation == -1
+        if due and not armed and "rollout-1" in members:
+            armed["yes"] = True
+            pid = ray.get(self.pool.workers["rollout-1"].ping.remote())["pid"]
+            os.kill(pid, signal.SIGSTOP)
+
+            def kill():
+                time.sleep(1.0)  # the call below is out by now, and cannot finish for rollout-1
+                os.kill(pid, signal.SIGKILL)
+                killed["pid"] = pid
+
+            threading.Thread(target=kill, daemon=True).start()
+        return original(self, *args)
+
+    monkeypatch.setattr(RunRoles, method, stop_then_kill_rollout_1)
+    summary, root = toy_job(
+        tmp_path,
+        "run.phases=[on_policy]",
+        "run.iterations=4",
+        "rollout.num_workers=2",
+        "cluster.weight_transport=collective",
+        "cluster.call_timeout_s=120",  # also gloo's timeout: a member left waiting would show
+    )
+    assert killed, "rollout-1 was never killed"
+    assert summary["learner_restarts"] == 0
+    assert summary["iterations"] == 4 and summary["weight_version"] == 4
+    # Every iteration's groups: the jobs the schedule fixed (ids after the 3 reference ids), once each.
+    rows = [r for r in metrics(root) if r["phase"] == "on_policy"]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert [r["job_ids"] for r in rows] == [[3 + 2 * i, 4 + 2 * i] for i in range(4)]
+    assert summary["groups"] == 4 * 2
+    # The dead worker was dropped in that very sync and replaced; all surviving workers are at v4.
+    assert "lost rollout-1" in summary["scaling_events"] and "+rollout-2" in summary["scaling_events"]
+    assert summary["worker_weight_versions"] == [4, 4]
+    assert summary["worker_failures"] >= 1
+    counters = json.loads((sorted((root / "checkpoints").iterdir())[-1] / "driver.json").read_text())["counters"]
+    assert counters["weight_sync_workers_lost"] == 1
+    log = summary["weight_sync_log"]  # the syncs after updates (the job's first sync is not one)
+    if during == "broadcast":
+        [sync] = [s for s in log if s["version"] == 2]
+        assert sync["lost"] == ["rollout-1"] and sync["attempts"] >= 1, sync
+        # That sync took well under gloo's timeout (120 s): nobody was left waiting on the dead member.
+        assert sync["seconds"] < 60, sync
+    else:
+        assert counters["weight_sync_retries"] >= 1  # the group never formed: formed again without it
+    assert [s["version"] for s in log] == [1, 2, 3, 4]
+    assert all(s["lost"] == [] for s in log if during == "rendezvous" or s["version"] != 2)

@@ -262,3 +262,96 @@ def test_bf16_predictions_are_the_fp32_ones_to_bf16_precision(tiny_model, tiny_m
             got = bf16.predict_x0(x_t, step, pivot, text, cache16)
             assert got.dtype == torch.float32
             assert (got - expected).abs().max() < 4 * BF16_ULP
+
+
+# ---------------------------------------------------------------------------------------------
+# The work the hardware does not need: K/V written in place, noise moved once per chunk
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_in_place_cache_gives_the_concatenating_paths_bits(tiny_model_in, text, dtype):
+    # The preallocated buffers hold the same keys/values in the same order as the concatenation did:
+    # every rollout, fork (sub-batched, several pivots) and recorded prediction is bit for bit the same.
+    model = tiny_model_in(dtype)
+    in_place = make_sampler(model, "sampler.fork_batch_size=3")
+    concatenating = make_sampler(model, "sampler.fork_batch_size=3")
+    concatenating.preallocate_cache = False
+    plan = in_place.noise_plan(7)
+    assert torch.equal(in_place.generate(text, plan), concatenating.generate(text, plan))
+    for pivot in (1, 3):
+        a = in_place.fork(text, plan, pivot=pivot, group_size=5, sigma=0.5, fork_seed=2)
+        b = concatenating.fork(text, plan, pivot=pivot, group_size=5, sigma=0.5, fork_seed=2)
+        assert torch.equal(a.videos, b.videos) and torch.equal(a.pivot_predictions, b.pivot_predictions)
+    # ...and the in-place path is the one that ran: chunk entries are views of the block buffers.
+    cache = in_place.new_cache()
+    list(in_place.stream(text, plan, cache=cache))
+    keys, values = cache.buffers[0]
+    assert cache.chunks[1].keys[0].untyped_storage().data_ptr() == keys.untyped_storage().data_ptr()
+    assert cache.chunks[1].values[0].untyped_storage().data_ptr() == values.untyped_storage().data_ptr()
+    assert concatenating.new_cache().capacity_frames is None
+
+
+def test_fork_copies_its_prefix_once_per_block_not_at_every_step(tiny_model, text, monkeypatch):
+    # Before: every forward of every branch concatenated the cached chunks of each block, the batch-1
+    # prefix expanded to the branches' batch first, so the prefix was copied G times per block per step.
+    from common.model.causal_wan import KVCache
+
+    reads = []
+    original = KVCache._pieces
+    monkeypatch.setattr(KVCache, "_pieces", lambda self, *args: reads.append(args) or original(self, *args))
+    blocks = len(tiny_model.blocks)
+    for preallocate in (True, False):
+        sampler = make_sampler(tiny_model, "sampler.fork_batch_size=2")
+        sampler.preallocate_cache = preallocate
+        reads.clear()
+        sampler.fork(text, sampler.noise_plan(3), pivot=2, group_size=4, sigma=0.5, fork_seed=1)
+        if preallocate:  # two sub-batches, each filling its buffers from the shared prefix once per block
+            assert len(reads) == 2 * blocks and all(args[1:] == (0, 4) for args in reads), reads
+        else:  # the concatenating path reads the cache at every forward of every chunk after the first
+            assert len(reads) > 2 * blocks * sampler.scheduler.num_steps
+
+
+def test_chunk_noise_is_the_plans_drawn_on_the_host_and_moved_in_one_copy(tiny_model, text, monkeypatch):
+    import common.model.noise as noise_module
+    from common.model.noise import NoisePlan, draw_chunk
+
+    plan = NoisePlan((3,), (4, 2, 8, 8))
+    branches = BranchNoise(plan, pivot=1, sigma=0.5, fork_seed=2, branches=(0, 3))
+    for source in (plan, branches):
+        drawn = draw_chunk(source, 1, 4, True, "cpu")
+        assert torch.equal(drawn.initial, source.initial(1)) and torch.equal(drawn.context, source.context(1))
+        assert len(drawn.solver) == 3 and all(torch.equal(drawn.solver[s], source.solver(1, s)) for s in range(3))
+    assert draw_chunk(plan, 1, 4, False, None).context is None
+    # The copy to another device keeps every tensor's shape and place in the pack (meta: a device
+    # that exists on CPU-only machines too; the values are the host's by construction).
+    moved = draw_chunk(branches, 1, 4, True, "meta")
+    assert moved.initial.device.type == "meta" and moved.initial.shape == (2, 4, 2, 8, 8)
+    assert [tuple(t.shape) for t in (*moved.solver, moved.context)] == [(1, 4, 2, 8, 8)] * 4
+
+    # The sampler asks its noise source for host tensors and moves each chunk's noise once.
+    asked, moves = [], []
+    real_move = noise_module.to_device
+    monkeypatch.setattr(noise_module, "to_device", lambda ts, device: moves.append(len(ts)) or real_move(ts, device))
+
+    class Recording:
+        batch_size = 1
+
+        def initial(self, chunk, device=None, dtype=torch.float32):
+            asked.append(device)
+            return plan.initial(chunk, device, dtype)
+
+        def solver(self, chunk, step, device=None, dtype=torch.float32):
+            asked.append(device)
+            return plan.solver(chunk, step, device, dtype)
+
+        def context(self, chunk, device=None, dtype=torch.float32):
+            asked.append(device)
+            return plan.context(chunk, device, dtype)
+
+    sampler = make_sampler(tiny_model)
+    video = sampler.generate(text, Recording())
+    steps = sampler.scheduler.num_steps
+    assert moves == [steps] * sampler.num_chunks  # initial + T - 1 solver noises, one copy per chunk
+    assert asked and all(device is None for device in asked)
+    assert torch.equal(video, sampler.generate(text, plan))

@@ -16,7 +16,10 @@ the diffusers model without copying it:
 
 The cache never holds a chunk during its own denoising: each chunk's keys/values are appended once,
 by the "context" pass on the finished chunk (docs/method.md section 1). A forked cache shares its parent's
-chunks read-only and appends its own, which is what lets G branches share one prefix.
+chunks read-only and appends its own, which is what lets G branches share one prefix. A cache made
+with `capacity_frames` (the sampler's) keeps each block's keys/values in one preallocated buffer that
+every no-grad forward writes its chunk into in place and attends over as a view: no per-step
+concatenation, and a fork's batch-1 prefix is copied to the branches' batch once, not at every step.
 
 Latents are laid out as diffusers does: [batch, channels, frames, height, width].
 """
@@ -56,6 +59,15 @@ class KVCache:
     `local_attn_frames` / `sink_frames` reproduce Self-Forcing's optional local attention: a chunk
     ending at frame e sees frames [e - local_attn_frames, e) plus frames [0, sink_frames). Chunks
     that no later chunk can see are dropped, so memory stays bounded by the window.
+
+    `capacity_frames` (global attention only) turns on the in-place path: per block, one buffer
+    [batch, capacity_frames * tokens_per_frame, heads, head_dim] for keys and one for values,
+    allocated at the first forward that reads it. A no-grad forward whose chunk starts where the
+    cache ends writes its keys/values at their frames and attends over `buffer[:, :end]` (a view);
+    a context pass's chunk entries are views of the buffer. Anything else (autograd, local
+    attention, a batch or dtype other than the buffer's, a chunk placed elsewhere, full-sequence
+    mode) takes the concatenating path, `gather`, which is also what a cache without capacity uses.
+    The two paths attend over the same values in the same order, so they give the same bits.
     """
 
     num_blocks: int
@@ -66,17 +78,27 @@ class KVCache:
     # Cross-attention K/V of the prompt, per block; they depend only on the prompt and the weights.
     # (k, v), or (k, v, image k, image v) for blocks with image K/V projections.
     text_kv: list[tuple[torch.Tensor, ...] | None] = field(default_factory=list)
+    capacity_frames: int | None = None
+    # Per block: (keys, values) buffers, and how many leading frames of them hold cached chunks.
+    buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    buffered_frames: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.text_kv:
             self.text_kv = [None] * self.num_blocks
+        if not self.buffers:
+            self.buffers = [None] * self.num_blocks
+            self.buffered_frames = [0] * self.num_blocks
+        if self.capacity_frames is not None and self.local_attn_frames is not None:
+            raise ValueError("capacity_frames (preallocated K/V) is for global attention; local attention evicts")
 
     @property
     def num_frames(self) -> int:
         return self.chunks[-1].end_frame if self.chunks else 0
 
     def fork(self) -> KVCache:
-        """A cache that shares everything cached so far (read-only) and appends on its own."""
+        """A cache that shares everything cached so far (read-only) and appends on its own. With a
+        capacity it gets its own buffers, filled from the shared chunks at its first forward."""
         return KVCache(
             num_blocks=self.num_blocks,
             tokens_per_frame=self.tokens_per_frame,
@@ -84,6 +106,7 @@ class KVCache:
             sink_frames=self.sink_frames,
             chunks=list(self.chunks),
             text_kv=self.text_kv,  # shared on purpose: branches of one prompt reuse it
+            capacity_frames=self.capacity_frames,
         )
 
     def begin_chunk(self, start_frame: int, num_frames: int) -> CachedChunk:
@@ -109,28 +132,75 @@ class KVCache:
             ranges.append((window_start, query_start))
         return ranges
 
+    def _pieces(self, block: int, a: int, b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cached (keys, values) of one block covering frames [a, b), chunk by chunk."""
+        pieces = []
+        tpf = self.tokens_per_frame
+        for chunk in self.chunks:
+            lo, hi = max(a, chunk.start_frame), min(b, chunk.end_frame)
+            if lo >= hi:
+                continue
+            k, v = chunk.keys[block], chunk.values[block]
+            if k is None or v is None:
+                raise RuntimeError(f"cached chunk at frame {chunk.start_frame} misses block {block}")
+            s, e = (lo - chunk.start_frame) * tpf, (hi - chunk.start_frame) * tpf
+            pieces.append((k[:, s:e], v[:, s:e]))
+        return pieces
+
     def gather(self, block: int, query_start: int, query_end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Cached K/V of one block that a chunk may attend to, concatenated along tokens."""
-        keys, values = [], []
-        tpf = self.tokens_per_frame
-        for a, b in self.visible_frames(query_start, query_end):
-            for chunk in self.chunks:
-                lo, hi = max(a, chunk.start_frame), min(b, chunk.end_frame)
-                if lo >= hi:
-                    continue
-                k, v = chunk.keys[block], chunk.values[block]
-                if k is None or v is None:
-                    raise RuntimeError(f"cached chunk at frame {chunk.start_frame} misses block {block}")
-                s, e = (lo - chunk.start_frame) * tpf, (hi - chunk.start_frame) * tpf
-                keys.append(k[:, s:e])
-                values.append(v[:, s:e])
-        if not keys:
+        pieces = [p for a, b in self.visible_frames(query_start, query_end) for p in self._pieces(block, a, b)]
+        if not pieces:
             return None
+        keys, values = [k for k, _ in pieces], [v for _, v in pieces]
         # Chunks cached before a fork have batch 1 and are broadcast to the branches' batch.
         batch = max(k.shape[0] for k in keys)
         keys = [k.expand(batch, *k.shape[1:]) for k in keys]
         values = [v.expand(batch, *v.shape[1:]) for v in values]
         return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+
+    def attend_in_place(
+        self, block: int, start_frame: int, k: torch.Tensor, v: torch.Tensor, write: CachedChunk | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The in-place path (see the class docstring): write this chunk's `k`, `v` [batch, tokens,
+        heads, head_dim] into the block's buffer at its frames and return the keys/values it attends
+        to, cached frames then its own, as views of the buffer. None where the path does not apply;
+        the caller then concatenates (`gather`)."""
+        if self.capacity_frames is None or torch.is_grad_enabled():
+            return None
+        tpf = self.tokens_per_frame
+        cached_end = write.start_frame if write is not None else self.num_frames
+        end = start_frame * tpf + k.shape[1]
+        if start_frame != cached_end or end > self.capacity_frames * tpf or k.shape[1] % tpf:
+            return None
+        buffers = self.buffers[block]
+        shape = (k.shape[0], self.capacity_frames * tpf, *k.shape[2:])
+        if buffers is None:
+            buffers = (k.new_empty(shape), v.new_empty(shape))
+            self.buffers[block], self.buffered_frames[block] = buffers, 0
+        kb, vb = buffers
+        if kb.shape != shape or kb.dtype != k.dtype or vb.dtype != v.dtype or kb.device != k.device:
+            return None
+        # Bring the buffer up to the cached frames: a fork's shared prefix (batch 1, broadcast here
+        # once per block) or chunks written by the concatenating path.
+        filled = self.buffered_frames[block]
+        if filled < start_frame:
+            token = filled * tpf
+            for ck, cv in self._pieces(block, filled, start_frame):
+                n = ck.shape[1]
+                kb[:, token : token + n].copy_(ck)
+                vb[:, token : token + n].copy_(cv)
+                token += n
+            if token != start_frame * tpf:
+                return None  # frames missing from the cache (a chunk placed past its end)
+            self.buffered_frames[block] = start_frame
+        s = start_frame * tpf
+        kb[:, s:end].copy_(k)
+        vb[:, s:end].copy_(v)
+        if write is not None:
+            write.keys[block], write.values[block] = kb[:, s:end], vb[:, s:end]
+            self.buffered_frames[block] = write.end_frame
+        return kb[:, :end], vb[:, :end]
 
     def evict(self, next_start_frame: int, next_num_frames: int) -> None:
         """Drop chunks that neither the next chunk nor any later one can see (local attention only)."""
@@ -140,12 +210,14 @@ class KVCache:
         self.chunks = [c for c in self.chunks if c.end_frame > window_start or c.start_frame < self.sink_frames]
 
     def nbytes(self) -> int:
-        total = 0
-        for chunk in self.chunks:
-            for t in (*chunk.keys, *chunk.values):
-                if t is not None:
-                    total += t.numel() * t.element_size()
-        return total
+        """Bytes of the distinct storages the cache holds (buffers count whole, shared ones once)."""
+        storages: dict[int, int] = {}
+        tensors = [t for chunk in self.chunks for t in (*chunk.keys, *chunk.values)]
+        tensors += [t for pair in self.buffers if pair is not None for t in pair]
+        for t in tensors:
+            if t is not None:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())
 
 
 @dataclass
@@ -278,13 +350,18 @@ class CausalWanAttnProcessor:
         q = _apply_rotary(q, ctx.freqs_cos, ctx.freqs_sin)
         k = _apply_rotary(k, ctx.freqs_cos, ctx.freqs_sin)
 
-        if ctx.write is not None:
+        in_place = None
+        if ctx.cache is not None and ctx.mask is None:
+            in_place = ctx.cache.attend_in_place(ctx.block, ctx.start_frame, k, v, ctx.write)
+        if ctx.write is not None and in_place is None:
             # Later chunks never backpropagate into this one (docs/method.md section 3: the cache is a constant).
             ctx.write.keys[ctx.block] = k.detach()
             ctx.write.values[ctx.block] = v.detach()
 
         keys, values = k, v
-        if ctx.cache is not None and ctx.mask is None:
+        if in_place is not None:
+            keys, values = in_place
+        elif ctx.cache is not None and ctx.mask is None:
             cached = ctx.cache.gather(ctx.block, ctx.start_frame, ctx.start_frame + ctx.num_frames)
             if cached is not None:
                 ck, cv = cached

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CheckpointError",
     "TextEncoder",
+    "compile_blocks",
     "decode_latents",
     "encode_frames",
     "load_diffusers_transformer",
@@ -670,7 +671,23 @@ def load_policy(config: Config) -> CausalWanTransformer3DModel:
     else:
         torch.manual_seed(m.seed)
         model = CausalWanTransformer3DModel(**m.transformer.kwargs()).cast(dtype)
-    return model.to(m.device).eval().requires_grad_(False)
+    model = model.to(m.device).eval().requires_grad_(False)
+    if m.compile:
+        compile_blocks(model)
+    return model
+
+
+def compile_blocks(model: CausalWanTransformer3DModel) -> None:
+    """torch.compile each transformer block in place (`nn.Module.compile`: parameter names, state-dict
+    keys, adapters and gradient checkpointing are unchanged). Each chunk index, batch and cache
+    write/read is its own specialisation of the block (python ints and the cache's layout are guarded
+    on), so the recompile limit is raised to hold them all: a full video's forks need a few dozen."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    for block in model.blocks:
+        block.compile()
 
 
 def load_text_encoder(config: Config):

@@ -5,12 +5,21 @@ chunk's initial noise, which is perturbed per branch as e_i = sqrt(1 - sigma^2) 
 Deriving each tensor from (seed, kind, chunk, step) rather than from one running generator makes
 that sharing exact by construction, lets any tensor be regenerated on demand (a learner or a
 replay entry needs only the seeds), and gives the same numbers on CPU and GPU.
+
+Every tensor is drawn on the host by a CPU generator, whatever the model's device: a CUDA generator
+seeded alike draws other numbers (Philox, not the CPU's Mersenne Twister), so drawing on the device
+would make a plan's noise depend on where it ran. `draw_chunk` draws all of one chunk's noise (its
+initial noise, its solver noises and its context noise) on the host and moves it in one copy, from
+pinned memory and without blocking when the device is a GPU, instead of one synchronous copy per
+denoising step; the values are the plan's, bit for bit, on every device.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -96,3 +105,36 @@ class BranchNoise:
 
     def context(self, chunk: int, device=None, dtype=torch.float32) -> torch.Tensor:
         return self.plan.context(chunk, device, dtype)
+
+
+@dataclass(frozen=True)
+class ChunkNoise:
+    """One chunk's noise on the model's device: `initial` [B or 1, C, f, H, W], `solver[s]` for the
+    re-noising after step s (T - 1 of them), `context` (None unless asked for)."""
+
+    initial: torch.Tensor
+    solver: tuple[torch.Tensor, ...]
+    context: torch.Tensor | None
+
+
+def to_device(tensors: Sequence[torch.Tensor], device: torch.device | str | None) -> list[torch.Tensor]:
+    """Host tensors on `device` in one copy (pinned and non-blocking to a GPU); unchanged on the host."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if all(t.device == device for t in tensors):
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    moved = flat.to(device, non_blocking=device.type == "cuda")
+    return [m.view(t.shape) for m, t in zip(moved.split([t.numel() for t in tensors]), tensors, strict=True)]
+
+
+def draw_chunk(noise: Any, chunk: int, num_steps: int, context: bool, device: torch.device | str | None) -> ChunkNoise:
+    """Every noise tensor chunk `chunk` needs over `num_steps` denoising steps (and its context pass,
+    with `context`), drawn on the host from `noise` (a NoisePlan, a BranchNoise or any object with
+    their `initial` / `solver` / `context` methods) and moved to `device` in one copy."""
+    host = [noise.initial(chunk)] + [noise.solver(chunk, step) for step in range(num_steps - 1)]
+    if context:
+        host.append(noise.context(chunk))
+    moved = to_device(host, device)
+    return ChunkNoise(moved[0], tuple(moved[1:num_steps]), moved[num_steps] if context else None)

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.model.causal_wan import CausalWanTransformer3DModel, KVCache
-from common.model.noise import BranchNoise, NoisePlan
+from common.model.noise import BranchNoise, NoisePlan, draw_chunk, to_device
 from common.model.scheduler import FewStepFlowScheduler
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ class StreamingSampler:
         sink_frames: int = 0,
         fork_batch_size: int = 12,
         progress: bool = False,
+        preallocate_cache: bool = True,
     ):
         self.model = model
         self.scheduler = scheduler
@@ -90,6 +91,9 @@ class StreamingSampler:
         self.sink_frames = sink_frames
         self.fork_batch_size = fork_batch_size
         self.progress = progress
+        # Caches keep K/V in preallocated per-block buffers written in place (KVCache.capacity_frames);
+        # False: the concatenating path at every forward (what benchmarks compare against).
+        self.preallocate_cache = preallocate_cache
 
     @classmethod
     def from_config(
@@ -133,11 +137,15 @@ class StreamingSampler:
         return NoisePlan(tuple(seeds), self.chunk_shape)
 
     def new_cache(self) -> KVCache:
+        # Global attention: room for the whole video, so every no-grad forward writes its chunk's
+        # K/V in place. Local attention evicts, and concatenates instead.
+        preallocate = self.preallocate_cache and self.local_attn_frames is None
         return KVCache(
             num_blocks=len(self.model.blocks),
             tokens_per_frame=self.model.tokens_per_frame(self.latent_height, self.latent_width),
             local_attn_frames=self.local_attn_frames,
             sink_frames=self.sink_frames,
+            capacity_frames=self.num_frames if preallocate else None,
         )
 
     def predict_x0(self, x_t: torch.Tensor, step: int, chunk: int, text: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -176,11 +184,11 @@ class StreamingSampler:
         return self.scheduler.predict_x0(x_t, flow[:, :, start:].float(), step)
 
     def _write_context(
-        self, x0: torch.Tensor, chunk: int, noise: NoiseSource, text: torch.Tensor, cache: KVCache
+        self, x0: torch.Tensor, chunk: int, context_noise: torch.Tensor | None, text: torch.Tensor, cache: KVCache
     ) -> None:
         x = x0
         if self.scheduler.context_sigma > 0:
-            x = self.scheduler.add_noise(x0, noise.context(chunk, x0.device), self.scheduler.context_sigma)
+            x = self.scheduler.add_noise(x0, context_noise, self.scheduler.context_sigma)
         t = torch.full((x.shape[0],), self.scheduler.context_timestep, device=x.device)
         self.model(
             x.to(self.model_dtype),
@@ -230,7 +238,11 @@ class StreamingSampler:
 
         chunks = range(start_chunk, end_chunk)
         for chunk in tqdm(chunks, desc="chunks", disable=not self.progress, leave=False):
-            x = noise.initial(chunk, device).expand(batch, *self.chunk_shape)
+            # The last chunk's context pass would feed no one: skip it (same video, one pass less).
+            write_context = use_cache and chunk + 1 < self.num_chunks
+            # All of this chunk's noise, drawn on the host and moved in one copy (common/model/noise.py).
+            drawn = draw_chunk(noise, chunk, steps, write_context and self.scheduler.context_sigma > 0, device)
+            x = drawn.initial.expand(batch, *self.chunk_shape)
             inputs, predictions = [], []
             for step in range(steps):
                 if use_cache:
@@ -242,10 +254,9 @@ class StreamingSampler:
                     inputs.append(x)
                     predictions.append(x0)
                 if step + 1 < steps:
-                    x = self.scheduler.renoise(x0, noise.solver(chunk, step, device), step + 1)
-            # The last chunk's context pass would feed no one: skip it (same video, one pass less).
-            if use_cache and chunk + 1 < self.num_chunks:
-                self._write_context(x0, chunk, noise, text, cache)
+                    x = self.scheduler.renoise(x0, drawn.solver[step], step + 1)
+            if write_context:
+                self._write_context(x0, chunk, drawn.context, text, cache)
             if not use_cache:
                 finished.append(x0)
             yield ChunkOutput(
@@ -340,5 +351,6 @@ class StreamingSampler:
         f = self.frames_per_chunk
         for chunk in range(num_frames // f):
             x0 = prefix_latents[:, :, chunk * f : (chunk + 1) * f].to(device=device, dtype=torch.float32)
-            self._write_context(x0, chunk, noise, text, cache)
+            context = to_device([noise.context(chunk)], device)[0] if self.scheduler.context_sigma > 0 else None
+            self._write_context(x0, chunk, context, text, cache)
         return cache
