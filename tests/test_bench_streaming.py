@@ -29,8 +29,10 @@ def test_streaming_bench_prints_its_json(capsys):
     # (3 tokens x dim x {dim, 3 dim, ffn} and tokens x ffn x dim, at batch 1 and fork_batch_size).
     assert len(result["gemm_tflops_by_shape"]) == 8 and result["gemm_peak_tflops"] > 0
     assert result["gemm_peak_tflops"] == max(result["gemm_tflops_by_shape"].values())
+    # Positive and finite; not "< 1": the peak and the rollout are timed at different moments, and on
+    # a shared machine (CI) the peak can be measured under more load than the rollout (no timing asserts).
     for key in ("rollout_mfu", "fork_mfu", "update_mfu"):
-        assert 0 < result[key] < 1, (key, result[key])
+        assert 0 < result[key] < float("inf"), (key, result[key])
     assert result["fork_mfu"] == result["fork_mfu_by_pivot"][result["mfu_pivot"]]
     # FLOPs: a fork of 4 at pivot 1 runs chunk 0 at batch 1 and chunks 1-2 at batch 4, so it counts
     # more than a rollout and less than four; an update runs forward and backward passes.
