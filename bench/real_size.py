@@ -40,7 +40,8 @@ Prints one JSON object (logs go to stderr): finished, dtype, lora_dtype, params_
 on_policy_updates, adapter_update_norm (per adapter: the saved final tensors against the first
 checkpoint's, written before any update), peak_rss_gb per role (rollout, reward, learner, driver; each
 actor's ru_maxrss), seconds per phase (from metrics.jsonl time stamps), weight_sync (bytes and seconds of
-each broadcast after an update), record_bytes per group, checkpoint_bytes, and the shapes run.
+each broadcast after an update), record_bytes per group, checkpoint_bytes, gemm_peak_tflops (the machine's
+GEMM rate at the generator's shapes, bench.streaming's MFU denominator), and the shapes run.
 """
 
 from __future__ import annotations
@@ -359,6 +360,18 @@ def run_job(args, root: Path, weights: Path) -> dict:
     with contextlib.redirect_stdout(sys.stderr):
         summary = run(config, folder)
     wall = time.perf_counter() - start
+    # The machine's GEMM rate at the generator's linear shapes, with a role's threads (bench.streaming):
+    # the denominator of an MFU. The job's own MFU is not derived: its rollout seconds include the VAE
+    # decode, and each group forks at its own pivot; bench.streaming measures rollout/fork/update MFU.
+    import torch
+
+    from bench.streaming import gemm_peak
+
+    torch.set_num_threads(args.threads)
+    (_, height, width), (_, ph, pw) = config.latent_shape, config.model.transformer.patch_size
+    chunk = config.sampler.frames_per_chunk * (height // ph) * (width // pw)  # tokens of one chunk
+    dtype, tokens = getattr(torch, config.model.dtype), [chunk, config.sampler.fork_batch_size * chunk]
+    peak = gemm_peak(config.model.transformer, tokens, dtype, torch.device(config.model.device))
     rows = [json.loads(x) for x in folder.metrics_path.read_text().splitlines() if x.strip()]
     updates = [r for r in rows if r.get("phase") == "on_policy" and "loss" in r]
     checkpoints = sorted((run_dir / "checkpoints").glob("ckpt-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -405,6 +418,7 @@ def run_job(args, root: Path, weights: Path) -> dict:
             "ffn_dim": tf.ffn_dim,
             "text_dim": tf.text_dim,
         },
+        "gemm_peak_tflops": round(peak["gemm_peak_tflops"], 4),
         "threads_per_role": args.threads,
         "cluster_cpus": config.cluster.num_cpus,
     }

@@ -52,6 +52,11 @@ def ray_head(tmp_path):
             if subprocess.run(["pkill", "-9", "-f", str(temp)], capture_output=True).returncode == 1:
                 break  # nothing left
             time.sleep(0.5)
+        # `ray start` records its head in /tmp/ray/ray_current_cluster, where a later ray.init() without
+        # an address would look for it: forget it, if it is still this head's.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip() == f"127.0.0.1:{gcs}":
+            current.unlink(missing_ok=True)
 
 
 def test_toy_job_runs_through_ray_job_submit(ray_head, tmp_path):

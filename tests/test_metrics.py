@@ -409,7 +409,8 @@ RAY_PROBE = textwrap.dedent(
     import ray
     from ray.util.metrics import Gauge
 
-    ray.init(num_cpus=1, include_dashboard=False, _metrics_export_port=int(sys.argv[1]))
+    # address="local": never join a cluster another test or session left behind (/tmp/ray/ray_current_cluster)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _metrics_export_port=int(sys.argv[1]))
     gauge = Gauge("arcopo_probe", description="set once by the driver", tag_keys=("run",))
     gauge.set(42.0, tags={"run": "probe"})
     start, seen = time.monotonic(), None

@@ -96,9 +96,10 @@ class KVCache:
     def num_frames(self) -> int:
         return self.chunks[-1].end_frame if self.chunks else 0
 
-    def fork(self) -> KVCache:
+    def fork(self, capacity_frames: int | None = None) -> KVCache:
         """A cache that shares everything cached so far (read-only) and appends on its own. With a
-        capacity it gets its own buffers, filled from the shared chunks at its first forward."""
+        capacity (`capacity_frames`, else this cache's) it gets its own buffers, filled from the
+        shared chunks at its first forward."""
         return KVCache(
             num_blocks=self.num_blocks,
             tokens_per_frame=self.tokens_per_frame,
@@ -106,7 +107,7 @@ class KVCache:
             sink_frames=self.sink_frames,
             chunks=list(self.chunks),
             text_kv=self.text_kv,  # shared on purpose: branches of one prompt reuse it
-            capacity_frames=self.capacity_frames,
+            capacity_frames=self.capacity_frames if capacity_frames is None else capacity_frames,
         )
 
     def begin_chunk(self, start_frame: int, num_frames: int) -> CachedChunk:

@@ -136,16 +136,17 @@ class StreamingSampler:
     def noise_plan(self, *seeds: int) -> NoisePlan:
         return NoisePlan(tuple(seeds), self.chunk_shape)
 
-    def new_cache(self) -> KVCache:
-        # Global attention: room for the whole video, so every no-grad forward writes its chunk's
-        # K/V in place. Local attention evicts, and concatenates instead.
+    def new_cache(self, capacity_frames: int | None = None) -> KVCache:
+        """An empty cache. Global attention: with room for `capacity_frames` (default: the whole
+        video), so every no-grad forward writes its chunk's K/V in place; local attention evicts,
+        and concatenates instead."""
         preallocate = self.preallocate_cache and self.local_attn_frames is None
         return KVCache(
             num_blocks=len(self.model.blocks),
             tokens_per_frame=self.model.tokens_per_frame(self.latent_height, self.latent_width),
             local_attn_frames=self.local_attn_frames,
             sink_frames=self.sink_frames,
-            capacity_frames=self.num_frames if preallocate else None,
+            capacity_frames=(capacity_frames or self.num_frames) if preallocate else None,
         )
 
     def predict_x0(self, x_t: torch.Tensor, step: int, chunk: int, text: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -292,7 +293,9 @@ class StreamingSampler:
             raise ValueError(f"pivot {pivot} outside 0..{self.num_chunks - 1}")
         if text.shape[0] != 1:
             raise ValueError("a fork continues one prompt: text must have batch 1")
-        cache = self.new_cache()
+        # The prefix cache holds the chunks before the pivot only; each sub-batch's branches copy
+        # them into their own buffers (of the whole video, at their batch) at their first forward.
+        cache = self.new_cache(capacity_frames=pivot * self.frames_per_chunk)
         prefix = [out.latents for out in self.stream(text, plan, cache=cache, end_chunk=pivot)]
         prefix_latents = (
             torch.cat(prefix, dim=2)
@@ -300,11 +303,13 @@ class StreamingSampler:
             else torch.zeros((1, self.chunk_shape[0], 0, self.latent_height, self.latent_width), device=self.device)
         )
 
+        branch_capacity = self.new_cache().capacity_frames  # the whole video (None: concatenating)
         branch_chunks, inputs, predictions, branch_noise = [], [], [], []
         for first in range(0, group_size, self.fork_batch_size):
             ids = tuple(range(first, min(first + self.fork_batch_size, group_size)))
             noise = BranchNoise(plan, pivot, sigma, fork_seed, ids)
-            outs = list(self.stream(text, noise, cache=cache.fork(), start_chunk=pivot, record=(pivot,)))
+            branches = cache.fork(capacity_frames=branch_capacity)
+            outs = list(self.stream(text, noise, cache=branches, start_chunk=pivot, record=(pivot,)))
             branch_chunks.append(torch.cat([o.latents for o in outs], dim=2))
             inputs.append(outs[0].inputs)
             predictions.append(outs[0].predictions)
