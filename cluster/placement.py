@@ -605,6 +605,10 @@ class RunRoles:
         """Names of the rollout workers held now (retiring ones included)."""
         return list(self.pool.workers)
 
+    def starting_rollout_workers(self) -> list[str]:
+        """Names of the rollout workers started but not up yet (waiting to be placed, or building)."""
+        return list(self.pool.starting)
+
     def live_rollout_workers(self) -> list[str]:
         """Names of the rollout workers that take new jobs."""
         return self.pool.live()

@@ -19,6 +19,12 @@ class RolloutPool:
     A worker runs one job at a time. A retired worker gets no new job and is killed once its job
     is back, so no group is lost or made twice. A new worker gets the current weights before its
     first job. A job whose worker died is redone once on another worker.
+
+    The run's first workers are started and synced before anything else (`grow`). A replacement,
+    or a worker added by scaling up, is only started (`start`): it waits in `starting` until Ray has
+    placed and built it, while the others go on working, and joins (synced) at the first poll after
+    it is up. One that no node can place yet (the rollout resource gone with a node, an autoscaler
+    still adding one) is neither a failure nor replaced again: it is the replacement, waiting.
     """
 
     def __init__(
@@ -35,6 +41,8 @@ class RolloutPool:
         self.make_worker, self.sync, self.controller = make_worker, sync, controller
         self.reward_servers, self.counters, self.timeout_s = reward_servers, counters, timeout_s
         self.workers: dict[str, object] = {}
+        # Started but not yet up: name -> (actor, ref of its first ping, when it was started).
+        self.starting: dict[str, tuple[object, object, float]] = {}
         self.busy: dict[str, tuple] = {}  # worker name -> (summary ref, data ref, job, attempt, started)
         self.retiring: set[str] = set()
         self.pending: deque = deque()  # (job, attempt)
@@ -49,15 +57,57 @@ class RolloutPool:
         self.last_poll = 0.0
         self.events: list[str] = []
 
+    def _new_names(self, count: int) -> list[str]:
+        names = [f"rollout-{i}" for i in range(self.next_index, self.next_index + count)]
+        self.next_index += count
+        self.events.extend(f"+{n}" for n in names)
+        return names
+
     def grow(self, count: int) -> None:
-        new = []
-        for _ in range(count):
-            name = f"rollout-{self.next_index}"
-            self.next_index += 1
+        """Start `count` workers and wait until each has the current weights (the run's first ones)."""
+        new = self._new_names(count)
+        for name in new:
             self.workers[name] = self.make_worker(name)
-            new.append(name)
-        self.events.extend(f"+{n}" for n in new)
         self.sync(new)
+
+    def start(self, count: int) -> None:
+        """Start `count` workers without waiting for them: each joins once it is up (`admit_started`)."""
+        for name in self._new_names(count):
+            actor = self.make_worker(name)
+            self.starting[name] = (actor, actor.ping.remote(), time.monotonic())
+
+    def admit_started(self) -> list[str]:
+        """Workers started by `start` that are up now join the pool, synced before their first job;
+        one whose construction failed is a worker failure (its replacement is started at the next
+        poll). Returns the names that joined."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        if not self.starting:
+            return []
+        refs = {ref: name for name, (_, ref, _) in self.starting.items()}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        joined = []
+        for ref in ready:
+            name = refs[ref]
+            actor, _, _ = self.starting.pop(name)
+            try:
+                ray.get(ref)
+            except RayActorError as exc:
+                self.counters.worker_failures += 1
+                self.events.append(f"lost {name}")
+                log.error("%s died while starting: %s", name, str(exc).strip().splitlines()[-1])
+                continue
+            self.workers[name] = actor
+            joined.append(name)
+        if joined:
+            self.sync(joined)
+        now = time.monotonic()
+        for name, (actor, ref, since) in list(self.starting.items()):
+            if now - since > self.timeout_s:  # placed late or never: say so, at most once a call timeout
+                log.warning("%s has waited %.0f s to be placed and started", name, now - since)
+                self.starting[name] = (actor, ref, now)
+        return joined
 
     def live(self) -> list[str]:
         return [n for n in self.workers if n not in self.retiring]
@@ -72,11 +122,20 @@ class RolloutPool:
             log.warning("%s is dead; it will be replaced", name)
 
     def ensure_live(self) -> None:
+        """Start the workers missing from the target, and wait until at least one is live (a call
+        for all of them, an evaluation, cannot go on without one)."""
         import ray
 
         target = ray.get(self.controller.get_target.remote())["rollout"]
-        if len(self.live()) < target:
-            self.grow(target - len(self.live()))
+        missing = target - len(self.live()) - len(self.starting)
+        if missing > 0:
+            self.start(missing)
+        self.admit_started()
+        while not self.live():
+            if not self.starting:
+                self.start(1)
+            time.sleep(0.2)
+            self.admit_started()
 
     def call_each(self, calls: dict[str, Callable]) -> dict[str, object]:
         """Call every named worker at once (`calls[name](actor) -> ObjectRef`); results of those that
@@ -124,10 +183,17 @@ class RolloutPool:
             return
         self.last_poll = now
         self._heartbeat(now)
+        self.admit_started()
         target = ray.get(self.controller.get_target.remote())["rollout"]
         live = self.live()
-        if target > len(live):
-            self.grow(target - len(live))
+        # Workers still starting count toward the target: a replacement waiting to be placed is not
+        # replaced again; on a scale-down they are the first to go.
+        excess = len(live) + len(self.starting) - target
+        for name in list(self.starting)[::-1][: max(0, excess)]:  # the newest first
+            ray.kill(self.starting.pop(name)[0])
+            self.events.append(f"-{name}")
+        if target > len(live) + len(self.starting):
+            self.start(target - len(live) - len(self.starting))
         elif target < len(live):
             # Retire idle workers first, then the newest busy ones.
             order = sorted(live, key=lambda n: (n in self.busy, -int(n.split("-")[1])))
@@ -189,6 +255,8 @@ class RolloutPool:
             s_ref, d_ref = self.workers[name].collect.options(num_returns=2).remote(job, server)
             self.busy[name] = (s_ref, d_ref, job, attempt, time.monotonic())
         if not self.busy:
+            if self.starting:  # nobody to wait on but workers being placed: poll, do not spin
+                time.sleep(0.1)
             return
         by_ref = {v[0]: n for n, v in self.busy.items()}
         done, _ = ray.wait(list(by_ref), num_returns=1, timeout=0.5)
@@ -216,8 +284,6 @@ class RolloutPool:
                     job.job_id,
                     "redoing it once" if attempt == 0 else "giving it up",
                 )
-                if not self.live():
-                    self.grow(1)
                 continue
             except RayTaskError as exc:
                 if "RewardError" in str(exc):
@@ -262,14 +328,13 @@ class RolloutPool:
             self.retiring.discard(name)
             self.events.append(f"lost {name}")
             log.warning("%s died running an abandoned job", name)
-            if not self.live():
-                self.grow(1)
         except Exception:  # the group is thrown away whatever went wrong with it
             pass
 
     def shutdown(self) -> None:
         import ray
 
-        for actor in self.workers.values():
+        for actor in [*self.workers.values(), *(a for a, _, _ in self.starting.values())]:
             ray.kill(actor)
         self.workers.clear()
+        self.starting.clear()

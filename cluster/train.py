@@ -272,6 +272,8 @@ def run(config: Config, folder: RunFolder, linger_s: float = 0.0, resume: bool |
                 "weight_sync_workers_lost": counters.weight_sync_workers_lost,
                 "weight_sync_retries": counters.weight_sync_retries,
                 "rollout_workers_final": len(roles.rollout_workers()),
+                # Replacements (or scaled-up workers) not up when the run ended: not in worker_weight_versions.
+                "rollout_workers_starting": roles.starting_rollout_workers(),
                 "scaling_events": roles.scaling_events(),
                 "role_busy_ratio": busy,
                 "weight_sync_seconds": counters.weight_sync_seconds,

@@ -696,9 +696,11 @@ def test_a_rollout_worker_killed_in_a_weight_sync_is_dropped(local_ray, tmp_path
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     assert [r["job_ids"] for r in rows] == [[3 + 2 * i, 4 + 2 * i] for i in range(4)]
     assert summary["groups"] == 4 * 2
-    # The dead worker was dropped in that very sync and replaced; all surviving workers are at v4.
+    # The dead worker was dropped in that very sync and a replacement started, without holding up the
+    # run: every worker that is up is at v4 (the replacement too, unless it was still starting at the end).
     assert "lost rollout-1" in summary["scaling_events"] and "+rollout-2" in summary["scaling_events"]
-    assert summary["worker_weight_versions"] == [4, 4]
+    assert set(summary["rollout_workers_starting"]) <= {"rollout-2"}
+    assert summary["worker_weight_versions"] == [4] * (2 - len(summary["rollout_workers_starting"]))
     assert summary["worker_failures"] >= 1
     counters = json.loads((sorted((root / "checkpoints").iterdir())[-1] / "driver.json").read_text())["counters"]
     assert counters["weight_sync_workers_lost"] == 1

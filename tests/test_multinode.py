@@ -56,10 +56,8 @@ ROLE_RESOURCES = [
 # Actor name prefix -> the custom resource of the node group it must run on.
 ROLE_OF_PREFIX = {"rollout-": "rollout_node", "reward-": "reward_node", "learner-": "learner_node"}
 # How long the node-loss run gives a call (a rollout job, a weight sync, a learner update): a toy group
-# takes under a second and an update about one on 2 busy cores, but a new worker's first weight sync
-# waits for it to start (imports, model load), and 10 s was too short for that on 2 busy cores. The
-# default, 600 s, is how long a replacement worker that cannot be placed holds the pool, per attempt
-# (test_an_unplaceable_replacement_...).
+# takes under a second and an update about one on 2 busy cores. The default is 600 s; a replacement
+# that cannot be placed waits outside the pool and holds no call (test_an_unplaceable_replacement_...).
 NODE_LOSS_CALL_TIMEOUT_S = 20
 
 
@@ -275,16 +273,6 @@ def test_a_rollout_node_removed_mid_run_loses_no_group(node_loss):
     assert summary["weight_version"] == n and summary["worker_weight_versions"] == [n]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "cluster/pool.py RolloutPool: _apply_target grows back to the target at once and grow() syncs the "
-        "new worker synchronously (RunRoles.sync_to -> call_each: ray.get(timeout=cluster.call_timeout_s)). "
-        "A replacement that no node can place (no rollout resource left) blocks the whole driver loop for "
-        "call_timeout_s, is then killed and counted as a worker failure, and is replaced again on the next "
-        "poll: with the default 600 s the run all but stops; the surviving workers get one job per attempt."
-    ),
-)
 def test_an_unplaceable_replacement_neither_stalls_the_run_nor_counts_as_failures(node_loss):
     summary, rows = node_loss["summary"], node_loss["rows"]
     # Only the worker on the removed node failed; its replacement waits for a node without being
