@@ -223,6 +223,18 @@ def time_breakdown(fn, device: torch.device) -> dict:
     return {kind: round(t / total, 4) for kind, t in totals.items()}
 
 
+def attention_kernels(fn, device: torch.device) -> list[str]:
+    """The attention operators that ran in one `fn()` (which kernel SDPA or the configured backend chose)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    names = dict(_KINDS)["attention"]
+    return sorted({e.key for e in prof.key_averages() if e.key.startswith("aten::") and any(n in e.key for n in names)})
+
+
 # -- the benchmark ----------------------------------------------------------------------------------
 
 
@@ -343,6 +355,8 @@ def run(
         fork_cost_model_ratio=statistics.mean(cost_ratios),
         fork_cost_model_efficiency=fork_speedup / statistics.mean(cost_ratios),
         fork_peak_memory_mb=fork_memory,
+        attention_backend=cfg.model.attention_backend or "native (diffusers' default: torch SDPA chooses)",
+        attention_kernels=attention_kernels(workloads["first_chunk"], device),
         **peak,
         mfu_pivot=mfu_pivot,
         rollout_gflop=flops["stream"] / 1e9,

@@ -82,6 +82,28 @@ class ModelConfig(_Section):
     # torch.compile each transformer block (common/model/loading.py load_policy). Off by default: on the
     # 2-core CPU of docs/benchmarks.md ("The streaming generator") it did not pay for its compile time.
     compile: bool = False
+    # The attention kernel, through diffusers' dispatcher (`set_attention_backend`). None: "native",
+    # torch's SDPA, which picks its own kernel (flash on CPU; flash, cuDNN or memory-efficient on a
+    # GPU; bench.streaming reports which ran). Choose one to pin it, e.g. "_native_cudnn" or
+    # "_native_flash" on an H100/H200, or "flash" / "_flash_3" with flash-attn installed. Streaming
+    # and the learner's updates use no mask, so any backend serves them; only the no-cache reference
+    # (bench.streaming without --skip-no-cache) needs a mask-capable one (native, _native_math,
+    # _native_efficient, flex).
+    attention_backend: (
+        Literal[
+            "native",
+            "_native_cudnn",
+            "_native_flash",
+            "_native_efficient",
+            "_native_math",
+            "flex",
+            "flash",
+            "_flash_3",
+            "sage",
+            "xformers",
+        ]
+        | None
+    ) = None
 
     @model_validator(mode="after")
     def _one_transformer_source(self) -> ModelConfig:

@@ -41,6 +41,23 @@ def test_streaming_bench_prints_its_json(capsys):
     for breakdown in result["time_breakdown"].values():
         assert set(breakdown) == {"gemm", "attention", "concat", "copy_cast", "elementwise_other"}
         assert abs(sum(breakdown.values()) - 1) < 1e-2 and breakdown["gemm"] > 0
+    # Which attention kernel ran: left to SDPA on a CPU, its flash kernel.
+    assert result["attention_backend"].startswith("native")
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in result["attention_kernels"]
+
+
+def test_a_configured_attention_backend_is_the_one_that_runs(capsys):
+    args = ["--json", "--repeats", "1", "--skip-update", "sampler.num_chunks=2"]
+    args += ["algorithm.group_size=2", "algorithm.num_anchors=2"]
+    assert main([*args, "model.attention_backend=_native_math"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["attention_backend"] == "_native_math"
+    kernels = result["attention_kernels"]
+    assert "aten::_scaled_dot_product_attention_math" in kernels, kernels
+    assert not any("flash" in k for k in kernels), kernels
+    # A name diffusers' dispatcher does not know is refused at load, naming the field.
+    assert main([*args, "model.attention_backend=fastest"]) == 2
+    assert "model.attention_backend" in capsys.readouterr().err
 
 
 def test_flop_count_covers_matmuls_and_cpu_attention():

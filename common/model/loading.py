@@ -672,6 +672,8 @@ def load_policy(config: Config) -> CausalWanTransformer3DModel:
         torch.manual_seed(m.seed)
         model = CausalWanTransformer3DModel(**m.transformer.kwargs()).cast(dtype)
     model = model.to(m.device).eval().requires_grad_(False)
+    if m.attention_backend is not None:
+        model.set_attention_backend(m.attention_backend)  # refuses a backend whose package is missing
     if m.compile:
         compile_blocks(model)
     return model
