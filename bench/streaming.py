@@ -17,6 +17,10 @@ alike. Figures:
   model predicts when compute-bound (fork_cost_model_efficiency: the first over the second); on the tiny
   config, CPU time is per-call overhead, not FLOPs, so batching is nearly free and the measured ratio
   stays near 1. fork_speedup_vs_sequential compares with G rollouts run one after another.
+  fork_flop_model_ratio is the same prediction from the counted FLOPs (G independent rollouts' over a
+  fork's, mean over pivots), fork_flop_model_efficiency the measured speed-up over it: the chunk-pass
+  model charges every chunk alike, but a later chunk attends over a longer context, so where
+  attention is a large share (the compute-bound toy size) forking saves less than it predicts.
 - fork_peak_memory_mb: peak memory of a fork of G branches above the model's own (CUDA: allocator
   peak; CPU: peak resident set growth, sampled).
 - stream_fps: decoded-frame rate of one streamed rollout (transformer only: no VAE, no text encoder;
@@ -36,6 +40,8 @@ alike. Figures:
 - with --baseline: the same rollout and fork also run with the concatenating KV cache (every forward
   concatenates the cached chunks, the pre-fork prefix expanded to the branches' batch: what the
   sampler did before its caches were preallocated), interleaved, as *_concatenating figures.
+- attention_backend, attention_kernels: model.attention_backend (or diffusers' default) and the
+  attention operators that ran in one first-chunk forward (which kernel SDPA chose).
 - with --profile: where the time goes in one rollout and one fork (torch.profiler; self time by kind
   of operator: gemm, attention, concat (the KV concatenation, and rope's and the outputs'), copy_cast,
   elementwise_other), as fractions.
@@ -330,6 +336,9 @@ def run(
     fork_times = [seconds[f"fork{p}"] for p in range(L)]
     # Chunk-passes weighted by batch, docs/method.md section 6: a fork runs the prefix once for all G.
     cost_ratios = [group_size * L / (p + group_size * (L - p)) for p in range(L)]
+    # The same prediction from the counted FLOPs: it also charges later chunks their longer attention
+    # context, which the chunk-pass model treats as free (what it misses where attention dominates).
+    flop_ratios = [flops["independent"] / flops[f"fork{p}"] for p in range(L)]
     fork_memory = peak_memory_mb(lambda: fork(0), device)
 
     latent_frames = sampler.num_frames
@@ -354,6 +363,8 @@ def run(
         fork_speedup_vs_sequential=statistics.mean(group_size * stream_s / t for t in fork_times),
         fork_cost_model_ratio=statistics.mean(cost_ratios),
         fork_cost_model_efficiency=fork_speedup / statistics.mean(cost_ratios),
+        fork_flop_model_ratio=statistics.mean(flop_ratios),
+        fork_flop_model_efficiency=fork_speedup / statistics.mean(flop_ratios),
         fork_peak_memory_mb=fork_memory,
         attention_backend=cfg.model.attention_backend or "native (diffusers' default: torch SDPA chooses)",
         attention_kernels=attention_kernels(workloads["first_chunk"], device),

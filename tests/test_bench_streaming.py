@@ -23,6 +23,8 @@ def test_streaming_bench_prints_its_json(capsys):
         "fork_mfu_concatenating",
     ):
         assert key in result
+    # The FLOP model of a fork's speed-up: G independent rollouts count more FLOPs than one fork.
+    assert result["fork_flop_model_ratio"] > 1 and result["fork_flop_model_efficiency"] > 0
     assert result["stream_vs_full_max_abs_err"] < 1e-4
     assert len(result["fork_s_by_pivot"]) == 3
     # MFU: achieved FLOP/s over the GEMM rate measured in the same run, at the block's linear shapes
