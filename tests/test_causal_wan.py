@@ -205,3 +205,26 @@ def test_model_compile_compiles_every_block_in_place():
     assert all(block._compiled_call_impl is None for block in eager.blocks)
     assert all(block._compiled_call_impl is not None for block in compiled.blocks)
     assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_one_pass_qk_norm_gives_the_float32_paths_bits(dtype):
+    """Rollouts (no grad, CPU) take F.rms_norm on the bf16/fp16 input directly; it must give exactly
+    what the explicit float32 path (the one the learner's autograd takes) gives."""
+    from common.model.causal_wan import _rms_norm_fp32
+
+    gen = torch.Generator().manual_seed(0)
+    for shape, scale in (((12, 192, 256), 1.0), ((1, 64, 96), 40.0), ((3, 5, 128), 0.01)):
+        norm = torch.nn.RMSNorm(shape[-1], eps=1e-6)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.3 * torch.randn(shape[-1], generator=gen))
+        norm = norm.to(dtype)
+        x = (scale * torch.randn(shape, generator=gen)).to(dtype)
+        explicit = _rms_norm_fp32(norm, x)  # grad enabled: the explicit float32 path
+        with torch.no_grad():
+            fast = _rms_norm_fp32(norm, x)
+        assert fast.dtype == dtype and torch.equal(fast, explicit.detach()), shape
+        manual = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.float()).to(
+            dtype
+        )
+        assert (fast.float() - manual.float()).abs().max() <= 2 * torch.finfo(dtype).eps * fast.float().abs().max()
