@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
 from bench.streaming import main
 from tests.conftest import BF16_ULP
 
@@ -51,7 +53,10 @@ def test_streaming_bench_prints_its_json(capsys):
 def test_a_configured_attention_backend_is_the_one_that_runs(capsys):
     args = ["--json", "--repeats", "1", "--skip-update", "sampler.num_chunks=2"]
     args += ["algorithm.group_size=2", "algorithm.num_anchors=2"]
+    default = _AttentionBackendRegistry.get_active_backend()[0]
     assert main([*args, "model.attention_backend=_native_math"]) == 0
+    # Only that model's: the process-wide default, which other models use, is left as it was.
+    assert _AttentionBackendRegistry.get_active_backend()[0] == default
     result = json.loads(capsys.readouterr().out)
     assert result["attention_backend"] == "_native_math"
     kernels = result["attention_kernels"]

@@ -673,7 +673,13 @@ def load_policy(config: Config) -> CausalWanTransformer3DModel:
         model = CausalWanTransformer3DModel(**m.transformer.kwargs()).cast(dtype)
     model = model.to(m.device).eval().requires_grad_(False)
     if m.attention_backend is not None:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        # diffusers also makes the backend the process-wide default, which would change every other
+        # model of the process (a reward model, a test's); this model's processors carry their own.
+        default = _AttentionBackendRegistry.get_active_backend()[0]
         model.set_attention_backend(m.attention_backend)  # refuses a backend whose package is missing
+        _AttentionBackendRegistry.set_active_backend(default)
     if m.compile:
         compile_blocks(model)
     return model
