@@ -306,6 +306,7 @@ class RolloutPool:
             self.metrics.queue_depth.labels("pending_jobs").set(len(self.pending))
             self.metrics.queue_depth.labels("in_flight_jobs").set(len(self.busy))
             self.metrics.rollout_workers.set(len(self.live()))
+            self.metrics.rollout_workers_starting.set(len(self.starting))
         # A job running past the call timeout fails like a dead worker (and is redone once).
         now = time.monotonic()
         for name, (_, _, job, _, started) in list(self.busy.items()):

@@ -125,6 +125,11 @@ class RunMetrics:
         self.queue_depth = Gauge("arcopo_queue_depth", "jobs waiting, per queue", ["queue"], registry=r)
         self.busy_ratio = Gauge("arcopo_role_busy_ratio", "share of wall time a role works", ["role"], registry=r)
         self.rollout_workers = Gauge("arcopo_rollout_workers", "live rollout workers", registry=r)
+        self.rollout_workers_starting = Gauge(
+            "arcopo_rollout_workers_starting",
+            "rollout workers started but not up yet (a replacement waiting for a node, or building)",
+            registry=r,
+        )
         self.iteration = Gauge("arcopo_iteration", "current iteration", ["phase"], registry=r)
         self.server = None
         self.port = None

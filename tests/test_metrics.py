@@ -54,6 +54,7 @@ CONTRACT = [
     "arcopo_queue_depth",
     "arcopo_role_busy_ratio",
     "arcopo_rollout_workers",
+    "arcopo_rollout_workers_starting",
 ]
 
 
@@ -79,6 +80,7 @@ def populated(run: str) -> RunMetrics:
     m.queue_depth.labels("pending").set(2)
     m.busy_ratio.labels("rollout").set(0.8)
     m.rollout_workers.set(1)
+    m.rollout_workers_starting.set(1)
     m.iteration.labels("on_policy").set(3)
     return m
 

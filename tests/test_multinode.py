@@ -280,6 +280,8 @@ def test_an_unplaceable_replacement_neither_stalls_the_run_nor_counts_as_failure
     assert summary["worker_failures"] == 1, summary["scaling_events"]
     started = [e for e in summary["scaling_events"] if e.startswith("+")]
     assert len(started) <= 3, summary["scaling_events"]  # the two first workers and one replacement
+    # No node had room for it to the end: the run ended with it still waiting, and says so.
+    assert summary["rollout_workers_starting"] == [started[-1][1:]], summary["scaling_events"]
     # And the surviving worker goes on at its own pace: no iteration after the removal waits a call timeout.
     times = [r["time"] for r in rows if r["phase"] == "on_policy"]
     after = [b - a for a, b in zip(times, times[1:], strict=False) if b > node_loss["removed_at"]]
