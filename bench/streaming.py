@@ -210,16 +210,21 @@ _KINDS = (
 )
 
 
-def time_breakdown(fn, device: torch.device) -> dict:
-    """Fractions of the self time of the leaf operators of one `fn()`, by kind (torch.profiler)."""
+def _profiled_operators(fn, device: torch.device):
+    """torch.profiler's per-operator averages over one `fn()` (the device's kernels too on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
         _sync(device)
+    return prof.key_averages()
+
+
+def time_breakdown(fn, device: torch.device) -> dict:
+    """Fractions of the self time of the leaf operators of one `fn()`, by kind (torch.profiler)."""
     totals: dict[str, float] = {kind: 0.0 for kind, _ in _KINDS} | {"elementwise_other": 0.0}
-    for event in prof.key_averages():
+    for event in _profiled_operators(fn, device):
         own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         if own <= 0 or (device.type != "cuda" and not event.key.startswith("aten::")):
             continue
@@ -231,14 +236,9 @@ def time_breakdown(fn, device: torch.device) -> dict:
 
 def attention_kernels(fn, device: torch.device) -> list[str]:
     """The attention operators that ran in one `fn()` (which kernel SDPA or the configured backend chose)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        fn()
-        _sync(device)
     names = dict(_KINDS)["attention"]
-    return sorted({e.key for e in prof.key_averages() if e.key.startswith("aten::") and any(n in e.key for n in names)})
+    events = _profiled_operators(fn, device)
+    return sorted({e.key for e in events if e.key.startswith("aten::") and any(n in e.key for n in names)})
 
 
 # -- the benchmark ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 
 from cluster.local import ray_env_defaults
 from common.config import load_config
+from tests.helpers import SMALL_TOY_JOB
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.cluster  # local multi-node Ray and an embedded redis-server
@@ -23,24 +24,7 @@ pytestmark = pytest.mark.cluster  # local multi-node Ray and an embedded redis-s
 TOY = "configs/toy.yaml"
 # tests/test_cluster.py's small toy job, one on-policy iteration: 0.5 CPU each for a rollout worker,
 # a reward server and a learner, 1.5 in all.
-SMALL = [
-    "metrics.port=0",
-    "run.phases=[on_policy]",
-    "run.iterations=1",
-    "run.eval_prompts=2",
-    "run.eval_seeds=1",
-    "run.out_of_domain.num_prompts=2",
-    "run.out_of_domain.seeds=1",
-    "run.sample_prompts=1",
-    "rollout.prompts_per_iteration=2",
-    "algorithm.group_size=4",
-    "algorithm.num_anchors=2",
-    "sampler.fork_batch_size=4",
-    "rollout.num_cpus_per_worker=0.5",
-    "rewards.num_cpus_per_server=0.5",
-    "learner.num_cpus_per_worker=0.5",
-    "run.merge_scales=[0.0,1.0]",
-]
+SMALL = [*SMALL_TOY_JOB, "run.phases=[on_policy]", "run.iterations=1"]
 
 
 @pytest.fixture(scope="module")

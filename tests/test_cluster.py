@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from cluster.local import ray_env_defaults
 from common.config import load_config
+from tests.helpers import SMALL_TOY_JOB
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.cluster  # local Ray and embedded redis-servers
@@ -23,24 +24,11 @@ TOY = "configs/toy.yaml"
 # Small but real: every phase runs, on 2 cores. Each run gets its own namespace so named actors of
 # a finished run (killed asynchronously) never clash with the next one's.
 SMALL = [
-    "metrics.port=0",
+    *SMALL_TOY_JOB,
     "run.checkpoint_every=2",
     "run.iterations=3",
     "run.semi_iterations=2",
     "replay.num_reference_groups=3",
-    "run.eval_prompts=2",
-    "run.eval_seeds=1",
-    "run.out_of_domain.num_prompts=2",
-    "run.out_of_domain.seeds=1",
-    "run.sample_prompts=1",
-    "rollout.prompts_per_iteration=2",
-    "algorithm.group_size=4",
-    "algorithm.num_anchors=2",
-    "sampler.fork_batch_size=4",
-    "rollout.num_cpus_per_worker=0.5",
-    "rewards.num_cpus_per_server=0.5",
-    "learner.num_cpus_per_worker=0.5",
-    "run.merge_scales=[0.0,1.0]",
 ]
 
 

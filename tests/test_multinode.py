@@ -21,31 +21,19 @@ import pytest
 from cluster.local import ray_env_defaults
 from common.config import load_config
 from common.net import free_port
+from tests.helpers import SMALL_TOY_JOB
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.cluster  # several raylets, a dashboard and an embedded redis-server
 
 TOY = "configs/toy.yaml"
-# tests/test_cluster.py's SMALL, copied (test modules are not imported from one another).
+# tests/test_cluster.py's SMALL.
 SMALL = [
-    "metrics.port=0",
+    *SMALL_TOY_JOB,
     "run.checkpoint_every=2",
     "run.iterations=3",
     "run.semi_iterations=2",
     "replay.num_reference_groups=3",
-    "run.eval_prompts=2",
-    "run.eval_seeds=1",
-    "run.out_of_domain.num_prompts=2",
-    "run.out_of_domain.seeds=1",
-    "run.sample_prompts=1",
-    "rollout.prompts_per_iteration=2",
-    "algorithm.group_size=4",
-    "algorithm.num_anchors=2",
-    "sampler.fork_batch_size=4",
-    "rollout.num_cpus_per_worker=0.5",
-    "rewards.num_cpus_per_server=0.5",
-    "learner.num_cpus_per_worker=0.5",
-    "run.merge_scales=[0.0,1.0]",
 ]
 # One unit of its group's resource per actor, as the manifests' entrypoints ask (one per GPU there).
 ROLE_RESOURCES = [
