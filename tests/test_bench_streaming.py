@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
+import pytest
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
 from bench.streaming import main
@@ -62,6 +64,10 @@ def test_a_configured_attention_backend_is_the_one_that_runs(capsys):
     kernels = result["attention_kernels"]
     assert "aten::_scaled_dot_product_attention_math" in kernels, kernels
     assert not any("flash" in k for k in kernels), kernels
+    # A backend whose package is missing is refused when the model is built, naming the key.
+    if importlib.util.find_spec("sageattention") is None:
+        with pytest.raises(ValueError, match=r"model.attention_backend='sage'.*sageattention"):
+            main([*args, "model.attention_backend=sage"])
     # A name diffusers' dispatcher does not know is refused at load, naming the field.
     assert main([*args, "model.attention_backend=fastest"]) == 2
     assert "model.attention_backend" in capsys.readouterr().err

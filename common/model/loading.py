@@ -678,8 +678,12 @@ def load_policy(config: Config) -> CausalWanTransformer3DModel:
         # diffusers also makes the backend the process-wide default, which would change every other
         # model of the process (a reward model, a test's); this model's processors carry their own.
         default = _AttentionBackendRegistry.get_active_backend()[0]
-        model.set_attention_backend(m.attention_backend)  # refuses a backend whose package is missing
-        _AttentionBackendRegistry.set_active_backend(default)
+        try:
+            model.set_attention_backend(m.attention_backend)
+        except (RuntimeError, ValueError) as exc:  # diffusers: its package missing or too old
+            raise ValueError(f"model.attention_backend={m.attention_backend!r} cannot run here: {exc}") from exc
+        finally:
+            _AttentionBackendRegistry.set_active_backend(default)
     if m.compile:
         compile_blocks(model)
     return model
